@@ -1,0 +1,1 @@
+"""DDPM on CIFAR-10: the package behind the DVC pipeline's stages."""

@@ -1,0 +1,190 @@
+"""The diffusion process of Ho et al. 2020 and its samplers, as pure functions over a Schedule.
+
+Equation numbers refer to Ho et al. 2020 ("DDPM", arXiv:2006.11239) and Song et al. 2021
+("DDIM", arXiv:2010.02502). The model is passed in, never owned: any callable eps = model(x_t, t).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def linear_betas(timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
+    """Ho et al. 2020, Sec. 4: betas increasing linearly from beta_start to beta_end."""
+    return np.linspace(beta_start, beta_end, timesteps, dtype=np.float64)
+
+
+def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi/2)."""
+    t = np.arange(timesteps + 1, dtype=np.float64) / timesteps
+    f = np.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta)
+
+
+class Schedule:
+    """The noise schedule and the quantities derived from it.
+
+    Computed in float64 (kept as `alpha_bar64` on the CPU for the samplers' coefficients) and
+    stored as float32 tensors that follow `.to(device)`; index them with t in [0, T).
+    """
+
+    def __init__(self, timesteps: int, beta_start: float, beta_end: float, schedule: str):
+        if schedule == "linear":
+            betas = linear_betas(timesteps, beta_start, beta_end)
+        elif schedule == "cosine":
+            betas = cosine_betas(timesteps)
+        else:
+            raise ValueError(f"diffusion.schedule = {schedule!r}: expected linear or cosine")
+        self.timesteps = timesteps
+        self.config = dict(timesteps=timesteps, beta_start=beta_start, beta_end=beta_end,
+                           schedule=schedule)
+        alpha_bar = np.cumprod(1.0 - betas)
+        self.alpha_bar64 = torch.from_numpy(alpha_bar)                           # (T,) float64
+        self.betas = torch.from_numpy(betas).float()                             # beta_t
+        self.alpha_bar = torch.from_numpy(alpha_bar).float()                     # prod_s<=t alpha_s
+        self.sqrt_alpha_bar = torch.from_numpy(np.sqrt(alpha_bar)).float()
+        self.sqrt_one_minus_alpha_bar = torch.from_numpy(np.sqrt(1.0 - alpha_bar)).float()
+
+    def to(self, device: torch.device | str) -> "Schedule":
+        moved = object.__new__(Schedule)
+        for name, value in vars(self).items():
+            on_device = isinstance(value, torch.Tensor) and value.dtype == torch.float32
+            setattr(moved, name, value.to(device) if on_device else value)
+        return moved
+
+    @property
+    def device(self) -> torch.device:
+        return self.betas.device
+
+
+def _expand(coef: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return coef[t][:, None, None, None]  # (B,) -> (B, 1, 1, 1), broadcast over C, H, W
+
+
+def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor,
+             noise: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps.  x0, noise: (B, C, H, W); t: (B,)."""
+    return _expand(sched.sqrt_alpha_bar, t) * x0 + _expand(sched.sqrt_one_minus_alpha_bar, t) * noise
+
+
+def loss(model: EpsModel, sched: Schedule, x0: torch.Tensor,
+         generator: torch.Generator | None = None) -> torch.Tensor:
+    """Eq. 14, the simplified objective: || eps - eps_theta(x_t, t) ||^2, t ~ U{0..T-1}.
+
+    x0: (B, C, H, W) in [-1, 1]. Returns the mean over batch and pixels (a scalar, float32).
+    """
+    t = torch.randint(0, sched.timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    eps = model(q_sample(sched, x0, t, noise), t)
+    return F.mse_loss(eps.float(), noise.float())
+
+
+def timesteps_for(timesteps: int, steps: int) -> list[int]:
+    """`steps` timesteps evenly spaced over [0, T - 1], both ends included, ascending."""
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"steps = {steps}: expected 1..{timesteps}")
+    if steps == 1:
+        return [timesteps - 1]
+    return sorted({int(round(x)) for x in np.linspace(0, timesteps - 1, steps)})
+
+
+def randn_like_per_image(shape: Sequence[int], generator: Generators,
+                         device: torch.device) -> torch.Tensor:
+    """Standard normal noise of `shape` on `device`.
+
+    With a list of generators (one per image), image i's noise comes from generator i only, so
+    an image does not depend on the batch it was drawn in (as EDM's StackedRandomGenerator).
+    """
+    if generator is None:
+        return torch.randn(shape, device=device)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=generator.device).to(device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} images")
+    return torch.stack([torch.randn(shape[1:], generator=g, device=g.device)
+                        for g in generator]).to(device)
+
+
+def _eps(model: EpsModel, x: torch.Tensor, t: int) -> torch.Tensor:
+    t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    return model(x, t_batch).float()
+
+
+def ddpm_steps(model: EpsModel, sched: Schedule, x: torch.Tensor, ts: Sequence[int],
+               randn: Callable[[], torch.Tensor], variance: str = "beta",
+               progress: bool = False) -> torch.Tensor:
+    """Ancestral sampling, Algorithm 2 and eq. 11, from x = x_T down to x_0.
+
+    Over a subsequence ts of the T timesteps the chain is respaced (Nichol & Dhariwal 2021,
+    Sec. 4): beta_i = 1 - alpha_bar(ts[i]) / alpha_bar(ts[i-1]); with ts = 0..T-1 this is the
+    paper's chain exactly. sigma_i^2 = beta_i ("beta") or beta-tilde_i ("beta_tilde", eq. 7).
+    """
+    ab = sched.alpha_bar64.tolist()
+    for i in tqdm(reversed(range(len(ts))), total=len(ts), disable=not progress, leave=False):
+        ab_t = ab[ts[i]]
+        ab_prev = ab[ts[i - 1]] if i > 0 else 1.0
+        alpha = ab_t / ab_prev
+        beta = 1.0 - alpha
+        # 1. predict the noise in x_t
+        eps = _eps(model, x, ts[i])
+        # 2. eq. 11: mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t)
+        x = (x - (beta / math.sqrt(1.0 - ab_t)) * eps) / math.sqrt(alpha)
+        # 3. x_{t-1} = mu + sigma_t z, z ~ N(0, I); no noise at the last step (Algorithm 2)
+        if i > 0:
+            var = beta if variance == "beta" else beta * (1.0 - ab_prev) / (1.0 - ab_t)
+            x = x + math.sqrt(var) * randn()
+    return x
+
+
+def ddim_steps(model: EpsModel, sched: Schedule, x: torch.Tensor, ts: Sequence[int],
+               randn: Callable[[], torch.Tensor], eta: float = 0.0,
+               progress: bool = False) -> torch.Tensor:
+    """DDIM, Song et al. 2021 eq. 12, over the timesteps ts; eta = 0 is deterministic."""
+    ab = sched.alpha_bar64.tolist()
+    for i in tqdm(reversed(range(len(ts))), total=len(ts), disable=not progress, leave=False):
+        ab_t = ab[ts[i]]
+        ab_prev = ab[ts[i - 1]] if i > 0 else 1.0
+        # 1. predict the noise, then x0 ("predicted x0" of eq. 12)
+        eps = _eps(model, x, ts[i])
+        x0 = (x - math.sqrt(1.0 - ab_t) * eps) / math.sqrt(ab_t)
+        # 2. eq. 16: sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)
+        sigma = eta * math.sqrt((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev))
+        # 3. eq. 12: x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z
+        x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1.0 - ab_prev - sigma**2, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * randn()
+    return x
+
+
+@torch.inference_mode()
+def sample(model: EpsModel, sched: Schedule, shape: Sequence[int], sampler: str = "ddpm",
+           steps: int | None = None, generator: Generators = None, eta: float = 0.0,
+           variance: str = "beta", progress: bool = False) -> torch.Tensor:
+    """Draw images x0 ~ p_theta on sched.device: (B, C, H, W) float32 clipped to [-1, 1].
+
+    sampler: "ddpm" (ancestral, eq. 11) or "ddim" (eq. 12); steps: None = all T timesteps.
+    generator: None, one torch.Generator, or a list with one per image (batch-size independent).
+    """
+    ts = timesteps_for(sched.timesteps, steps or sched.timesteps)
+    device = sched.device
+
+    def randn() -> torch.Tensor:
+        return randn_like_per_image(shape, generator, device)
+
+    x = randn()  # x_T ~ N(0, I)
+    if sampler == "ddpm":
+        x = ddpm_steps(model, sched, x, ts, randn, variance, progress)
+    elif sampler == "ddim":
+        x = ddim_steps(model, sched, x, ts, randn, eta, progress)
+    else:
+        raise ValueError(f"sampler = {sampler!r}: expected ddpm or ddim")
+    return x.clamp(-1.0, 1.0)

@@ -1,0 +1,5 @@
+"""The root of the errors a user can fix: stages print their message, not a traceback."""
+
+
+class PipelineError(Exception):
+    """Bad input, a missing prerequisite or a failed run; the message names it and what to do."""

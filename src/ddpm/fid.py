@@ -1,0 +1,107 @@
+"""Frechet Inception Distance, equal to pytorch-fid's, with cached real statistics.
+
+Activations come from pytorch-fid itself (its InceptionV3, preprocessing and batching), so the
+statistics are the ones `python -m pytorch_fid` computes; the Frechet distance is evaluated
+through symmetric eigendecompositions, which is exact and several times faster than scipy's
+sqrtm of the non-symmetric product.
+"""
+from __future__ import annotations
+
+import os
+import urllib.error
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+from pytorch_fid import inception as pf_inception
+from pytorch_fid.fid_score import calculate_activation_statistics
+
+from ddpm.errors import PipelineError
+from ddpm.files import atomic_file
+from ddpm.images import check_pngs, list_pngs
+
+WEIGHTS_FILE = Path(pf_inception.FID_WEIGHTS_URL).name  # pt_inception-2015-12-05-6726825d.pth
+
+
+class FidError(PipelineError, RuntimeError):
+    """Inception weights, statistics or image folders that cannot be used; says which and why."""
+
+
+def inception(dims: int, weights: str, device: torch.device) -> torch.nn.Module:
+    """pytorch-fid's InceptionV3 up to the block of `dims` features.
+
+    weights "" -> pytorch-fid's own download (cached in the torch hub folder); a path -> that
+    file, which must hold the same state_dict (pytorch-fid has no option for it, so its loader
+    is pointed at the file while the model is built).
+    """
+    block = pf_inception.InceptionV3.BLOCK_INDEX_BY_DIM[dims]
+    if not weights:
+        try:
+            return pf_inception.InceptionV3([block]).to(device).eval()
+        except (urllib.error.URLError, OSError) as e:
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
+            raise FidError(f"could not download pytorch-fid's Inception weights ({e}). Offline, "
+                           f"put {WEIGHTS_FILE} (from {pf_inception.FID_WEIGHTS_URL}) at {cache}, "
+                           "or anywhere and set fid.weights to its path") from None
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FidError(f"fid.weights = {weights!r}: no such file (expected pytorch-fid's "
+                       f"{WEIGHTS_FILE}, or \"\" to download it)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        with mock.patch.object(pf_inception, "load_state_dict_from_url", lambda *a, **k: state):
+            return pf_inception.InceptionV3([block]).to(device).eval()
+    except Exception as e:  # unpickling or state_dict mismatch: not the right file
+        raise FidError(f"{path}: not pytorch-fid's Inception weights ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200]})") from None
+
+
+def folder_statistics(folder: str | Path, dims: int, batch_size: int, weights: str,
+                      device: torch.device) -> tuple[np.ndarray, np.ndarray, int]:
+    """mu (dims,), sigma (dims, dims) of the Inception features of a folder of 32x32 PNGs; N."""
+    files = list_pngs(folder, min_count=2)  # a covariance needs two images
+    check_pngs(files)
+    model = inception(dims, weights, device)
+    workers = min(8, os.cpu_count() or 1)
+    mu, sigma = calculate_activation_statistics([str(f) for f in files], model,
+                                                min(batch_size, len(files)), dims, device, workers)
+    return mu, sigma, len(files)
+
+
+def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, num_images: int) -> None:
+    """pytorch-fid's .npz format (mu, sigma), plus the image count."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, mu=mu, sigma=sigma, num_images=num_images)
+
+
+def load_statistics(path: str | Path, dims: int) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """mu, sigma and (if recorded) the image count of a statistics file of `dims` features."""
+    try:
+        with np.load(path) as f:
+            mu, sigma = f["mu"], f["sigma"]
+            count = int(f["num_images"]) if "num_images" in f else None
+    except (OSError, KeyError, ValueError) as e:
+        raise FidError(f"{path}: not an Inception statistics file with mu and sigma ({e}); "
+                       "rerun the real_stats stage: dvc repro real_stats") from None
+    if mu.shape != (dims,) or sigma.shape != (dims, dims):
+        raise FidError(f"{path}: statistics of {mu.shape[0] if mu.ndim else '?'}-dim features, "
+                       f"but fid.dims = {dims}: rerun the real_stats stage (dvc repro real_stats)")
+    return mu, sigma, count
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
+                     sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+
+    S1 S2 is similar to the symmetric PSD matrix S1^(1/2) S2 S1^(1/2), so the trace of its square
+    root is the sum of the square roots of that matrix's eigenvalues: two eigh calls, no sqrtm.
+    """
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    w, v = np.linalg.eigh(sigma1)
+    sqrt1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    m = sqrt1 @ sigma2 @ sqrt1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)

@@ -1,0 +1,60 @@
+"""Outputs that appear whole or not at all: a failure never leaves half a file or folder."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `dest`; on success it replaces `dest` in one rename."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `dest`; on success it replaces `dest`.
+
+    What `dest` held before is removed only after the new folder is complete.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        yield tmp
+        old = None
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old."))
+            os.replace(dest, old / dest.name)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Pretty JSON, replaced atomically (dvc exp show may read it while training runs)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_tsv(path: str | Path, header: list[str], rows: list[list[float]]) -> None:
+    """A tab-separated table with a header line, replaced atomically."""
+    lines = ["\t".join(header)] + ["\t".join(f"{v:.6g}" for v in row) for row in rows]
+    with atomic_file(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")

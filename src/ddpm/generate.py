@@ -1,0 +1,72 @@
+"""The sample stage's work: N images from the EMA weights, image i a function of (seed, i) only."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ddpm import checkpoint
+from ddpm.diffusion import Schedule, sample
+from ddpm.images import to_uint8, write_pngs
+from ddpm.params import Params
+from ddpm.runtime import World, autocast, derive_seed
+from ddpm.unet import UNet
+
+
+def load_ema_model(path: str | Path, params: Params, device: torch.device) -> UNet:
+    """The UNet of params.model with the EMA weights of models/ema.pt, in eval mode."""
+    state = checkpoint.load(path, "EMA weights file")
+    if "ema" not in state:
+        raise checkpoint.CheckpointError(f"{path}: no 'ema' weights in it (keys: {sorted(state)})")
+    model = UNet(**dataclasses.asdict(params.model))
+    try:
+        model.load_state_dict(state["ema"])
+    except RuntimeError as e:
+        raise checkpoint.CheckpointError(
+            f"{path}: its weights do not fit model.* of params.yaml (trained with "
+            f"{state.get('config', {}).get('model')}): {str(e).splitlines()[0]}") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
+def shard(num_images: int, world: World) -> range:
+    """This process's contiguous share of the image indices 0..N-1."""
+    per = -(-num_images // world.size)
+    return range(min(world.rank * per, num_images), min((world.rank + 1) * per, num_images))
+
+
+def generate(model: torch.nn.Module, sched: Schedule, params: Params, precision: str,
+             indices: range, folder: Path, progress: bool = True) -> None:
+    """Sample images `indices` in batches of sample.batch_size and write them as {i}.png."""
+    sp, device = params.sample, sched.device
+    batches = range(indices.start, indices.stop, sp.batch_size)
+    for start in tqdm(batches, desc="sample", unit="batch", disable=not progress):
+        ids = range(start, min(start + sp.batch_size, indices.stop))
+        gens = [torch.Generator(device).manual_seed(derive_seed(params.seed, i, "sample"))
+                for i in ids]
+        with autocast(precision, device):
+            x = sample(model, sched, (len(ids), 3, 32, 32), sp.sampler, sp.steps, gens,
+                       eta=sp.eta, variance=sp.variance)
+        write_pngs(to_uint8(x), folder, start=start)
+
+
+def generate_folder(model: torch.nn.Module, sched: Schedule, params: Params, precision: str,
+                    out: Path, world: World) -> None:
+    """All sample.num_images images into `out`, split across processes; `out` appears complete.
+
+    The processes write into one staging folder beside `out` (the filesystem is shared, as for
+    the checkpoints); the main process renames it once every process has finished.
+    """
+    staging = out.parent / f".{out.name}.partial"
+    if world.main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    world.barrier()
+    generate(model, sched, params, precision, shard(params.sample.num_images, world), staging,
+             progress=world.main)
+    world.barrier()
+    if world.main:
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)

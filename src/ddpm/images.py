@@ -1,0 +1,103 @@
+"""Images between tensors and lossless PNG files: one quantisation for real and generated images."""
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ddpm.errors import PipelineError
+
+
+class ImageFolderError(PipelineError, ValueError):
+    """A folder that is not what a stage expects (missing, empty, wrong files); names the path."""
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 in [0, 255] -> float32 in [-1, 1] (the model's data space), any shape."""
+    return images.float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float in [-1, 1], (B, C, H, W) -> uint8 (B, H, W, C): round((x + 1) / 2 * 255), clipped.
+
+    The exact inverse of to_float on uint8 values, so a real image survives the round trip.
+    """
+    x = torch.round((x.float() + 1.0) * 127.5).clamp_(0, 255)
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def _workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def write_pngs(images: np.ndarray | torch.Tensor, folder: str | Path, start: int = 0,
+               progress: bool = False) -> None:
+    """Write (N, H, W, 3) uint8 images as lossless `{start + i}.png` files in `folder`."""
+    folder = Path(folder)
+    images = np.asarray(images)
+
+    def save(i: int) -> None:
+        Image.fromarray(images[i]).save(folder / f"{start + i}.png", compress_level=1)
+
+    with ThreadPoolExecutor(_workers()) as pool:  # zlib and file I/O release the GIL
+        list(tqdm(pool.map(save, range(len(images))), total=len(images), desc="write PNGs",
+                  unit="img", disable=not progress))
+
+
+def list_pngs(folder: str | Path, min_count: int = 1) -> list[Path]:
+    """The PNG files of `folder`, sorted by their numeric names (0.png, 1.png, ...)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageFolderError(f"{folder}: not a folder of PNG images (does the stage before "
+                               "this one have to run first?)")
+    files = [p for p in folder.iterdir() if p.suffix.lower() == ".png"]
+    if len(files) < min_count:
+        raise ImageFolderError(f"{folder}: {len(files)} PNG images, at least {min_count} needed")
+    return sorted(files, key=lambda p: (not p.stem.isdigit(), int(p.stem) if p.stem.isdigit() else 0,
+                                        p.name))
+
+
+def read_png(path: str | Path, size: int = 32, pixels: bool = True) -> np.ndarray | None:
+    """One PNG as (size, size, 3) uint8; anything else is an ImageFolderError naming the file.
+
+    pixels=False checks the header only (cheap for 50,000 files) and returns None.
+    """
+    try:
+        with Image.open(path) as img:
+            if img.format != "PNG" or img.mode != "RGB" or img.size != (size, size):
+                raise ImageFolderError(f"{path}: a {img.format} {img.mode} {img.size[0]}x"
+                                       f"{img.size[1]} image, expected a {size}x{size} RGB PNG")
+            return np.asarray(img) if pixels else None
+    except (OSError, SyntaxError) as e:  # PIL's errors for truncated or unknown files
+        raise ImageFolderError(f"{path}: not a readable PNG image ({e})") from None
+
+
+def check_pngs(files: list[Path], size: int = 32) -> None:
+    """Raise ImageFolderError for the first file that is not a size x size RGB PNG."""
+    with ThreadPoolExecutor(_workers()) as pool:
+        list(pool.map(lambda path: read_png(path, size, pixels=False), files))
+
+
+def grid(images: np.ndarray | torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile (N, H, W, 3) uint8 images into one (rows, cols) image with `pad` white pixels."""
+    images = np.asarray(images)
+    n, h, w, c = images.shape
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    rows = int(math.ceil(n / nrow))
+    out = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        out[y:y + h, x:x + w] = images[i]
+    return out
+
+
+def save_png(image: np.ndarray, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(image)).save(path)

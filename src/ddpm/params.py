@@ -1,0 +1,281 @@
+"""params.yaml -> typed, frozen, validated dataclasses.
+
+params.yaml is the one source of truth: these classes carry no defaults, so a key missing from
+the file is an error rather than a silently different value. Every message names the key and
+what it accepts, and stages turn a ParamsError into one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence, get_type_hints
+
+import yaml
+
+from ddpm.errors import PipelineError
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+SAMPLERS = ("ddpm", "ddim")
+VARIANCES = ("beta", "beta_tilde")
+FID_DIMS = (64, 192, 768, 2048)
+
+
+class ParamsError(PipelineError, ValueError):
+    """A bad params.yaml value; the message names the key and what is accepted."""
+
+
+def _require(ok: bool, key: str, accepted: str, value: Any) -> None:
+    if not ok:
+        raise ParamsError(f"{key} = {value!r}: expected {accepted}")
+
+
+def check_unet_shape(channels: Sequence[int], res_blocks: int, attention_resolutions: Sequence[int],
+                 heads: int, image_size: int = 32) -> None:
+    """Raise ParamsError, naming the key, for a UNet shape that cannot be built (UNet checks too)."""
+    if not channels or any(c < 1 for c in channels):
+        raise ParamsError(f"model.channels = {list(channels)}: expected one positive width per "
+                         "resolution, e.g. [96, 192, 384, 384]")
+    if res_blocks < 1:
+        raise ParamsError(f"model.res_blocks = {res_blocks}: expected a positive integer")
+    if heads < 1:
+        raise ParamsError(f"model.heads = {heads}: expected a positive integer")
+    factor = 2 ** (len(channels) - 1)
+    if image_size % factor:
+        raise ParamsError(f"model.channels: {len(channels)} resolutions halve the image "
+                         f"{len(channels) - 1} times, so the image size must be divisible by "
+                         f"{factor}; got {image_size}")
+    resolutions = [image_size >> level for level in range(len(channels))]
+    for res in attention_resolutions:
+        if res not in resolutions:
+            raise ParamsError(f"model.attention_resolutions: {res} is not one of the UNet's "
+                             f"resolutions {resolutions}")
+    attention_widths = {channels[resolutions.index(r)] for r in attention_resolutions}
+    attention_widths.add(channels[-1])  # the middle block always attends
+    for width in sorted(attention_widths):
+        if width % heads:
+            raise ParamsError(f"model.heads = {heads}: must divide the width {width} of every "
+                             f"attention layer (widths {sorted(attention_widths)})")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    url: str         # http(s) URL, file:// URL or local path of cifar-10-python.tar.gz
+    md5: str         # checked before anything is extracted or unpickled
+    real_split: str  # train | test: the images exported as the FID reference
+    limit: int       # 0 = every image, N = the first N (train and export_real)
+
+    def __post_init__(self):
+        _require(bool(self.url), "data.url", "a URL or a path", self.url)
+        _require(re.fullmatch(r"[0-9a-f]{32}", self.md5) is not None, "data.md5",
+                 "32 lowercase hex digits", self.md5)
+        _require(self.real_split in ("train", "test"), "data.real_split", "train or test",
+                 self.real_split)
+        _require(self.limit >= 0, "data.limit", "0 (all images) or a positive count", self.limit)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    channels: tuple[int, ...]               # one width per resolution, from 32x32 down
+    res_blocks: int                         # residual blocks per resolution
+    attention_resolutions: tuple[int, ...]  # resolutions (e.g. 16) with self-attention
+    heads: int                              # attention heads
+    dropout: float                          # inside residual blocks
+
+    def __post_init__(self):
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", "a probability in [0, 1)",
+                 self.dropout)
+        check_unet_shape(self.channels, self.res_blocks, self.attention_resolutions, self.heads)
+
+
+@dataclass(frozen=True)
+class DiffusionParams:
+    timesteps: int
+    beta_start: float
+    beta_end: float
+    schedule: str     # linear | cosine
+
+    def __post_init__(self):
+        _require(self.timesteps >= 1, "diffusion.timesteps", "a positive integer", self.timesteps)
+        _require(0.0 < self.beta_start < 1.0, "diffusion.beta_start", "a number in (0, 1)",
+                 self.beta_start)
+        _require(self.beta_start <= self.beta_end < 1.0, "diffusion.beta_end",
+                 f"a number in [beta_start={self.beta_start}, 1)", self.beta_end)
+        _require(self.schedule in ("linear", "cosine"), "diffusion.schedule", "linear or cosine",
+                 self.schedule)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int
+    batch_size: int        # per process, per micro-batch
+    grad_accum: int        # micro-batches per optimizer step
+    lr: float
+    ema_decay: float
+    grad_clip: float       # 0 = off
+    precision: str         # auto | fp32 | fp16 | bf16
+    gpus: int              # data-parallel processes
+    compile: bool
+    checkpoint_every: int  # epochs
+    sample_every: int      # epochs; 0 = no preview grids
+    preview_images: int
+    preview_steps: int
+    log_every: int         # optimizer steps per loss.tsv row
+
+    def __post_init__(self):
+        for key in ("epochs", "batch_size", "grad_accum", "gpus", "checkpoint_every", "log_every",
+                    "preview_images", "preview_steps"):
+            _require(getattr(self, key) >= 1, f"train.{key}", "a positive integer",
+                     getattr(self, key))
+        _require(self.lr > 0, "train.lr", "a positive number", self.lr)
+        _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "a number in [0, 1)",
+                 self.ema_decay)
+        _require(self.grad_clip >= 0, "train.grad_clip", "0 (off) or a positive norm",
+                 self.grad_clip)
+        _require(self.precision in PRECISIONS, "train.precision", " | ".join(PRECISIONS),
+                 self.precision)
+        _require(self.sample_every >= 0, "train.sample_every", "0 (off) or a number of epochs",
+                 self.sample_every)
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    num_images: int
+    batch_size: int
+    sampler: str     # ddpm | ddim
+    steps: int       # sampling steps, at most diffusion.timesteps
+    eta: float       # ddim noise scale
+    variance: str    # ddpm: beta | beta_tilde
+
+    def __post_init__(self):
+        for key in ("num_images", "batch_size", "steps"):
+            _require(getattr(self, key) >= 1, f"sample.{key}", "a positive integer",
+                     getattr(self, key))
+        _require(self.sampler in SAMPLERS, "sample.sampler", " | ".join(SAMPLERS), self.sampler)
+        _require(self.eta >= 0, "sample.eta", "a number >= 0", self.eta)
+        _require(self.variance in VARIANCES, "sample.variance", " | ".join(VARIANCES),
+                 self.variance)
+
+
+@dataclass(frozen=True)
+class FidParams:
+    dims: int
+    batch_size: int
+    weights: str     # "" = pytorch-fid's download; else a local weights file
+
+    def __post_init__(self):
+        _require(self.dims in FID_DIMS, "fid.dims", " | ".join(map(str, FID_DIMS)), self.dims)
+        _require(self.batch_size >= 1, "fid.batch_size", "a positive integer", self.batch_size)
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    device: str      # auto | cpu | cuda | cuda:N
+    data: DataParams
+    model: ModelParams
+    diffusion: DiffusionParams
+    train: TrainParams
+    sample: SampleParams
+    fid: FidParams
+
+    def __post_init__(self):
+        _require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
+                 "auto | cpu | cuda | cuda:N", self.device)
+        T = self.diffusion.timesteps
+        _require(self.sample.steps <= T, "sample.steps", f"at most diffusion.timesteps={T}",
+                 self.sample.steps)
+        _require(self.train.preview_steps <= T, "train.preview_steps",
+                 f"at most diffusion.timesteps={T}", self.train.preview_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain (JSON/YAML-safe) values, lists for tuples: the resolved config."""
+        return plain(dataclasses.asdict(self))
+
+
+def plain(value: Any) -> Any:
+    """Nested dicts and lists only (tuples become lists): JSON- and weights_only-safe."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    if typ is bool:
+        _require(isinstance(value, bool), key, "true or false", value)
+        return value
+    if typ is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
+        return value
+    if typ is float:
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+                 "a number", value)
+        return float(value)
+    if typ is str:
+        _require(isinstance(value, str), key, "a string", value)
+        return value
+    if typ == tuple[int, ...]:
+        _require(isinstance(value, (list, tuple)), key, "a list of integers", value)
+        return tuple(_coerce(v, int, f"{key}[{i}]") for i, v in enumerate(value))
+    raise TypeError(f"no coercion for {typ}")  # a programming error, not a user's
+
+
+def _build(cls: type, raw: Any, prefix: str = "") -> Any:
+    section = prefix.rstrip(".") or "params.yaml"
+    _require(isinstance(raw, dict), section, "a mapping of keys to values", raw)
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise ParamsError(f"{prefix}{key}: unknown key (accepted here: {', '.join(names)})")
+    for key in names:
+        if key not in raw:
+            raise ParamsError(f"{prefix}{key}: missing (params.yaml must set every key)")
+    kwargs = {}
+    for key in names:
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, raw[key], f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(raw[key], typ, prefix + key)
+    return cls(**kwargs)
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate an already-parsed params mapping."""
+    return _build(Params, raw)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raises ParamsError naming the offending key."""
+    path = Path(path)
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found (run from the repository root)") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
+    try:
+        return parse_params(raw)
+    except ParamsError as e:
+        raise ParamsError(f"{path}: {e}") from None
+
+
+def load_params_or_exit(path: str | Path = "params.yaml") -> Params:
+    """For stage scripts: a bad value is one line on stderr and exit code 2, before heavy work."""
+    try:
+        return load_params(path)
+    except ParamsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,155 @@
+"""Where and how the math runs: device, precision, processes, memory.
+
+Chosen once at start-up from params.yaml strings, so the training and sampling code below
+never branches on hardware.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ddpm.errors import PipelineError
+
+class DeviceError(PipelineError, RuntimeError):
+    """The requested device or precision is not available here."""
+
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """params `device` -> torch.device; auto = cuda if available, else cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device = {name}, but PyTorch sees no CUDA GPU: set device: auto "
+                               "or cpu in params.yaml (or -S device=cpu)")
+        if name == "cuda":
+            return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto -> bf16 on GPUs that have it, fp16 (with a gradient scaler) on older GPUs, fp32 on CPU."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DeviceError("train.precision = bf16, but this GPU has no bf16 support: use fp16 "
+                           "or auto")
+    return precision
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The one mixed-precision context of a run: a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (seed, epoch, rank, purpose): independent streams, no state."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the data-parallel processes (torchrun's environment)."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launched() -> bool:
+    """True inside torchrun (or any launcher that sets torch.distributed's variables)."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def relaunch_under_torchrun(nproc: int) -> int:
+    """Run this very script again as `nproc` processes on this node; returns their exit code.
+
+    For several nodes, start torchrun yourself on each (see the README); then this is skipped.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", sys.argv[0], *sys.argv[1:]]
+    print(f"launching {nproc} processes: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    return subprocess.call(cmd)
+
+
+def init_world(device_name: str, gpus: int) -> tuple[World, torch.device]:
+    """Join the process group if launched (NCCL on GPUs, gloo on the CPU); pick the device."""
+    if not launched() or int(os.environ["WORLD_SIZE"]) == 1:
+        return World(), resolve_device(device_name)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise DeviceError(f"train.gpus = {gpus}, but only {torch.cuda.device_count()} CUDA "
+                               "devices are visible on this node")
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return World(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+class MemoryMonitor:
+    """Peak memory of this process's device in MiB: pynvml on GPUs, peak RSS on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb, self._handle = device, 0.0, None
+        if device.type == "cuda":
+            try:
+                import pynvml
+                pynvml.nvmlInit()
+                uuid = str(torch.cuda.get_device_properties(device).uuid)
+                self._nvml = pynvml
+                self._handle = pynvml.nvmlDeviceGetHandleByUUID(
+                    uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+            except Exception as e:  # no driver library, MIG, containers: fall back to torch's view
+                print(f"pynvml unavailable ({e}); reporting PyTorch's reserved memory",
+                      file=sys.stderr)
+
+    def sample(self) -> float:
+        """Read the current figure, keep the peak, return the current one."""
+        if self._handle is not None:
+            used = self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used / 2**20
+        elif self.device.type == "cuda":
+            used = torch.cuda.max_memory_reserved(self.device) / 2**20
+        else:
+            used = _peak_rss_mb()
+        self.peak_mb = max(self.peak_mb, used)
+        return used
+
+
+def _peak_rss_mb() -> float:
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except ImportError:  # Windows
+        import psutil
+        return psutil.Process().memory_info().peak_wset / 2**20

@@ -1,0 +1,182 @@
+"""The noise-prediction UNet of Ho et al. 2020 (Appendix B), generalised by its keyword arguments.
+
+nn.Modules only: the network maps (x_t, t) to a prediction of eps and knows nothing about the
+noise schedule, the loss or the optimizer. With channels=(128, 256, 256, 256), res_blocks=2,
+attention_resolutions=(16,), heads=1 it is the paper's CIFAR-10 network, parameter for parameter
+(35,746,307, as in the original TensorFlow code and diffusers' google/ddpm-cifar10-32).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpm.params import check_unet_shape
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps, as in the original DDPM code.
+
+    t: (B,) integers -> (B, dim) float32, [sin | cos] of t * 10000^(-i / (dim/2 - 1)).
+    """
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32)
+                      * (-math.log(10000.0) / max(half - 1, 1)))
+    args = t.float()[:, None] * freqs[None, :]                    # (B, half)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)   # (B, 2 * half)
+    return F.pad(emb, (0, dim % 2))
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    # 32 groups as in the paper; narrower or odd widths get the largest group count dividing them.
+    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    # The original zero-initialises every layer that ends a residual branch and the output.
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm, SiLU, 3x3 conv, + time embedding, GroupNorm, SiLU, dropout, 3x3 conv; residual."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        # x: (B, in_ch, H, W); emb: (B, emb_dim), already through SiLU
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb_proj(emb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Residual multi-head self-attention over the H*W positions, after a GroupNorm."""
+
+    def __init__(self, ch: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = group_norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = zero_init(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)                # each (B, heads, HW, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v)             # softmax(q k^T / sqrt(d)) v
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class ResAttn(nn.Module):
+    """A residual block, followed by self-attention where the resolution asks for it."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, heads: int | None):
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, emb_dim, dropout)
+        self.attn = Attention(out_ch, heads) if heads else None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.res(x, emb)
+        return self.attn(h) if self.attn is not None else h
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t): (B, 3, H, W) images and (B,) integer timesteps -> (B, 3, H, W)."""
+
+    def __init__(
+        self,
+        channels: Sequence[int],               # width per resolution: 32, 16, 8, 4 for four
+        res_blocks: int,                       # residual blocks per resolution (encoder side)
+        attention_resolutions: Sequence[int],  # resolutions with self-attention, e.g. (16,)
+        heads: int,                            # attention heads
+        dropout: float,                        # dropout inside every residual block
+        image_size: int = 32,                  # input height and width
+        in_channels: int = 3,                  # image channels in and out
+    ):
+        super().__init__()
+        check_unet_shape(channels, res_blocks, attention_resolutions, heads, image_size)
+        base, emb_dim = channels[0], 4 * channels[0]
+        self.base = base
+        self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(),
+                                        nn.Linear(emb_dim, emb_dim))
+        self.conv_in = nn.Conv2d(in_channels, base, 3, padding=1)
+
+        def block(in_ch: int, out_ch: int, level: int) -> ResAttn:
+            attends = (image_size >> level) in attention_resolutions
+            return ResAttn(in_ch, out_ch, emb_dim, dropout, heads if attends else None)
+
+        # Encoder: every block's output is kept as a skip connection for the decoder.
+        self.down = nn.ModuleList()
+        skip_widths, ch = [base], base
+        for level, width in enumerate(channels):
+            for _ in range(res_blocks):
+                self.down.append(block(ch, width, level))
+                ch = width
+                skip_widths.append(ch)
+            if level < len(channels) - 1:
+                self.down.append(Downsample(ch))
+                skip_widths.append(ch)
+
+        self.mid = nn.ModuleList([ResAttn(ch, ch, emb_dim, dropout, heads),
+                                  ResAttn(ch, ch, emb_dim, dropout, None)])
+
+        # Decoder: res_blocks + 1 blocks per resolution, each eating one skip connection.
+        self.up = nn.ModuleList()
+        for level, width in reversed(list(enumerate(channels))):
+            for _ in range(res_blocks + 1):
+                self.up.append(block(ch + skip_widths.pop(), width, level))
+                ch = width
+            if level > 0:
+                self.up.append(Upsample(ch))
+
+        self.norm_out = group_norm(ch)
+        self.conv_out = zero_init(nn.Conv2d(ch, in_channels, 3, padding=1))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = F.silu(self.time_embed(timestep_embedding(t, self.base)))  # (B, 4 * base)
+        h = self.conv_in(x_t)
+        skips = [h]
+        for layer in self.down:
+            h = layer(h, emb)
+            skips.append(h)
+        for layer in self.mid:
+            h = layer(h, emb)
+        for layer in self.up:
+            if isinstance(layer, Upsample):
+                h = layer(h)
+            else:
+                h = layer(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.conv_out(F.silu(self.norm_out(h)))

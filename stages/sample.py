@@ -1,0 +1,48 @@
+"""sample: sample.num_images PNGs from the EMA weights; image i depends on seed and i only."""
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import _src  # noqa: F401  (ddpm from this checkout)
+from ddpm.cli import run
+from ddpm.diffusion import Schedule
+from ddpm.files import write_json
+from ddpm.generate import generate_folder, load_ema_model
+from ddpm.images import grid, list_pngs, read_png, save_png
+from ddpm.params import load_params_or_exit
+from ddpm.runtime import init_world, launched, relaunch_under_torchrun, resolve_precision
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ema", required=True, type=Path, help="EMA weights file (train's)")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
+    parser.add_argument("--metrics", required=True, type=Path, help="metrics JSON to write")
+    parser.add_argument("--grid", required=True, type=Path, help="PNG grid of the first 64")
+    args = parser.parse_args()
+    params = load_params_or_exit()
+    if params.train.gpus > 1 and not launched():
+        raise SystemExit(relaunch_under_torchrun(params.train.gpus))
+    world, device = init_world(params.device, params.train.gpus)
+    precision = resolve_precision(params.train.precision, device)
+    model = load_ema_model(args.ema, params, device)
+    sched = Schedule(**dataclasses.asdict(params.diffusion)).to(device)
+    start = time.perf_counter()
+    generate_folder(model, sched, params, precision, args.out, world)
+    seconds = time.perf_counter() - start
+    if world.main:
+        first = [read_png(path) for path in list_pngs(args.out)[:64]]
+        save_png(grid(first), args.grid)
+        sp = params.sample
+        write_json(args.metrics, {
+            "num_images": sp.num_images, "seconds": round(seconds, 3),
+            "images_per_second": round(sp.num_images / seconds, 3), "sampler": sp.sampler,
+            "steps": sp.steps, "precision": precision, "processes": world.size})
+        print(f"sample: {sp.num_images} images ({sp.sampler}, {sp.steps} steps) in {seconds:.1f} s "
+              f"-> {args.out}")
+    world.close()
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,33 @@
+"""train: the DDPM UNet on CIFAR-10, resuming from its last checkpoint when it fits this run.
+
+With train.gpus > 1 this script relaunches itself under torchrun (one process per GPU); under a
+launcher you started yourself (several nodes) it joins the existing process group instead.
+"""
+import argparse
+from pathlib import Path
+
+import _src  # noqa: F401  (ddpm from this checkout)
+from ddpm.cli import run
+from ddpm.params import load_params_or_exit
+from ddpm.runtime import init_world, launched, relaunch_under_torchrun
+from ddpm.train import Trainer, TrainPaths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    for name, what in [("cifar", "folder of the extracted batches"),
+                       ("checkpoints", "persistent folder for last.pt and preview grids"),
+                       ("ema", "EMA weights file to write"), ("metrics", "metrics JSON to write"),
+                       ("loss", "loss TSV to write"), ("samples", "folder for preview grids")]:
+        parser.add_argument(f"--{name}", required=True, type=Path, help=what)
+    args = parser.parse_args()
+    params = load_params_or_exit()
+    if params.train.gpus > 1 and not launched():
+        raise SystemExit(relaunch_under_torchrun(params.train.gpus))
+    world, device = init_world(params.device, params.train.gpus)
+    Trainer(params, TrainPaths(**vars(args)), world, device).run()
+    world.close()
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,82 @@
+"""Inputs the tests build for themselves (CIFAR-10 and Inception weights cannot be downloaded here).
+
+The archive is in exactly the cifar-10-python.tar.gz format: a gzipped tar holding
+cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta, readme.html}, each batch a
+protocol-2 (Python 2 compatible) pickle of a dict that loads with encoding='latin1'.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def cifar_images(split: str, per_batch: int, seed: int = 0) -> np.ndarray:
+    """The (N, 3, 32, 32) uint8 images the fake archive holds for a split, in order.
+
+    Smooth random colour fields plus noise: varied enough to train on and to have non-degenerate
+    Inception statistics.
+    """
+    batches = 5 if split == "train" else 1
+    rng = np.random.default_rng(seed + (0 if split == "train" else 1000))
+    n = batches * per_batch
+    coarse = rng.integers(0, 256, size=(n, 3, 4, 4)).astype(np.float64)
+    smooth = coarse.repeat(8, axis=2).repeat(8, axis=3)
+    noisy = smooth + rng.normal(0, 24, size=smooth.shape)
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def _batch(images: np.ndarray, label: str, offset: int) -> dict:
+    n = len(images)
+    return {
+        "batch_label": label,
+        "labels": [int(i % 10) for i in range(offset, offset + n)],
+        "data": images.reshape(n, 3072),
+        "filenames": [f"image_{offset + i:05d}.png" for i in range(n)],
+    }
+
+
+def make_cifar_archive(path: Path, per_batch: int = 16, seed: int = 0) -> str:
+    """Write the fake archive; returns its md5 (what data.md5 must say)."""
+    train, test = cifar_images("train", per_batch, seed), cifar_images("test", per_batch, seed)
+    members = {f"data_batch_{i + 1}": _batch(train[i * per_batch:(i + 1) * per_batch],
+                                              f"training batch {i + 1} of 5", i * per_batch)
+               for i in range(5)}
+    members["test_batch"] = _batch(test, "testing batch 1 of 1", 0)
+    members["batches.meta"] = {"num_cases_per_batch": per_batch, "label_names": LABELS,
+                               "num_vis": 3072}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in [*members.items(), ("readme.html", None)]:
+            data = b"<html></html>" if obj is None else pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def make_inception_weights(path: Path, seed: int = 0) -> Path:
+    """A random-weight state_dict with the exact structure of pytorch-fid's FID Inception."""
+    from unittest import mock
+
+    import torchvision
+    from pytorch_fid import inception
+
+    torch.manual_seed(seed)
+    # Build pytorch-fid's own network, skipping only its download and weight loading.
+    with mock.patch.object(inception, "load_state_dict_from_url", return_value={}), \
+            mock.patch.object(torchvision.models.Inception3, "load_state_dict"):
+        state = inception.fid_inception_v3().state_dict()
+    for name, tensor in state.items():
+        if name.endswith(".weight") and tensor.dim() == 4:  # conv: keep activations O(1) in depth
+            torch.nn.init.kaiming_normal_(tensor)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
