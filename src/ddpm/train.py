@@ -121,8 +121,9 @@ class Trainer:
         differs = checkpoint.differences(state.get("resume_config", {}), self.config)
         if differs:
             return f"{path} is from another run ({', '.join(differs)} differ): starting fresh"
-        if state["epoch"] > self.tp.epochs:
-            return f"{path} is at epoch {state['epoch']}, beyond train.epochs: starting fresh"
+        if state["progress"]["epoch"] > self.tp.epochs:
+            return (f"{path} is at epoch {state['progress']['epoch']}, beyond train.epochs: "
+                    "starting fresh")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -191,7 +192,7 @@ class Trainer:
                 rate = window_steps * self.global_batch / (time.perf_counter() - window_start)
                 self.progress.rows.append([self.progress.step, mean, rate])
                 self._check_finite(mean)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{mean:.4f}", img_s=f"{rate:.1f}")
+                bar.set_postfix(epoch=epoch + 1, loss=f"{mean:.4f}", img_s=f"{rate:.1f}", refresh=False)
                 self.memory.sample()
                 window_loss, window_start, window_steps = torch.zeros((), device=self.device), time.perf_counter(), 0
         self.progress.loss = self._mean_over_ranks(epoch_loss) / self.steps_per_epoch

@@ -1,0 +1,54 @@
+"""Shared fixtures: the fake CIFAR-10 archive and random Inception weights, built once."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/fakes.py
+
+from fakes import make_cifar_archive, make_inception_weights  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("TQDM_MININTERVAL", "5")  # keep test logs short
+
+PER_BATCH = 16  # images per fake batch file: 80 train, 16 test
+
+
+@pytest.fixture(scope="session")
+def cifar_archive(tmp_path_factory) -> tuple[Path, str]:
+    """(path, md5) of a small archive in exactly the cifar-10-python.tar.gz format."""
+    path = tmp_path_factory.mktemp("cifar") / "cifar-10-python.tar.gz"
+    return path, make_cifar_archive(path, per_batch=PER_BATCH)
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> Path:
+    """A random-weight Inception file in pytorch-fid's format."""
+    return make_inception_weights(tmp_path_factory.mktemp("inception") / "pt_inception.pth")
+
+
+@pytest.fixture(scope="session")
+def base_params() -> dict:
+    """The repository's params.yaml, as a dict."""
+    import yaml
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny(base_params, cifar_archive, inception_weights) -> dict:
+    """params for a seconds-long run of the whole pipeline on the fake inputs."""
+    from fakes import tiny_params
+    return tiny_params(base_params, *cifar_archive, inception_weights)
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory, cifar_archive) -> Path:
+    """The fake archive downloaded and extracted, as the download stage leaves it."""
+    from ddpm.data import download_cifar10
+    out = tmp_path_factory.mktemp("data") / "cifar10"
+    download_cifar10(str(cifar_archive[0]), cifar_archive[1], out)
+    return out

@@ -1,0 +1,136 @@
+"""The whole pipeline through the real dvc CLI: repro, exp run, exp show, metrics diff, plots show.
+
+Tests in this file run in order on one repository: `dvc repro` first, then an experiment.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from dvc_repo import commit, dvc, make_repo, sh
+from fakes import cifar_images
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory, tiny):
+    """A repository after `dvc repro`: (path, the command's output)."""
+    repo = make_repo(tmp_path_factory.mktemp("e2e") / "repo", tiny)
+    return repo, dvc(repo, "repro").stdout
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def test_repro_runs_every_stage_in_order(repro):
+    _, out = repro
+    ran = re.findall(r"Running stage '(\w+)'", out)
+    assert ran == ["download", "export_real", "real_stats", "train", "sample", "fid"]
+
+
+def test_download_and_export_reproduce_the_archive_pixel_for_pixel(repro, tiny):
+    repo, _ = repro
+    assert sorted(p.name for p in (repo / "data/cifar10").iterdir()) == sorted(
+        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"])
+    limit = tiny["data"]["limit"]
+    pngs = sorted((repo / "data/real_png").iterdir(), key=lambda p: int(p.stem))
+    assert [p.name for p in pngs] == [f"{i}.png" for i in range(limit)]
+    expected = cifar_images("train", per_batch=16)[:limit].transpose(0, 2, 3, 1)
+    for i, path in enumerate(pngs):
+        assert np.array_equal(np.asarray(Image.open(path)), expected[i]), path
+
+
+def test_real_stats_are_pytorch_fid_statistics_of_the_right_size(repro, tiny):
+    repo, _ = repro
+    dims = tiny["fid"]["dims"]
+    with np.load(repo / "data/real_stats.npz") as f:
+        assert f["mu"].shape == (dims,) and f["sigma"].shape == (dims, dims)
+        assert np.allclose(f["sigma"], f["sigma"].T) and int(f["num_images"]) == tiny["data"]["limit"]
+
+
+def test_train_writes_weights_metrics_loss_and_previews(repro, tiny):
+    repo, _ = repro
+    metrics = read_json(repo / "metrics/train.json")
+    epochs, steps_per_epoch = tiny["train"]["epochs"], tiny["data"]["limit"] // 16
+    assert metrics["epochs"] == epochs and metrics["steps"] == epochs * steps_per_epoch
+    assert 0.5 < metrics["loss"] < 1.5  # eps-prediction MSE of a barely trained net: about 1
+    for key in ("seconds", "images_per_second", "peak_memory_mb", "parameters"):
+        assert metrics[key] > 0, key
+    rows = (repo / "plots/train/loss.tsv").read_text().splitlines()
+    assert rows[0].split("\t") == ["step", "loss", "images_per_second"]
+    assert len(rows) == 1 + metrics["steps"]
+    ema = torch.load(repo / "models/ema.pt", weights_only=True)
+    assert ema["config"]["train"]["lr"] == tiny["train"]["lr"]
+    assert sum(v.numel() for v in ema["ema"].values()) == metrics["parameters"]
+    grids = sorted(p.name for p in (repo / "plots/samples").iterdir())
+    assert grids == [f"epoch_{e:04d}.png" for e in range(1, epochs + 1)] + ["progression.png"]
+    assert (repo / "models/checkpoints/last.pt").is_file()
+
+
+def test_sample_and_fid_write_images_and_metrics(repro, tiny):
+    repo, _ = repro
+    n = tiny["sample"]["num_images"]
+    pngs = list((repo / "data/samples").iterdir())
+    assert sorted(p.name for p in pngs) == sorted(f"{i}.png" for i in range(n))
+    assert all(Image.open(p).size == (32, 32) and Image.open(p).mode == "RGB" for p in pngs)
+    sample = read_json(repo / "metrics/sample.json")
+    assert sample["num_images"] == n and sample["sampler"] == "ddpm"
+    assert sample["steps"] == tiny["sample"]["steps"] and sample["images_per_second"] > 0
+    fid = read_json(repo / "metrics/fid.json")
+    assert fid["num_generated"] == n and fid["num_real"] == tiny["data"]["limit"]
+    assert fid["dims"] == tiny["fid"]["dims"] and np.isfinite(fid["fid"]) and fid["fid"] > 0
+    assert (repo / "plots/sample_grid.png").is_file()
+
+
+def test_status_is_clean_and_outputs_are_not_in_git(repro):
+    repo, _ = repro
+    assert "up to date" in dvc(repo, "status").stdout
+    status = sh(repo, "git", "status", "--porcelain", "--untracked-files=all").stdout
+    assert "data/" not in status and "models/" not in status  # DVC's, not git's
+    assert "metrics/train.json" in status and "dvc.lock" in status
+
+
+def test_exp_run_reruns_train_sample_fid_only(repro):
+    repo, _ = repro
+    commit(repo, "baseline results")  # dvc.lock and the small metrics files (a temp repo)
+    out = dvc(repo, "exp", "run", "-S", "train.lr=1e-4").stdout
+    for stage in ("download", "export_real", "real_stats"):
+        assert f"Stage '{stage}' didn't change, skipping" in out, out
+        assert f"Running stage '{stage}'" not in out
+    for stage in ("train", "sample", "fid"):
+        assert f"Running stage '{stage}'" in out, out
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"] == 1e-4
+
+
+def test_exp_show_lists_the_experiment_with_its_params_and_fid(repro):
+    repo, _ = repro
+    rows = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    experiments = [e for row in rows for e in (row.get("experiments") or [])]
+    assert experiments, rows
+    data = experiments[0]["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["train"]["lr"] == 1e-4
+    assert "fid" in data["metrics"]["metrics/fid.json"]["data"]
+
+
+def test_metrics_diff_compares_the_experiment_with_the_baseline(repro):
+    repo, _ = repro
+    diff = json.loads(dvc(repo, "metrics", "diff", "--json").stdout)
+    assert "metrics/train.json" in diff and "loss" in diff["metrics/train.json"]
+    assert diff["metrics/train.json"]["loss"]["old"] != diff["metrics/train.json"]["loss"]["new"]
+
+
+def test_plots_show_renders_the_loss_series_and_the_grids(repro):
+    repo, _ = repro
+    dvc(repo, "plots", "show")
+    html = (repo / "dvc_plots/index.html").read_text()
+    first_loss = (repo / "plots/train/loss.tsv").read_text().splitlines()[1].split("\t")[1]
+    assert first_loss in html  # the loss series is embedded in the page
+    assert "epoch_0001.png" in html and "sample_grid.png" in html

@@ -1,0 +1,154 @@
+"""The training loop: EMA, checkpoints, exact resume, failure handling, data parallelism."""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm import checkpoint, train
+from ddpm.ema import EMA
+from ddpm.params import parse_params
+from ddpm.runtime import World
+from ddpm.train import Trainer, TrainingError, TrainPaths
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def paths(root: Path, cifar: Path) -> TrainPaths:
+    return TrainPaths(cifar=cifar, checkpoints=root / "checkpoints", ema=root / "ema.pt",
+                      metrics=root / "train.json", loss=root / "loss.tsv", samples=root / "samples")
+
+
+def run(tiny: dict, root: Path, cifar: Path, **train_overrides) -> Trainer:
+    raw = copy.deepcopy(tiny)
+    raw["train"].update(train_overrides)
+    trainer = Trainer(parse_params(raw), paths(root, cifar), World(), torch.device("cpu"))
+    trainer.run()
+    return trainer
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_ema_is_the_closed_form_average():
+    """After n updates towards fixed weights w, ema = w + decay^n (ema0 - w)."""
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9)
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for _ in range(5):
+        ema.update(model)
+    for e, p, s in zip(ema.model.parameters(), model.parameters(), start):
+        torch.testing.assert_close(e, p + 0.9**5 * (s - p))
+        assert not e.requires_grad
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny, cifar_dir, tmp_path):
+    """Stopping after epoch 1 and resuming gives the same weights, EMA and loss log as no stop."""
+    straight = run(tiny, tmp_path / "a", cifar_dir, epochs=3, sample_every=0)
+    run(tiny, tmp_path / "b", cifar_dir, epochs=1, sample_every=0)
+    resumed = run(tiny, tmp_path / "b", cifar_dir, epochs=3, sample_every=0)
+    assert resumed.progress.step == straight.progress.step == 3 * straight.steps_per_epoch
+    assert_same_weights(straight.model.state_dict(), resumed.model.state_dict())
+    assert_same_weights(checkpoint.load(tmp_path / "a" / "ema.pt")["ema"],
+                        checkpoint.load(tmp_path / "b" / "ema.pt")["ema"])
+    def losses(folder):  # step and loss columns (the third, images/s, is a timing)
+        return [row.split("\t")[:2] for row in (folder / "loss.tsv").read_text().splitlines()]
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_a_changed_config_starts_fresh_and_says_why(tiny, cifar_dir, tmp_path, capsys):
+    run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0)
+    capsys.readouterr()
+    again = run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0, lr=1e-3)
+    err = capsys.readouterr().err
+    assert "train.lr" in err and "starting fresh" in err
+    assert again.progress.epoch == 1  # trained from scratch, not from the old checkpoint
+
+
+def test_more_epochs_resume_a_finished_run(tiny, cifar_dir, tmp_path, capsys):
+    """train.epochs is not part of the config a checkpoint must match: 1 -> 2 epochs continues."""
+    run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0)
+    capsys.readouterr()
+    run(tiny, tmp_path, cifar_dir, epochs=2, sample_every=0)
+    assert "resuming" in capsys.readouterr().err
+
+
+def test_a_corrupt_checkpoint_is_named_and_training_starts_fresh(tiny, cifar_dir, tmp_path, capsys):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    trainer = run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0)
+    assert "last.pt" in capsys.readouterr().err
+    assert trainer.progress.epoch == 1
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, cifar_dir, tmp_path,
+                                                                    monkeypatch):
+    real_loss, calls = train.diffusion.loss, []
+
+    def loss_that_diverges(*args, **kwargs):
+        calls.append(1)
+        value = real_loss(*args, **kwargs)
+        return value * float("nan") if len(calls) > 2 * 3 * 2 else value  # in epoch 3
+
+    monkeypatch.setattr(train.diffusion, "loss", loss_that_diverges)
+    with pytest.raises(TrainingError, match="non-finite|nan"):
+        run(tiny, tmp_path, cifar_dir, epochs=4, sample_every=0)
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert state["progress"]["epoch"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (tmp_path / "ema.pt").exists()
+
+
+def test_outputs_hold_the_metrics_loss_log_and_previews(tiny, cifar_dir, tmp_path):
+    trainer = run(tiny, tmp_path, cifar_dir, epochs=2, sample_every=1)
+    import json
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    assert {"loss", "epochs", "steps", "seconds", "images_per_second", "peak_memory_mb",
+            "parameters"} <= metrics.keys()
+    assert metrics["epochs"] == 2 and metrics["steps"] == 2 * trainer.steps_per_epoch
+    assert metrics["parameters"] == sum(p.numel() for p in trainer.model.parameters())
+    assert metrics["effective_batch"] == 16 and metrics["peak_memory_mb"] > 0
+    rows = (tmp_path / "loss.tsv").read_text().splitlines()
+    assert rows[0] == "step\tloss\timages_per_second"
+    assert [int(r.split("\t")[0]) for r in rows[1:]] == list(range(1, metrics["steps"] + 1))
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
+        "epoch_0001.png", "epoch_0002.png", "progression.png"]
+    ema = checkpoint.load(tmp_path / "ema.pt")
+    assert ema["config"]["model"]["channels"] == [16, 32] and ema["epochs"] == 2
+
+
+def test_too_few_images_for_one_step_is_a_clear_error(tiny, cifar_dir, tmp_path):
+    raw = copy.deepcopy(tiny)
+    raw["data"]["limit"] = 10
+    with pytest.raises(TrainingError, match="data.limit"):
+        Trainer(parse_params(raw), paths(tmp_path, cifar_dir), World(), torch.device("cpu"))
+
+
+def test_two_processes_end_with_identical_weights(tiny, cifar_dir, tmp_path):
+    """Data-parallel training (torchrun, gloo): every rank holds the same model and EMA."""
+    import yaml
+    raw = copy.deepcopy(tiny)
+    raw["train"].update(gpus=2, batch_size=4, sample_every=0)  # effective batch 4 x 2 x 2 = 16
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc-per-node=2", str(ROOT / "tests" / "ddp_worker.py"),
+                    str(tmp_path / "params.yaml"), str(cifar_dir), str(tmp_path)],
+                   check=True, env=env, timeout=300)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert_same_weights(rank0["model"], rank1["model"])
+    assert_same_weights(rank0["ema"], rank1["ema"])
+    assert rank0["steps"] == 2 * (48 // 16)
+    start = torch.load(tmp_path / "rank0.pt", weights_only=True)["init"]
+    assert any(not torch.equal(start[k], rank0["model"][k]) for k in start)  # it did train
