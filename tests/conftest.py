@@ -9,13 +9,21 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/fakes.py
 
-from fakes import make_cifar_archive, make_inception_weights  # noqa: E402
+from fakes import PER_BATCH, ROOT, make_cifar_archive, make_inception_weights  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TQDM_MININTERVAL", "5")  # keep test logs short
 
-PER_BATCH = 16  # images per fake batch file: 80 train, 16 test
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """In-process tests use one thread: their small tensors gain nothing from two, and two
+    OpenMP threads contending with other processes ran them 7-25x slower here."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+PER_BATCH = 16  # images per fake batch file: 80 train, 16 test
+
 LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

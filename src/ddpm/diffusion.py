@@ -174,6 +174,10 @@ def sample(model: EpsModel, sched: Schedule, shape: Sequence[int], sampler: str 
     sampler: "ddpm" (ancestral, eq. 11) or "ddim" (eq. 12); steps: None = all T timesteps.
     generator: None, one torch.Generator, or a list with one per image (batch-size independent).
     """
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"sampler = {sampler!r}: expected ddpm or ddim")
+    if variance not in ("beta", "beta_tilde"):
+        raise ValueError(f"variance = {variance!r}: expected beta or beta_tilde")
     ts = timesteps_for(sched.timesteps, steps or sched.timesteps)
     device = sched.device
 
@@ -183,8 +187,6 @@ def sample(model: EpsModel, sched: Schedule, shape: Sequence[int], sampler: str 
     x = randn()  # x_T ~ N(0, I)
     if sampler == "ddpm":
         x = ddpm_steps(model, sched, x, ts, randn, variance, progress)
-    elif sampler == "ddim":
-        x = ddim_steps(model, sched, x, ts, randn, eta, progress)
     else:
-        raise ValueError(f"sampler = {sampler!r}: expected ddpm or ddim")
+        x = ddim_steps(model, sched, x, ts, randn, eta, progress)
     return x.clamp(-1.0, 1.0)

@@ -81,7 +81,7 @@ def load_statistics(path: str | Path, dims: int) -> tuple[np.ndarray, np.ndarray
         with np.load(path) as f:
             mu, sigma = f["mu"], f["sigma"]
             count = int(f["num_images"]) if "num_images" in f else None
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, TypeError) as e:  # TypeError: an .npy, not an .npz
         raise FidError(f"{path}: not an Inception statistics file with mu and sigma ({e}); "
                        "rerun the real_stats stage: dvc repro real_stats") from None
     if mu.shape != (dims,) or sigma.shape != (dims, dims):

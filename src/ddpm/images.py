@@ -66,14 +66,18 @@ def list_pngs(folder: str | Path, min_count: int = 1) -> list[Path]:
 def read_png(path: str | Path, size: int = 32, pixels: bool = True) -> np.ndarray | None:
     """One PNG as (size, size, 3) uint8; anything else is an ImageFolderError naming the file.
 
-    pixels=False checks the header only (cheap for 50,000 files) and returns None.
+    pixels=False skips decoding (cheap for 50,000 files): it checks the header and the chunk
+    checksums, so a truncated file fails here rather than inside pytorch-fid; returns None.
     """
     try:
         with Image.open(path) as img:
             if img.format != "PNG" or img.mode != "RGB" or img.size != (size, size):
                 raise ImageFolderError(f"{path}: a {img.format} {img.mode} {img.size[0]}x"
                                        f"{img.size[1]} image, expected a {size}x{size} RGB PNG")
-            return np.asarray(img) if pixels else None
+            if not pixels:
+                img.verify()  # reads every chunk: a truncated or corrupted file raises
+                return None
+            return np.asarray(img)
     except (OSError, SyntaxError) as e:  # PIL's errors for truncated or unknown files
         raise ImageFolderError(f"{path}: not a readable PNG image ({e})") from None
 

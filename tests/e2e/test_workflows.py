@@ -1,0 +1,58 @@
+"""The DVC workflows of the README: share with push/pull, sweep with a queue.
+
+Both start from one repository where `dvc repro` ran and its results were committed.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from dvc_repo import commit, dvc, sh
+
+pytestmark = pytest.mark.e2e
+
+SHARED = ["models/ema.pt", "data/real_stats.npz", "metrics/train.json", "metrics/fid.json",
+          "metrics/sample.json", "plots/train/loss.tsv"]
+
+
+@pytest.fixture(scope="module")
+def baseline(reproduced):
+    return reproduced[0]
+
+
+def test_push_then_pull_in_a_fresh_clone_restores_results_byte_for_byte(baseline, tmp_path):
+    remote = tmp_path / "remote"
+    dvc(baseline, "remote", "add", "-d", "local", str(remote))
+    commit(baseline, "a local remote")
+    assert "pushed" in dvc(baseline, "push").stdout
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(baseline), str(clone))
+    assert not (clone / "models/ema.pt").exists()
+    dvc(clone, "pull")
+    for path in SHARED:
+        assert (clone / path).read_bytes() == (baseline / path).read_bytes(), path
+    assert len(list((clone / "data/samples").iterdir())) == len(list((baseline / "data/samples").iterdir()))
+    assert "up to date" in dvc(clone, "status").stdout
+
+
+def test_two_queued_experiments_run_and_show_their_fid(baseline):
+    dvc(baseline, "exp", "run", "--queue", "-S", "train.lr=1e-4,3e-4")
+    dvc(baseline, "queue", "start", "-j", "1")
+    deadline = time.monotonic() + 600
+    while True:
+        status = dvc(baseline, "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    assert status.count("Success") == 2, status + dvc(baseline, "queue", "logs", "-f", "all",
+                                                      check=False).stdout
+    rows = json.loads(dvc(baseline, "exp", "show", "--json").stdout)
+    experiments = [e["revs"][0]["data"] for row in rows for e in (row.get("experiments") or [])]
+    found = {}
+    for data in experiments:
+        lr = data["params"]["params.yaml"]["data"]["train"]["lr"]
+        found[lr] = data["metrics"]["metrics/fid.json"]["data"]["fid"]
+    assert sorted(found) == [1e-4, 3e-4] and all(v > 0 for v in found.values())

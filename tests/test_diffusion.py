@@ -1,0 +1,310 @@
+"""The diffusion process against closed forms: schedules, eq. 4, the eq. 14 loss and the samplers.
+
+The samplers are checked on Gaussian data x0 ~ N(MU, S^2 I), whose optimal noise predictor is
+known exactly, so a correct sampler must give back (nearly) that Gaussian.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm.diffusion import Schedule, loss, q_sample, sample, timesteps_for
+
+T = 1000
+LINEAR = dict(timesteps=T, beta_start=1e-4, beta_end=0.02, schedule="linear")
+
+MU, S = 0.1, 0.2              # Gaussian data, far enough inside [-1, 1] that clipping is negligible
+SHAPE = (20_000, 1, 2, 2)     # N independent pixels per sampler run
+N = math.prod(SHAPE)
+MEAN_TOL = 0.005              # |mean - MU|: ~7 standard errors (S / sqrt(N) = 0.0007)
+STD_SE = S / math.sqrt(2 * N)  # standard error of a sample std, 0.0005
+
+
+@pytest.fixture(scope="module")
+def sched() -> Schedule:
+    return Schedule(**LINEAR)
+
+
+def linear_alpha_bar() -> np.ndarray:
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s), beta_t = 1e-4 + (0.02 - 1e-4) t / (T-1); float64."""
+    betas = 1e-4 + (0.02 - 1e-4) * np.arange(T) / (T - 1)
+    return np.exp(np.cumsum(np.log1p(-betas)))
+
+
+def gaussian_eps(sched: Schedule, scale: float = 1.0):
+    """The optimal predictor for x0 ~ N(MU, S^2 I):
+
+        E[eps | x_t] = sqrt(1 - ab) (x_t - sqrt(ab) MU) / (ab S^2 + 1 - ab)
+    """
+    def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        assert t.dtype == torch.long and t.shape == (x_t.shape[0],)
+        ab = sched.alpha_bar64[t].float()[:, None, None, None]
+        return scale * (1 - ab).sqrt() * (x_t - ab.sqrt() * MU) / (ab * S**2 + 1 - ab)
+    return model
+
+
+def exact_std(sampler: str, steps: int, variance: str) -> float:
+    """The std the sampler must produce with gaussian_eps, propagated in closed form (float64).
+
+    With that predictor every step is affine in d = x_t - sqrt(ab_t) MU, whose variance
+    starts at 1 (x_T ~ N(0, I)). DDPM (eq. 11): d' = (1 - beta / v_t) / sqrt(alpha) d + sigma z;
+    DDIM (eq. 12, eta = 0): d' = (sqrt(ab' ab) S^2 + sqrt((1 - ab')(1 - ab))) / v_t d;
+    where v_t = ab S^2 + 1 - ab is the variance of x_t and ' marks the previous timestep.
+    """
+    ab_all, ts, var = linear_alpha_bar(), timesteps_for(T, steps), 1.0
+    for i in reversed(range(len(ts))):
+        ab = ab_all[ts[i]]
+        ab_prev = ab_all[ts[i - 1]] if i > 0 else 1.0
+        v_t, beta = ab * S**2 + 1 - ab, 1 - ab / ab_prev
+        if sampler == "ddim":
+            gain = (math.sqrt(ab_prev * ab) * S**2 + math.sqrt((1 - ab_prev) * (1 - ab))) / v_t
+            var *= gain**2
+            continue
+        var *= (1 - beta / v_t) ** 2 / (1 - beta)
+        if i > 0:
+            var += beta if variance == "beta" else beta * (1 - ab_prev) / (1 - ab)
+    return math.sqrt(var)
+
+
+# --- the schedule ---------------------------------------------------------------------------
+
+def test_linear_schedule_is_the_closed_form(sched):
+    """Ho et al. Sec. 4: betas linear from 1e-4 to 0.02; alpha_bar their cumulative product."""
+    betas = 1e-4 + (0.02 - 1e-4) * np.arange(T) / (T - 1)
+    ab = linear_alpha_bar()
+    assert sched.alpha_bar64.dtype == torch.float64
+    np.testing.assert_allclose(sched.alpha_bar64.numpy(), ab, rtol=1e-12, atol=0)
+    for got, expected in [(sched.betas, betas), (sched.alpha_bar, ab),
+                          (sched.sqrt_alpha_bar, np.sqrt(ab)),
+                          (sched.sqrt_one_minus_alpha_bar, np.sqrt(1 - ab))]:
+        assert got.dtype == torch.float32 and got.shape == (T,)
+        np.testing.assert_allclose(got.double().numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_to_returns_a_schedule_with_the_same_values(sched):
+    """.to(device) keeps every value and dtype (alpha_bar64 stays float64)."""
+    moved = sched.to("cpu")
+    assert isinstance(moved, Schedule) and moved.timesteps == T and moved.device.type == "cpu"
+    for name in ["betas", "alpha_bar", "sqrt_alpha_bar", "sqrt_one_minus_alpha_bar", "alpha_bar64"]:
+        assert torch.equal(getattr(moved, name), getattr(sched, name)), name
+        assert getattr(moved, name).dtype == getattr(sched, name).dtype, name
+
+
+def test_cosine_schedule_is_nichol_and_dhariwal_eq_17():
+    """alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) pi/2), s = 0.008, for
+    t = 1..T (index t-1) until beta_t = 1 - alpha_bar(t) / alpha_bar(t-1) is clipped at 0.999."""
+    sched = Schedule(T, 1e-4, 0.02, "cosine")
+    f = np.cos((np.arange(T + 1) / T + 0.008) / 1.008 * math.pi / 2) ** 2
+    betas = 1 - f[1:] / f[:-1]
+    clipped = int(np.argmax(betas > 0.999))
+    assert 0 < clipped < T  # the last steps are clipped, the rest is not
+    np.testing.assert_allclose(sched.alpha_bar64[:clipped].numpy(), f[1:clipped + 1] / f[0],
+                               rtol=1e-12)
+    assert (sched.betas <= torch.tensor(0.999)).all() and (sched.betas > 0).all()
+
+
+def test_unknown_schedule_is_rejected():
+    with pytest.raises(ValueError, match="schedule"):
+        Schedule(T, 1e-4, 0.02, "quadratic")
+
+
+# --- the forward process and the loss -------------------------------------------------------
+
+def test_q_sample_has_the_moments_of_eq_4(sched):
+    """Eq. 4: x_t ~ N(sqrt(ab_t) x0, (1 - ab_t) I); 200k draws per image, a different t per
+    image; mean and variance within 5 standard errors (sqrt((1-ab)/n) and (1-ab) sqrt(2/n))."""
+    n, gen = 200_000, torch.Generator().manual_seed(0)
+    t = torch.tensor([0, 100, 500, 999])
+    x0 = torch.tensor([0.9, -0.5, 0.3, 1.0]).view(4, 1, 1, 1).expand(4, 1, 1, n)
+    x_t = q_sample(sched, x0, t, torch.randn(x0.shape, generator=gen)).double().flatten(1)
+    ab = torch.from_numpy(linear_alpha_bar())[t]
+    mean_se, var_se = ((1 - ab) / n).sqrt(), (1 - ab) * math.sqrt(2 / n)
+    assert ((x_t.mean(1) - ab.sqrt() * x0[:, 0, 0, 0]).abs() < 5 * mean_se).all()
+    assert ((x_t.var(1) - (1 - ab)).abs() < 5 * var_se).all()
+
+
+def uniform_images(batch: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, 1, 2, 2, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_loss_of_a_zero_predictor_is_the_noise_energy(sched):
+    """Eq. 14 with eps_theta = 0 is mean(eps^2) -> 1; 5 standard errors (sqrt(2 / n))."""
+    x0 = uniform_images(50_000)
+    value = loss(lambda x_t, t: torch.zeros_like(x_t), sched, x0, torch.Generator().manual_seed(1))
+    assert value.shape == () and value.dtype == torch.float32
+    assert abs(value.item() - 1.0) < 5 * math.sqrt(2 / x0.numel())
+
+
+def test_loss_of_an_oracle_that_inverts_eq_4_is_zero(sched):
+    """Knowing x0, eps = (x_t - sqrt(ab_t) x0) / sqrt(1 - ab_t) exactly: loss 0, or c^2 when
+    the oracle is off by c. Also checks the model sees the t that made its x_t."""
+    x0, ab_all = uniform_images(1000), torch.from_numpy(linear_alpha_bar())
+
+    def oracle(offset: float):
+        def model(x_t, t):
+            ab = ab_all[t][:, None, None, None]
+            return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt() + offset
+        return model
+
+    assert loss(oracle(0.0), sched, x0, torch.Generator().manual_seed(2)).item() < 1e-6
+    assert loss(oracle(0.5), sched, x0, torch.Generator().manual_seed(2)).item() == \
+        pytest.approx(0.25, abs=1e-4)
+
+
+def test_loss_is_reproducible_from_its_generator(sched):
+    """t and eps come from the generator alone: same seed, same loss; another seed, another."""
+    x0, model = uniform_images(64), lambda x_t, t: 0.5 * x_t
+    values = [loss(model, sched, x0, torch.Generator().manual_seed(s)) for s in (3, 3, 4)]
+    assert values[0] == values[1] != values[2]
+
+
+def test_loss_draws_t_uniformly_from_0_to_T_minus_1(sched):
+    """t ~ U{0, ..., T-1}: both ends reached and Pearson's chi-square (T - 1 degrees of freedom)
+    within 5 of its standard deviations sqrt(2 (T - 1)) of its mean (a too-regular t fails too)."""
+    seen = []
+
+    def recorder(x_t, t):
+        seen.append(t)
+        return torch.zeros_like(x_t)
+
+    loss(recorder, sched, torch.zeros(200_000, 1, 1, 1), torch.Generator().manual_seed(5))
+    (t,) = seen
+    assert t.dtype == torch.long and t.shape == (200_000,)
+    assert t.min() == 0 and t.max() == T - 1
+    counts, expected = torch.bincount(t, minlength=T).double(), 200_000 / T
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert abs(chi2 - (T - 1)) < 5 * math.sqrt(2 * (T - 1))
+
+
+# --- timesteps ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("timesteps", [1000, 37])
+def test_timesteps_for_spreads_the_steps_evenly(timesteps):
+    """Every step count 2..T: ascending, both ends, len == steps, and ts[i] within 0.5 of the
+    ideal i (T - 1) / (steps - 1)."""
+    for steps in range(2, timesteps + 1):
+        ts = np.array(timesteps_for(timesteps, steps))
+        ideal = np.arange(steps) * (timesteps - 1) / (steps - 1)
+        assert len(ts) == steps and ts[0] == 0 and ts[-1] == timesteps - 1, steps
+        assert (np.diff(ts) > 0).all() and (np.abs(ts - ideal) <= 0.5).all(), steps
+    assert timesteps_for(timesteps, timesteps) == list(range(timesteps))
+
+
+def test_timesteps_for_edge_cases():
+    """One step goes straight from x_{T-1} to x0; 0 or more than T steps are refused."""
+    assert timesteps_for(T, 1) == [T - 1]
+    for steps in (0, T + 1):
+        with pytest.raises(ValueError, match="steps"):
+            timesteps_for(T, steps)
+
+
+# --- the samplers ---------------------------------------------------------------------------
+
+# Allowed |std / S - 1| against the data itself. The finite chains are biased even with the
+# optimal predictor (exact_std gives ddpm T=1000 +0.5%, beta_tilde -1.9%, ddpm 100 steps +6.0%,
+# ddim 100 steps -6.2%, ddim 1000 steps -0.8%), plus 0.25% Monte-Carlo noise (STD_SE / S).
+STD_TOL_FULL_CHAIN = 0.02   # all 1000 steps, sigma^2 = beta (ddpm) or deterministic (ddim)
+STD_TOL_BETA_TILDE = 0.03   # all 1000 steps, sigma^2 = beta-tilde: a little too narrow
+STD_TOL_FEW_STEPS = 0.08    # 100 of the 1000 steps (respaced ddpm, or ddim)
+SAMPLER_CASES = [  # (sampler, steps, variance, tolerance)
+    ("ddpm", None, "beta", STD_TOL_FULL_CHAIN),
+    ("ddpm", None, "beta_tilde", STD_TOL_BETA_TILDE),
+    ("ddpm", 100, "beta", STD_TOL_FEW_STEPS),
+    ("ddim", 100, "beta", STD_TOL_FEW_STEPS),
+    ("ddim", None, "beta", STD_TOL_FULL_CHAIN),
+]
+
+
+@pytest.mark.parametrize("sampler, steps, variance, data_tol", SAMPLER_CASES)
+def test_sampler_recovers_gaussian_data(sched, sampler, steps, variance, data_tol):
+    """Driven by the optimal predictor for N(MU, S^2), the sampler returns that Gaussian: mean
+    within MEAN_TOL of MU, std within data_tol of S and within 5 standard errors of the chain's
+    closed-form std."""
+    x = sample(gaussian_eps(sched), sched, SHAPE, sampler, steps,
+               torch.Generator().manual_seed(0), variance=variance)
+    assert x.shape == SHAPE and x.dtype == torch.float32
+    assert abs(x.mean().item() - MU) < MEAN_TOL
+    assert abs(x.std().item() / S - 1) < data_tol
+    assert abs(x.std().item() - exact_std(sampler, steps or T, variance)) < 5 * STD_SE
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("steps", [T, 10])
+def test_samplers_query_the_model_once_per_timestep_from_the_last_down(sched, sampler, steps):
+    """Algorithm 2 / eq. 12: eps_theta(x_t, t) for t = ts[-1], ..., ts[0], each exactly once,
+    the whole batch at the same t."""
+    seen = []
+
+    def recorder(x_t, t):
+        assert t.dtype == torch.long and t.shape == (x_t.shape[0],) and (t == t[0]).all()
+        seen.append(int(t[0]))
+        return torch.zeros_like(x_t)
+
+    sample(recorder, sched, (2, 1, 2, 2), sampler, steps, torch.Generator().manual_seed(0))
+    assert seen == timesteps_for(T, steps)[::-1]
+
+
+def test_the_last_ddpm_step_adds_no_noise(sched):
+    """Algorithm 2 sets z = 0 at the last step, so a one-step chain returns the predicted x0,
+    (x_t - sqrt(1 - ab) eps) / sqrt(ab), exactly as one deterministic DDIM step does."""
+    ddpm, ddim = (sample(gaussian_eps(sched), sched, (64, 1, 2, 2), sampler, 1,
+                         torch.Generator().manual_seed(0)) for sampler in ("ddpm", "ddim"))
+    torch.testing.assert_close(ddpm, ddim, rtol=0, atol=1e-6)
+
+
+def test_ddim_with_eta_1_is_ddpm_with_beta_tilde(sched):
+    """Song et al. Sec. 4.1: eta = 1 makes sigma_t^2 = beta-tilde_t and the DDIM chain the DDPM
+    one; with the same noise, the two samplers agree image for image."""
+    ddim = sample(gaussian_eps(sched), sched, (64, 1, 2, 2), "ddim", 50,
+                  torch.Generator().manual_seed(0), eta=1.0)
+    ddpm = sample(gaussian_eps(sched), sched, (64, 1, 2, 2), "ddpm", 50,
+                  torch.Generator().manual_seed(0), variance="beta_tilde")
+    torch.testing.assert_close(ddim, ddpm, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_sampler_check_fails_with_a_wrong_predictor(sched, sampler):
+    """The test above can fail: half the optimal eps leaves far too much noise in the samples."""
+    x = sample(gaussian_eps(sched, scale=0.5), sched, SHAPE, sampler, 100,
+               torch.Generator().manual_seed(0))
+    assert x.std().item() / S - 1 > 1.0
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.5)])
+def test_same_seed_gives_the_same_images(sched, sampler, eta):
+    """One generator seeds x_T and every z: same seed, bitwise the same images."""
+    def draw(seed):
+        return sample(gaussian_eps(sched), sched, (4, 3, 4, 4), sampler, 20,
+                      torch.Generator().manual_seed(seed), eta=eta)
+    assert torch.equal(draw(0), draw(0))
+    assert not torch.equal(draw(0), draw(1))
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.5)])
+def test_per_image_generators_make_images_independent_of_the_batch(sched, sampler, eta):
+    """Image i drawn with its own generator (seed 1000 + i) is bitwise the same in a batch of 6
+    as in batches of 2 and 4 (ddim with eta = 0.5 draws noise at every step too)."""
+    def draw(ids):
+        gens = [torch.Generator().manual_seed(1000 + i) for i in ids]
+        return sample(gaussian_eps(sched), sched, (len(ids), 3, 4, 4), sampler, 20, gens, eta=eta)
+    assert torch.equal(draw(range(6)), torch.cat([draw(range(2)), draw(range(2, 6))]))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_output_is_clipped_to_the_data_range(sched, sampler):
+    """A predictor that drives x outwards still yields images in [-1, 1], both bounds reached."""
+    x = sample(lambda x_t, t: -10 * x_t, sched, (8, 3, 4, 4), sampler, 10,
+               torch.Generator().manual_seed(0))
+    assert x.min() == -1.0 and x.max() == 1.0
+
+
+def test_bad_sampler_arguments_raise_value_error(sched):
+    """An unknown sampler name, or a generator list not one per image, is a ValueError."""
+    model = gaussian_eps(sched)
+    with pytest.raises(ValueError, match="sampler"):
+        sample(model, sched, (2, 1, 2, 2), "ddmp", 10)
+    with pytest.raises(ValueError, match="generators"):
+        sample(model, sched, (2, 1, 2, 2), "ddpm", 10, [torch.Generator()])
