@@ -152,3 +152,15 @@ def test_two_processes_end_with_identical_weights(tiny, cifar_dir, tmp_path):
     assert rank0["steps"] == 2 * (48 // 16)
     start = torch.load(tmp_path / "rank0.pt", weights_only=True)["init"]
     assert any(not torch.equal(start[k], rank0["model"][k]) for k in start)  # it did train
+
+
+def test_out_of_memory_says_which_params_to_change(tiny, cifar_dir, tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "optimizer_step", out_of_memory)
+    with pytest.raises(TrainingError) as info:
+        run(tiny, tmp_path, cifar_dir, epochs=1)
+    message = str(info.value)
+    assert "train.batch_size=8" in message and "effective batch of 16" in message
+    assert "-S train.batch_size=4 -S train.grad_accum=4" in message
