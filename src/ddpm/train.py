@@ -70,10 +70,14 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 class Trainer:
     """One training run; `run()` resumes from the last checkpoint if it fits, else starts fresh."""
 
-    def __init__(self, params: Params, paths: TrainPaths, world: World, device: torch.device):
+    def __init__(self, params: Params, paths: TrainPaths, world: World, device: torch.device,
+                 images: torch.Tensor | None = None):
+        """images: (N, 3, 32, 32) uint8 to train on instead of paths.cifar (benchmarks)."""
         self.p, self.tp, self.paths, self.world, self.device = params, params.train, paths, world, device
         self.precision = resolve_precision(self.tp.precision, device)
-        self.images = torch.from_numpy(load_cifar10(paths.cifar, "train", params.data.limit)).to(device)
+        if images is None:
+            images = torch.from_numpy(load_cifar10(paths.cifar, "train", params.data.limit))
+        self.images = images.to(device)  # (N, 3, 32, 32) uint8, resident on the device
         self.data_digest = hashlib.sha256(self.images.cpu().numpy().tobytes()).hexdigest()[:16]
         self.global_batch = self.tp.batch_size * self.tp.grad_accum * world.size
         self.steps_per_epoch = len(self.images) // self.global_batch
@@ -87,8 +91,8 @@ class Trainer:
         if device.type == "cuda":  # NHWC convolutions on tensor cores
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = EMA(self.model, self.tp.ema_decay)
-        fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.tp.lr, **fused)
+        # Fused Adam: one kernel over all parameters, on GPUs and (torch >= 2.4) CPUs alike.
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.tp.lr, fused=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.net = self.model
         if world.size > 1:

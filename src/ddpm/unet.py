@@ -64,22 +64,27 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Residual multi-head self-attention over the H*W positions, after a GroupNorm."""
+    """Residual multi-head self-attention over the H*W positions, after a GroupNorm.
+
+    The q, k, v and output projections are per-position linear maps (the original's 1x1 "nin"
+    layers), applied to the (B, HW, C) tokens: a matmul is cheaper than a 1x1 convolution.
+    """
 
     def __init__(self, ch: int, heads: int):
         super().__init__()
         self.heads = heads
         self.norm = group_norm(ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = zero_init(nn.Conv2d(ch, ch, 1))
+        self.qkv = nn.Linear(ch, 3 * ch)
+        self.proj = zero_init(nn.Linear(ch, ch))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)                # each (B, heads, HW, C/heads)
-        h = F.scaled_dot_product_attention(q, k, v)             # softmax(q k^T / sqrt(d)) v
-        h = h.transpose(-1, -2).reshape(B, C, H, W)
-        return x + self.proj(h)
+        tokens = self.norm(x).flatten(2).transpose(1, 2)                    # (B, HW, C)
+        qkv = self.qkv(tokens).view(B, H * W, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                # each (B, heads, HW, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v)                         # softmax(q k^T / sqrt(d)) v
+        h = self.proj(h.transpose(1, 2).reshape(B, H * W, C))               # (B, HW, C)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
 class Downsample(nn.Module):

@@ -1,0 +1,287 @@
+"""Throughput of the pipeline against what a user would otherwise run, on this machine.
+
+    python benchmarks/bench.py                 # the full table (CPU: ~30 min; GPU: minutes)
+    python benchmarks/bench.py --quick         # a smoke run of every section (CI)
+
+Every figure is the median of per-step times over interleaved A/B rounds after warm-up, so
+both sides see the same machine state. Needs requirements-bench.txt for the diffusers column.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests"), str(Path(__file__).parent)]
+
+import references  # noqa: E402
+from ddpm.diffusion import Schedule, sample  # noqa: E402
+from ddpm.params import parse_params  # noqa: E402
+from ddpm.runtime import World, autocast, resolve_device  # noqa: E402
+from ddpm.train import Trainer, TrainPaths  # noqa: E402
+from ddpm.unet import UNet  # noqa: E402
+
+TINY = dict(channels=[16, 32], res_blocks=1, attention_resolutions=[16], heads=2, dropout=0.1)
+
+
+def have_diffusers() -> bool:
+    try:
+        import diffusers  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 with hardware support (CPUs without AVX512-BF16/AMX emulate it ~20x slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict, device, rounds: int, steps: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, measured in alternating rounds."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+        synchronize(device)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(steps):
+                start = time.perf_counter()
+                fn()
+                synchronize(device)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def base_params(model: dict, precision: str, device: torch.device, batch: int):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["device"] = device.type
+    raw["model"].update(model)
+    raw["train"].update(precision=precision, batch_size=batch, grad_accum=1)
+    return parse_params(raw)
+
+
+def ours_step(model: dict, images, batch: int, precision: str, device: torch.device):
+    """The pipeline's own optimizer step (Trainer.optimizer_step), on in-memory images."""
+    tmp = Path(tempfile.mkdtemp())
+    paths = TrainPaths(tmp, tmp, tmp / "ema.pt", tmp / "m.json", tmp / "l.tsv", tmp)
+    trainer = Trainer(base_params(model, precision, device, batch), paths, World(), device, images)
+    gen = torch.Generator(device).manual_seed(0)
+
+    def step():
+        trainer.optimizer_step(torch.randint(0, len(images), (1, batch), device=device), gen)
+    return trainer.model, step
+
+
+def flops_per_image(model: torch.nn.Module, device: torch.device, train: bool) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    x, t = torch.randn(2, 3, 32, 32, device=device), torch.randint(0, 1000, (2,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        out = model(x, t)
+        out = out.sample if hasattr(out, "sample") else out
+        if train:
+            out.float().square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
+def peak_flops(device, precision: str, rounds: int) -> tuple[float, float]:
+    """Measured matmul and 3x3-convolution FLOP/s of this device at this precision."""
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(device)
+    x = torch.randn(32, 256, 16, 16, device=device)
+    with torch.inference_mode(), autocast(precision, device):
+        med = interleaved({"mm": lambda: a @ b, "conv": lambda: conv(x)}, device, rounds, 3)
+    return 2 * n**3 / med["mm"], 2 * 32 * 256 * 256 * 9 * 16 * 16 / med["conv"]
+
+
+class Table:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, what, precision, ours, reference, ref_name, unit, lower_is_better=False):
+        """A row; the last column is how many times better ours is (faster or higher)."""
+        if not reference:
+            ratio = "n/a"
+        else:
+            ratio = f"{(reference / ours if lower_is_better else ours / reference):.2f}x"
+        ref = f"{reference:.3g} ({ref_name})" if reference else f"n/a ({ref_name})"
+        self.rows.append((what, precision, f"{ours:.3g} {unit}", ref, ratio))
+        print(" | ".join(self.rows[-1]), flush=True)
+
+    def markdown(self) -> str:
+        lines = ["| measurement | precision | ours | reference | ours vs reference |",
+                 "| --- | --- | --- | --- | --- |"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in self.rows])
+
+
+def bench_train(table, args, device, precision, images):
+    ddpm = TINY if args.quick else references.DDPM_CIFAR10
+    ours_model, ours = ours_step(ddpm, images, args.batch, precision, device)
+    fns = {"ours": ours}
+    if have_diffusers() and not args.quick:
+        ref_model, fns["diffusers"] = references.diffusers_step(images, args.batch, precision, device)
+    med = interleaved(fns, device, args.rounds, args.steps)
+    ips = {k: args.batch / v for k, v in med.items()}
+    table.add(f"train step, DDPM config, batch {args.batch}", precision, ips["ours"],
+              ips.get("diffusers"), "diffusers UNet2DModel", "img/s")
+    gflop = flops_per_image(ours_model, device, train=True) / 1e9
+    table.add(f"  achieved FLOP/s ({gflop:.1f} GFLOP/img fwd+bwd)", precision,
+              gflop * ips["ours"], gflop * ips.get("diffusers", 0), "diffusers", "GFLOP/s")
+    del fns, ours
+
+
+def bench_seed(table, args, device, precisions, images):
+    """Ours at its best precision here vs the seed notebook's loop (fp32 on a CPU)."""
+    seed_cfg = TINY if args.quick else references.SEED
+    best = "bf16" if "bf16" in precisions else precisions[0]
+    _, ours = ours_step(seed_cfg, images, args.batch, best, device)
+    torch.manual_seed(0)
+    seed_style = references.seed_style_step(UNet(**seed_cfg), images, args.batch, device,
+                                             workers=0 if args.quick else 2)
+    med = interleaved({"ours": ours, "seed": seed_style}, device, args.rounds, args.steps)
+    table.add(f"train step, seed config, batch {args.batch}", best, args.batch / med["ours"],
+              args.batch / med["seed"], "seed-style loop, " + ("fp16" if device.type == "cuda"
+                                                               else "fp32"), "img/s")
+
+
+def bench_sampling(table, args, device, precision):
+    cfg = TINY if args.quick else references.DDPM_CIFAR10
+    torch.manual_seed(0)
+    ours = UNet(**cfg).to(device).eval()
+    x = torch.randn(args.sample_batch, 3, 32, 32, device=device)
+    t = torch.randint(0, 1000, (args.sample_batch,), device=device)
+    fns = {"ours": lambda: ours(x, t)}
+    if have_diffusers() and not args.quick:
+        ref = references.diffusers_unet().to(device).eval()
+        fns["diffusers"] = lambda: ref(x, t).sample
+    with torch.inference_mode(), autocast(precision, device):
+        med = interleaved(fns, device, args.rounds, args.steps)
+    fps = {k: args.sample_batch / v for k, v in med.items()}
+    table.add(f"sampling forwards/s per image, batch {args.sample_batch}", precision, fps["ours"],
+              fps.get("diffusers"), "diffusers UNet2DModel", "img/s")
+    # Whole sampler steps (noise per image from its own generator, the update): k steps timed.
+    sched, k = Schedule(1000, 1e-4, 0.02, "linear").to(device), 4
+    gens = [torch.Generator(device).manual_seed(i) for i in range(args.sample_batch)]
+    per_step = {}
+    for sampler in ("ddpm", "ddim"):  # a k-step chain costs k of the full chain's steps
+        start = time.perf_counter()
+        with autocast(precision, device):
+            sample(ours, sched, x.shape, sampler, k, gens)
+        synchronize(device)
+        per_step[sampler] = (time.perf_counter() - start) / k
+    table.add("sampling images/s, DDIM-100 vs DDPM-1000 (k-step timing)", precision,
+              args.sample_batch / (100 * per_step["ddim"]),
+              args.sample_batch / (1000 * per_step["ddpm"]), "DDPM-1000", "img/s")
+
+
+def bench_fid(table, args, device):
+    """fid stage (cached real statistics) vs `python -m pytorch_fid real generated`."""
+    from fakes import cifar_images, make_inception_weights
+    from ddpm.fid import frechet_distance
+    from ddpm.images import write_pngs
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    n, dims = (12, 64) if args.quick else (args.fid_images, 2048)
+    tmp = Path(tempfile.mkdtemp())
+    weights = make_inception_weights(tmp / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth")
+    for name, seed in (("real", 0), ("gen", 1)):
+        (tmp / name).mkdir()
+        write_pngs(cifar_images("train", -(-n // 5), seed)[:n].transpose(0, 2, 3, 1), tmp / name)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["device"] = device.type
+    raw["fid"].update(dims=dims, weights=str(weights))
+    (tmp / "params.yaml").write_text(yaml.safe_dump(raw))
+    run = lambda *cmd: subprocess.run(cmd, cwd=tmp, check=True, capture_output=True,  # noqa: E731
+                                      env={**__import__("os").environ, "TORCH_HOME": str(tmp)})
+    py = sys.executable
+    run(py, str(ROOT / "stages/real_stats.py"), "--images", "real", "--out", "real.npz")
+    start = time.perf_counter()
+    run(py, str(ROOT / "stages/fid.py"), "--images", "gen", "--real-stats", "real.npz", "--metrics", "fid.json")
+    ours = time.perf_counter() - start
+    start = time.perf_counter()
+    run(py, "-m", "pytorch_fid", "real", "gen", "--dims", str(dims), "--device", device.type)
+    theirs = time.perf_counter() - start
+    table.add(f"fid stage, {n} generated images, {dims} dims", "fp32", ours, theirs,
+              "pytorch-fid CLI, both folders", "s", lower_is_better=True)
+    rng = np.random.default_rng(0)
+    fdims = 256 if args.quick else 2048
+    feats = [rng.normal(size=(2 * fdims, fdims)) for _ in range(2)]
+    stats = [(f.mean(0), np.cov(f, rowvar=False)) for f in feats]
+    start = time.perf_counter()
+    ours_value = frechet_distance(*stats[0], *stats[1])
+    eig = time.perf_counter() - start
+    start = time.perf_counter()
+    ref_value = calculate_frechet_distance(*stats[0], *stats[1])
+    sqrtm = time.perf_counter() - start
+    table.add(f"Frechet distance, {fdims} dims (values {ours_value:.6g} / {ref_value:.6g})", "fp64",
+              eig, sqrtm, "pytorch-fid's scipy sqrtm", "s", lower_is_better=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precisions", default="auto", help="comma list, or auto (what runs natively)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--sample-batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
+    parser.add_argument("--fid-images", type=int, default=500)
+    parser.add_argument("--sections", default="train,seed,sampling,fid,peak")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run of every section")
+    args = parser.parse_args()
+    if args.quick:
+        args.batch, args.sample_batch, args.rounds, args.steps = 2, 2, 1, 1
+    device = resolve_device(args.device)
+    if args.precisions == "auto":
+        precisions = ["fp32"] + (["bf16"] if native_bf16(device) else [])
+        precisions += ["fp16"] if device.type == "cuda" else []
+    else:
+        precisions = args.precisions.split(",")
+    sections = args.sections.split(",")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"# {date.today()}, {device.type} ({name}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, precisions {precisions}"
+          f"{'' if native_bf16(device) else ' (bf16 not native here: skipped)'}", flush=True)
+    images = torch.randint(0, 256, (1024, 3, 32, 32), dtype=torch.uint8, device=device)
+    table = Table()
+    for precision in precisions:
+        if "train" in sections:
+            bench_train(table, args, device, precision, images)
+        if "sampling" in sections:
+            bench_sampling(table, args, device, precision)
+        if "peak" in sections:
+            mm, conv = peak_flops(device, precision, args.rounds)
+            table.add("peak measured: matmul 2048^2 (ours col.) / 3x3 conv 256 ch 16x16 (ref. col.)",
+                      precision, mm / 1e9, conv / 1e9, "conv", "GFLOP/s")
+    if "seed" in sections:
+        bench_seed(table, args, device, precisions, images)
+    if "fid" in sections:
+        bench_fid(table, args, device)
+    print()
+    print(table.markdown())
+
+
+if __name__ == "__main__":
+    main()
