@@ -9,8 +9,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 
 from dvc_repo import dvc, env
 
@@ -73,13 +76,24 @@ def test_sigkill_at_any_moment_then_repro_gives_the_uninterrupted_weights(new_re
     assert "up to date" in dvc(repo, "status", "train").stdout
 
 
-def test_two_processes_train_through_dvc(new_repo):
+def test_two_processes_train_and_sample_through_dvc(new_repo):
+    """gpus=2 on the CPU: torchrun with gloo; samples equal those of one process."""
     repo = new_repo(train=dict(gpus=2, batch_size=4, sample_every=0))
-    out = dvc(repo, "repro", "train").stdout
-    assert "launching 2 processes" in out
+    out = dvc(repo, "repro", "sample").stdout
+    assert out.count("launching 2 processes") == 2  # train and sample
     metrics = json.loads((repo / "metrics/train.json").read_text())
     assert metrics["processes"] == 2 and metrics["effective_batch"] == 4 * 2 * 2
     assert metrics["steps"] == 2 * (48 // 16)
+    assert json.loads((repo / "metrics/sample.json").read_text())["processes"] == 2
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["gpus"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run([sys.executable, "stages/sample.py", "--ema", "models/ema.pt", "--out", "one",
+                    "--metrics", "one.json", "--grid", "one.png"], cwd=repo, env=env(), check=True)
+    for path in (repo / "data/samples").iterdir():
+        two, one = (np.asarray(Image.open(p), dtype=int) for p in (path, repo / "one" / path.name))
+        assert np.abs(two - one).max() <= 1, path.name  # the same image, up to rounding
 
 
 def test_a_bad_param_fails_in_one_line_before_any_work(new_repo):
