@@ -28,7 +28,10 @@ def load_ema_model(path: str | Path, params: Params, device: torch.device) -> UN
         raise checkpoint.CheckpointError(
             f"{path}: its weights do not fit model.* of params.yaml (trained with "
             f"{state.get('config', {}).get('model')}): {str(e).splitlines()[0]}") from None
-    return model.to(device).eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
+    if device.type == "cuda":  # NHWC convolutions on tensor cores, as in training
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def shard(num_images: int, world: World) -> range:

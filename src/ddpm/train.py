@@ -77,8 +77,8 @@ class Trainer:
         self.precision = resolve_precision(self.tp.precision, device)
         if images is None:
             images = torch.from_numpy(load_cifar10(paths.cifar, "train", params.data.limit))
+        self.data_digest = hashlib.sha256(images.cpu().numpy().tobytes()).hexdigest()[:16]
         self.images = images.to(device)  # (N, 3, 32, 32) uint8, resident on the device
-        self.data_digest = hashlib.sha256(self.images.cpu().numpy().tobytes()).hexdigest()[:16]
         self.global_batch = self.tp.batch_size * self.tp.grad_accum * world.size
         self.steps_per_epoch = len(self.images) // self.global_batch
         if self.steps_per_epoch == 0:
@@ -96,7 +96,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.net = self.model
         if world.size > 1:
-            self.net = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None)
+            ids = [device] if device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
         if self.tp.compile:
             self.net = torch.compile(self.net)
         self.memory = MemoryMonitor(device)

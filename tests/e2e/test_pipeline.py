@@ -133,3 +133,10 @@ def test_plots_show_renders_the_loss_series_and_the_grids(repro):
     first_loss = (repo / "plots/train/loss.tsv").read_text().splitlines()[1].split("\t")[1]
     assert first_loss in html  # the loss series is embedded in the page
     assert "epoch_0001.png" in html and "sample_grid.png" in html
+
+
+def test_plots_diff_draws_the_experiment_against_the_baseline(repro):
+    repo, _ = repro
+    dvc(repo, "plots", "diff", "HEAD", "-o", "diff_plots")
+    html = (repo / "diff_plots/index.html").read_text()
+    assert "workspace" in html and "HEAD" in html
