@@ -9,7 +9,7 @@ both sides see the same machine state. Needs requirements-bench.txt for the diff
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import os
 import platform
 import statistics
 import subprocess
@@ -213,8 +213,10 @@ def bench_fid(table, args, device):
     raw["device"] = device.type
     raw["fid"].update(dims=dims, weights=str(weights))
     (tmp / "params.yaml").write_text(yaml.safe_dump(raw))
-    run = lambda *cmd: subprocess.run(cmd, cwd=tmp, check=True, capture_output=True,  # noqa: E731
-                                      env={**__import__("os").environ, "TORCH_HOME": str(tmp)})
+    env = dict(os.environ, TORCH_HOME=str(tmp))  # pytorch-fid's CLI finds the weights there
+
+    def run(*cmd):
+        subprocess.run(cmd, cwd=tmp, check=True, capture_output=True, env=env)
     py = sys.executable
     run(py, str(ROOT / "stages/real_stats.py"), "--images", "real", "--out", "real.npz")
     start = time.perf_counter()

@@ -11,7 +11,7 @@ from ddpm.files import write_json
 from ddpm.generate import generate_folder, load_ema_model
 from ddpm.images import grid, list_pngs, read_png, save_png
 from ddpm.params import load_params_or_exit
-from ddpm.runtime import init_world, launched, relaunch_under_torchrun, resolve_precision
+from ddpm.runtime import resolve_precision, start_processes
 
 
 def main() -> None:
@@ -22,9 +22,7 @@ def main() -> None:
     parser.add_argument("--grid", required=True, type=Path, help="PNG grid of the first 64")
     args = parser.parse_args()
     params = load_params_or_exit()
-    if params.train.gpus > 1 and not launched():
-        raise SystemExit(relaunch_under_torchrun(params.train.gpus))
-    world, device = init_world(params.device, params.train.gpus)
+    world, device = start_processes(params.device, params.train.gpus)
     precision = resolve_precision(params.train.precision, device)
     model = load_ema_model(args.ema, params, device)
     sched = Schedule(**dataclasses.asdict(params.diffusion)).to(device)

@@ -9,7 +9,7 @@ from pathlib import Path
 import _src  # noqa: F401  (ddpm from this checkout)
 from ddpm.cli import run
 from ddpm.params import load_params_or_exit
-from ddpm.runtime import init_world, launched, relaunch_under_torchrun
+from ddpm.runtime import start_processes
 from ddpm.train import Trainer, TrainPaths
 
 
@@ -22,9 +22,7 @@ def main() -> None:
         parser.add_argument(f"--{name}", required=True, type=Path, help=what)
     args = parser.parse_args()
     params = load_params_or_exit()
-    if params.train.gpus > 1 and not launched():
-        raise SystemExit(relaunch_under_torchrun(params.train.gpus))
-    world, device = init_world(params.device, params.train.gpus)
+    world, device = start_processes(params.device, params.train.gpus)
     Trainer(params, TrainPaths(**vars(args)), world, device).run()
     world.close()
 

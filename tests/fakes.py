@@ -9,11 +9,14 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 PER_BATCH = 16  # images per fake batch file: 80 train, 16 test
@@ -98,3 +101,15 @@ def tiny_params(base: dict, archive: Path, md5: str, weights: Path) -> dict:
     p["sample"].update(num_images=12, batch_size=5, steps=8)
     p["fid"].update(dims=64, batch_size=8, weights=str(weights))
     return p
+
+
+def run_stage(script: str, cwd: Path, *args: str, **overrides) -> subprocess.CompletedProcess:
+    """Run stages/<script> in cwd with a copy of params.yaml; `data__url=...` sets data.url,
+    `device=...` a top-level key."""
+    config = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key, value in overrides.items():
+        section, _, name = key.rpartition("__")
+        (config[section] if section else config)[name] = value
+    (cwd / "params.yaml").write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, str(ROOT / "stages" / script), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)

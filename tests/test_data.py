@@ -6,18 +6,15 @@ import io
 import os
 import pickle
 import re
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 import fakes
-from fakes import PER_BATCH, ROOT
+from fakes import PER_BATCH, run_stage
 from ddpm.data import DataError, download_cifar10, load_batch, load_cifar10
 
 BATCH_FILES = ["batches.meta", "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
@@ -191,17 +188,6 @@ def test_missing_local_archive_names_data_url(tmp_path):
 
 
 # --- the stage scripts --------------------------------------------------------------------------
-
-def run_stage(script: str, cwd: Path, *args: str, **params) -> subprocess.CompletedProcess:
-    """Run stages/<script> in cwd with a copy of params.yaml; data__url=... sets data.url."""
-    config = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for key, value in params.items():
-        section, name = key.split("__")
-        config[section][name] = value
-    (cwd / "params.yaml").write_text(yaml.safe_dump(config))
-    return subprocess.run([sys.executable, str(ROOT / "stages" / script), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
-
 
 @pytest.fixture(scope="module")
 def downloaded(cifar_archive, tmp_path_factory) -> Path:

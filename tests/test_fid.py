@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from pytorch_fid.fid_score import calculate_frechet_distance, compute_statistics_of_path
 
 import fakes
-from fakes import ROOT
+from fakes import run_stage
 from ddpm.fid import (WEIGHTS_FILE, FidError, folder_statistics, frechet_distance,
                       load_statistics, save_statistics)
 from ddpm.images import ImageFolderError, write_pngs
@@ -100,21 +99,11 @@ def run_pytorch_fid_cli(folders: tuple[Path, Path], weights: Path, work: Path):
         capture_output=True, text=True, timeout=300)
 
 
-def run_stage(script: str, cwd: Path, *args: str, **fid_params) -> subprocess.CompletedProcess:
-    """Run stages/<script> in cwd with a copy of params.yaml on the CPU; fid_params set fid.*."""
-    config = yaml.safe_load((ROOT / "params.yaml").read_text())
-    config["device"] = "cpu"
-    config["fid"].update(fid_params)
-    (cwd / "params.yaml").write_text(yaml.safe_dump(config))
-    return subprocess.run([sys.executable, str(ROOT / "stages" / script), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
-
-
 def run_fid_stages(folders: tuple[Path, Path], weights: Path, work: Path):
     """real_stats.py on the real folder, then fid.py on the fake one, as DVC would run them;
     returns both results and the folder they ran in."""
     real, fake = folders
-    params = {"dims": DIMS, "weights": str(weights)}
+    params = {"device": "cpu", "fid__dims": DIMS, "fid__weights": str(weights)}
     real_stats = run_stage("real_stats.py", work, "--images", str(real), "--out", "stats.npz",
                            **params)
     fid = run_stage("fid.py", work, "--images", str(fake), "--real-stats", "stats.npz",

@@ -98,6 +98,14 @@ def relaunch_under_torchrun(nproc: int) -> int:
     return subprocess.call(cmd)
 
 
+def start_processes(device_name: str, gpus: int) -> tuple[World, torch.device]:
+    """For the train and sample stages: with gpus > 1 and no launcher, rerun this script under
+    torchrun and exit with its code; otherwise join the process group and pick the device."""
+    if gpus > 1 and not launched():
+        raise SystemExit(relaunch_under_torchrun(gpus))
+    return init_world(device_name, gpus)
+
+
 def init_world(device_name: str, gpus: int) -> tuple[World, torch.device]:
     """Join the process group if launched (NCCL on GPUs, gloo on the CPU); pick the device."""
     if not launched() or int(os.environ["WORLD_SIZE"]) == 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -206,7 +207,7 @@ class Trainer:
         self._check_finite(self.progress.loss)
 
     def _check_finite(self, loss: float) -> None:
-        if not torch.isfinite(torch.tensor(loss)):
+        if not math.isfinite(loss):
             raise TrainingError(
                 f"the loss became {loss} at optimizer step {self.progress.step}: training stopped "
                 f"and the last good checkpoint is kept in {self.paths.checkpoints}. Lower "

@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 import shutil
+from pathlib import Path
 
 from dvc_repo import commit, dvc, make_repo
 
