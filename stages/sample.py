@@ -36,7 +36,8 @@ def main() -> None:
         write_json(args.metrics, {
             "num_images": sp.num_images, "seconds": round(seconds, 3),
             "images_per_second": round(sp.num_images / seconds, 3), "sampler": sp.sampler,
-            "steps": sp.steps, "precision": precision, "processes": world.size})
+            "steps": sp.steps, "precision": precision, "compile": sp.compile,
+            "processes": world.size})
         print(f"sample: {sp.num_images} images ({sp.sampler}, {sp.steps} steps) in {seconds:.1f} s "
               f"-> {args.out}")
     world.close()

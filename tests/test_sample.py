@@ -83,3 +83,20 @@ def test_a_missing_or_foreign_ema_file_is_named(setup, tiny):
     wider["model"]["channels"] = [32, 64]
     with pytest.raises(checkpoint.CheckpointError, match="ema.pt: its weights do not fit model"):
         load_ema_model(root / "ema.pt", parse_params(wider), torch.device("cpu"))
+
+
+def test_compiled_sampling_gives_the_eager_images(setup):
+    """sample.compile changes how the forward runs, not what it computes."""
+    params, root = setup
+    sched = Schedule(**dataclasses.asdict(params.diffusion))
+    compiled = dataclasses.replace(params, sample=dataclasses.replace(params.sample, compile=True))
+    outputs = []
+    for name, p in (("eager", params), ("compiled", compiled)):
+        model = load_ema_model(root / "ema.pt", p, torch.device("cpu"))
+        assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule) == (name == "compiled")
+        (root / name).mkdir()
+        generate(model, sched, p, "fp32", range(3), root / name, progress=False)
+        outputs.append(pngs(root / name, 3).astype(int))
+    assert outputs[0].std() > 10
+    assert np.abs(outputs[0] - outputs[1]).max() <= 1
+    assert (outputs[0] == outputs[1]).mean() > 0.99

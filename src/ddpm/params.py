@@ -148,6 +148,7 @@ class SampleParams:
     steps: int       # sampling steps, at most diffusion.timesteps
     eta: float       # ddim noise scale
     variance: str    # ddpm: beta | beta_tilde
+    compile: bool    # torch.compile the UNet, weights frozen into the graph
 
     def __post_init__(self):
         for key in ("num_images", "batch_size", "steps"):
