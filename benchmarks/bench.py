@@ -9,6 +9,7 @@ both sides see the same machine state. Needs requirements-bench.txt for the diff
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -28,6 +29,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests"), str(Path(__file__).paren
 
 import references  # noqa: E402
 from ddpm.diffusion import Schedule, sample  # noqa: E402
+from ddpm.generate import for_sampling  # noqa: E402
 from ddpm.params import parse_params  # noqa: E402
 from ddpm.runtime import World, autocast, resolve_device  # noqa: E402
 from ddpm.train import Trainer, TrainPaths  # noqa: E402
@@ -167,20 +169,38 @@ def bench_seed(table, args, device, precisions, images):
 
 
 def bench_sampling(table, args, device, precision):
+    """The UNet as the sample stage runs it (generate.for_sampling) vs diffusers as its pipeline
+    runs it; then with sample.compile, and against diffusers given channels_last too."""
     cfg = TINY if args.quick else references.DDPM_CIFAR10
     torch.manual_seed(0)
-    ours = UNet(**cfg).to(device).eval()
+    model = UNet(**cfg).to(device)
+    with torch.no_grad():  # no zero-initialised layers, as after training (nothing to fold)
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ours = for_sampling(model, compile=False)
     x = torch.randn(args.sample_batch, 3, 32, 32, device=device)
     t = torch.randint(0, 1000, (args.sample_batch,), device=device)
     fns = {"ours": lambda: ours(x, t)}
     if have_diffusers() and not args.quick:
         ref = references.diffusers_unet().to(device).eval()
+        ref_cl = copy.deepcopy(ref).to(memory_format=torch.channels_last)
         fns["diffusers"] = lambda: ref(x, t).sample
+        fns["diffusers_cl"] = lambda: ref_cl(x, t).sample
+    compiled = for_sampling(copy.deepcopy(model), compile=True)
     with torch.inference_mode(), autocast(precision, device):
+        start = time.perf_counter()
+        compiled(x, t)
+        synchronize(device)
+        compile_seconds = time.perf_counter() - start
+        fns["compiled"] = lambda: compiled(x, t)
         med = interleaved(fns, device, args.rounds, args.steps)
     fps = {k: args.sample_batch / v for k, v in med.items()}
     table.add(f"sampling forwards/s per image, batch {args.sample_batch}", precision, fps["ours"],
               fps.get("diffusers"), "diffusers UNet2DModel", "img/s")
+    table.add(f"  with sample.compile (first call {compile_seconds:.0f} s)", precision,
+              fps["compiled"], fps.get("diffusers"), "diffusers UNet2DModel", "img/s")
+    table.add("  diffusers also in channels_last", precision, fps["ours"],
+              fps.get("diffusers_cl"), "diffusers, channels_last", "img/s")
     # Whole sampler steps (noise per image from its own generator, the update): k steps timed.
     sched, k = Schedule(1000, 1e-4, 0.02, "linear").to(device), 4
     gens = [torch.Generator(device).manual_seed(i) for i in range(args.sample_batch)]
