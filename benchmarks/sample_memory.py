@@ -53,7 +53,6 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(args.one, args.device, args.precision)))
         return
-    sys.path.insert(0, str(ROOT / "src"))
     from ddpm.runtime import resolve_device
     device = resolve_device(args.device).type
     print(f"| sample.batch_size | memory of one step beyond the weights ({device}, {args.precision}) |")

@@ -17,14 +17,7 @@ from ddpm.unet import UNet
 
 
 def load_ema_model(path: str | Path, params: Params, device: torch.device) -> torch.nn.Module:
-    """The UNet of params.model with the EMA weights of models/ema.pt, ready to sample.
-
-    Eval mode, no gradients, channels_last (NHWC) weights: NHWC convolutions are faster for
-    inference on GPUs (tensor cores) and on CPUs alike (oneDNN; 1.2x for the whole forward on
-    an AVX2 CPU, benchmarks/bench.py). With sample.compile, torch.compile'd with the weights
-    frozen into the graph as constants, which lets inductor prepack them and fuse the
-    GroupNorm, SiLU and residual additions around the convolutions.
-    """
+    """The UNet of params.model with the EMA weights of models/ema.pt, ready to sample."""
     state = checkpoint.load(path, "EMA weights file")
     if "ema" not in state:
         raise checkpoint.CheckpointError(f"{path}: no 'ema' weights in it (keys: {sorted(state)})")
@@ -39,9 +32,14 @@ def load_ema_model(path: str | Path, params: Params, device: torch.device) -> to
 
 
 def for_sampling(model: torch.nn.Module, compile: bool) -> torch.nn.Module:
-    """The model as the sample stage runs it (see load_ema_model)."""
+    """The model as the sample stage runs it: eval mode, no gradients, channels_last (NHWC).
+
+    NHWC convolutions are faster for inference on GPUs (tensor cores) and on CPUs alike (oneDNN:
+    1.2x for the whole forward on an AVX2 CPU, benchmarks/bench.py). With compile, inductor
+    gets the weights frozen into the graph as constants (for inference only), so it can prepack
+    them and fuse the GroupNorm, SiLU and additions around the convolutions.
+    """
     model = model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
-    # freezing: parameters become constants of the graph, which is for inference only
     return torch.compile(model, options={"freezing": True}) if compile else model
 
 
