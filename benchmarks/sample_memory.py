@@ -26,7 +26,7 @@ def one(batch: int, device_name: str, precision: str) -> dict:
     from ddpm.unet import UNet
     device = resolve_device(device_name)
     model_params = yaml.safe_load((ROOT / "params.yaml").read_text())["model"]
-    model = for_sampling(UNet(**model_params).to(device), compile=False)  # as the sample stage
+    model = for_sampling(UNet(**model_params).to(device), compile=False)  # the stage's layout, eager
     x = torch.randn(batch, 3, 32, 32, device=device)
     t = torch.full((batch,), 999, device=device)
     if device.type == "cuda":

@@ -11,7 +11,7 @@ from ddpm.files import write_json
 from ddpm.generate import generate_folder, load_ema_model
 from ddpm.images import grid, list_pngs, read_png, save_png
 from ddpm.params import load_params_or_exit
-from ddpm.runtime import resolve_precision, start_processes
+from ddpm.runtime import resolve_compile, resolve_precision, start_processes
 
 
 def main() -> None:
@@ -36,7 +36,8 @@ def main() -> None:
         write_json(args.metrics, {
             "num_images": sp.num_images, "seconds": round(seconds, 3),
             "images_per_second": round(sp.num_images / seconds, 3), "sampler": sp.sampler,
-            "steps": sp.steps, "precision": precision, "compile": sp.compile,
+            "steps": sp.steps, "precision": precision,
+            "compile": resolve_compile(sp.compile, device),
             "processes": world.size})
         print(f"sample: {sp.num_images} images ({sp.sampler}, {sp.steps} steps) in {seconds:.1f} s "
               f"-> {args.out}")

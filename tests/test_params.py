@@ -46,7 +46,8 @@ def raw(base_params):
     ("train", "batch_size", 2.5, "train.batch_size = 2.5: expected an integer"),
     ("train", "precision", "fp8", "train.precision = 'fp8': expected auto | fp32 | fp16 | bf16"),
     ("train", "ema_decay", 1.0, "train.ema_decay = 1.0: expected a number in [0, 1)"),
-    ("train", "compile", "yes", "train.compile = 'yes': expected true or false"),
+    ("train", "compile", "yes", "train.compile = 'yes': expected auto, true or false"),
+    ("sample", "compile", 1, "sample.compile = 1: expected auto, true or false"),
     ("model", "channels", [], "model.channels = []: expected one positive width"),
     ("model", "channels", [64, "x"], "model.channels[1] = 'x': expected an integer"),
     ("model", "heads", 5, "model.heads = 5: must divide the width"),
@@ -108,3 +109,18 @@ def test_file_errors_name_the_file(tmp_path):
 def test_to_dict_round_trips(raw):
     params = parse_params(raw)
     assert parse_params(params.to_dict()) == params
+
+
+@pytest.mark.parametrize("setting", ["auto", True, False])
+def test_compile_settings_resolve_per_device(raw, setting, monkeypatch):
+    """auto compiles on CUDA GPUs with Triton only; true and false are taken as they are."""
+    import torch.utils._triton
+    from ddpm.runtime import resolve_compile
+    raw["train"]["compile"] = raw["sample"]["compile"] = setting
+    params = parse_params(raw)
+    assert params.train.compile == params.sample.compile == setting
+    for triton in (True, False):
+        monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: triton)
+        assert resolve_compile(setting, torch.device("cpu")) is (setting is True)
+        on_gpu = triton if setting == "auto" else setting
+        assert resolve_compile(setting, torch.device("cuda", 0)) is on_gpu

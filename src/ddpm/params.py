@@ -11,7 +11,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, get_type_hints
+from typing import Any, Literal, Sequence, Union, get_type_hints
 
 import yaml
 
@@ -21,6 +21,8 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SAMPLERS = ("ddpm", "ddim")
 VARIANCES = ("beta", "beta_tilde")
 FID_DIMS = (64, 192, 768, 2048)
+# auto (decided per device by ddpm.runtime.resolve_compile), true or false
+AutoBool = Union[bool, Literal["auto"]]
 
 
 class ParamsError(PipelineError, ValueError):
@@ -117,7 +119,7 @@ class TrainParams:
     grad_clip: float       # 0 = off
     precision: str         # auto | fp32 | fp16 | bf16
     gpus: int              # data-parallel processes
-    compile: bool
+    compile: AutoBool      # torch.compile the UNet
     checkpoint_every: int  # epochs
     sample_every: int      # epochs; 0 = no preview grids
     preview_images: int
@@ -148,7 +150,7 @@ class SampleParams:
     steps: int       # sampling steps, at most diffusion.timesteps
     eta: float       # ddim noise scale
     variance: str    # ddpm: beta | beta_tilde
-    compile: bool    # torch.compile the UNet, weights frozen into the graph
+    compile: AutoBool  # torch.compile the UNet, weights frozen into the graph
 
     def __post_init__(self):
         for key in ("num_images", "batch_size", "steps"):
@@ -209,6 +211,9 @@ def plain(value: Any) -> Any:
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     if typ is bool:
         _require(isinstance(value, bool), key, "true or false", value)
+        return value
+    if typ == AutoBool:
+        _require(isinstance(value, bool) or value == "auto", key, "auto, true or false", value)
         return value
     if typ is int:
         _require(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)

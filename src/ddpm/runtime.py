@@ -56,6 +56,20 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
+def resolve_compile(setting: bool | str, device: torch.device) -> bool:
+    """train.compile / sample.compile: auto -> torch.compile on CUDA GPUs that have Triton.
+
+    Measured on an H100 (benchmarks/bench.py, README): a bf16 training step 1.39x faster after
+    67 s of compiling, the sampling forward 2.1x after 28 s. On CPUs it gave no reliable gain.
+    """
+    if setting != "auto":
+        return bool(setting)
+    if device.type != "cuda":
+        return False
+    from torch.utils._triton import has_triton
+    return has_triton()
+
+
 def derive_seed(*parts: object) -> int:
     """A 63-bit seed from any parts (seed, epoch, rank, purpose): independent streams, no state."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()

@@ -27,7 +27,8 @@ from ddpm.errors import PipelineError
 from ddpm.files import write_json, write_tsv
 from ddpm.images import save_png, to_float
 from ddpm.params import Params, plain
-from ddpm.runtime import MemoryMonitor, World, autocast, derive_seed, resolve_precision
+from ddpm.runtime import (MemoryMonitor, World, autocast, derive_seed, resolve_compile,
+                           resolve_precision)
 from ddpm.unet import UNet
 
 CHECKPOINT = "last.pt"
@@ -99,7 +100,8 @@ class Trainer:
         if world.size > 1:
             ids = [device] if device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
-        if self.tp.compile:
+        self.compiled = resolve_compile(self.tp.compile, device)
+        if self.compiled:
             self.net = torch.compile(self.net)
         self.memory = MemoryMonitor(device)
         self.config = self._resume_config()
@@ -260,7 +262,7 @@ class Trainer:
             "peak_memory_mb": round(self.memory.peak_mb, 1),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "effective_batch": self.global_batch, "processes": self.world.size,
-            "precision": self.precision, "device": str(self.device.type),
+            "precision": self.precision, "device": str(self.device.type), "compile": self.compiled,
         })
         previews.publish(self.paths.checkpoints / PREVIEWS, self.paths.samples, pr.epoch)
         if final:
