@@ -1,0 +1,222 @@
+"""The GPU paths: bf16 and fp16 autocast, the fp16 gradient scaler, channels_last, pynvml,
+torch.compile, resuming, and every stage of the pipeline on a CUDA device.
+
+Skipped where PyTorch sees no CUDA GPU (CI has none); they ran on a lent H100 (README). With
+DDPM_TEST_DEVICE=cpu they run on the CPU instead, a dry run of the tests themselves: the checks
+that only mean something on a GPU (pynvml, bf16 by default) still skip there.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils._triton import has_triton
+
+from ddpm import checkpoint, diffusion
+from ddpm.fid import folder_statistics
+from ddpm.generate import for_sampling, generate
+from ddpm.images import write_pngs
+from ddpm.params import parse_params
+from ddpm.runtime import MemoryMonitor, World, autocast
+from ddpm.train import Trainer, TrainPaths
+from ddpm.unet import UNet
+from fakes import cifar_images, run_stage
+
+DEVICE = torch.device(os.environ.get("DDPM_TEST_DEVICE", "cuda"))
+ON_GPU = DEVICE.type == "cuda"
+pytestmark = pytest.mark.skipif(ON_GPU and not torch.cuda.is_available(),
+                                reason="no CUDA GPU here (DDPM_TEST_DEVICE=cpu for a dry run)")
+
+
+def gpu_params(tiny: dict, **train) -> dict:
+    """tiny params on DEVICE, eager unless a test asks for train.compile."""
+    raw = copy.deepcopy(tiny)
+    raw["device"] = DEVICE.type
+    raw["train"].update({"compile": False, **train})
+    return raw
+
+
+def paths(root) -> TrainPaths:
+    return TrainPaths(cifar=root / "cifar", checkpoints=root / "checkpoints", ema=root / "ema.pt",
+                      metrics=root / "train.json", loss=root / "loss.tsv", samples=root / "samples")
+
+
+def trainer(tiny: dict, root, cifar_dir, **train) -> Trainer:
+    p = paths(root)
+    return Trainer(parse_params(gpu_params(tiny, **train)), dataclasses.replace(p, cifar=cifar_dir),
+                   World(), DEVICE)
+
+
+def perturbed_unet(model_params: dict) -> UNet:
+    """A UNet with its zero-initialised layers perturbed, as after some training."""
+    torch.manual_seed(0)
+    model = UNet(**model_params)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.to(DEVICE)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_loss_and_gradients_follow_fp32(tiny, precision):
+    """The same batch, noise and timesteps under autocast: the loss within 1% of fp32's and the
+    gradient pointing the same way (cosine > 0.99); in-place or dtype slips break either."""
+    model = perturbed_unet(dict(tiny["model"], dropout=0.0)).to(memory_format=torch.channels_last)
+    sched = diffusion.Schedule(**tiny["diffusion"]).to(DEVICE)
+    x0 = torch.rand(8, 3, 32, 32, device=DEVICE) * 2 - 1
+    results = {}
+    for prec in ("fp32", precision):
+        model.zero_grad(set_to_none=True)
+        gen = torch.Generator(DEVICE).manual_seed(0)
+        with autocast(prec, DEVICE):
+            loss = diffusion.loss(model, sched, x0, gen)
+        loss.backward()
+        assert loss.dtype == torch.float32
+        results[prec] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+    (loss32, grad32), (loss16, grad16) = results["fp32"], results[precision]
+    assert loss16 == pytest.approx(loss32, rel=1e-2)
+    assert torch.nn.functional.cosine_similarity(grad32, grad16, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_training_runs_at_each_precision(tiny, cifar_dir, tmp_path, precision):
+    if precision == "bf16" and ON_GPU and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    t = trainer(tiny, tmp_path, cifar_dir, precision=precision, sample_every=1)
+    progress = t.run()
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    assert metrics["precision"] == precision and metrics["device"] == DEVICE.type
+    assert np.isfinite(metrics["loss"]) and progress.step == 2 * t.steps_per_epoch
+    assert metrics["peak_memory_mb"] > 0
+    assert (tmp_path / "samples" / "epoch_0002.png").exists()
+    if ON_GPU:  # NHWC weights for the tensor cores, kept through the optimizer and EMA
+        for module in (t.model, t.ema.model):
+            assert module.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    scaler = checkpoint.load(tmp_path / "checkpoints" / "last.pt")["scaler"]
+    if precision == "fp16":  # the dynamic loss scale is live and saved for resuming
+        assert scaler["scale"] > 1 and "_growth_tracker" in scaler
+    else:
+        assert scaler == {}
+
+
+def test_resume_on_the_device_replays_the_uninterrupted_run(tiny, cifar_dir, tmp_path):
+    """Stop after epoch 1, resume to 3: the same losses and weights as a run without a stop. Not
+    bitwise on a GPU (cuDNN may pick reduction orders per call), but far closer than a replay
+    with any other noise, data order or optimizer state would be."""
+    straight = trainer(tiny, tmp_path / "a", cifar_dir, epochs=3, sample_every=0)
+    straight.run()
+    trainer(tiny, tmp_path / "b", cifar_dir, epochs=1, sample_every=0).run()
+    resumed = trainer(tiny, tmp_path / "b", cifar_dir, epochs=3, sample_every=0)
+    assert resumed.resume().startswith("resuming")
+    resumed.run()
+
+    def rows(folder):
+        return np.array([[float(v) for v in row.split("\t")[:2]]
+                         for row in (folder / "loss.tsv").read_text().splitlines()[1:]])
+    np.testing.assert_allclose(rows(tmp_path / "b"), rows(tmp_path / "a"), rtol=1e-4)
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_training_follows_eager(tiny, cifar_dir, tmp_path):
+    """train.compile: the compiled UNet's gradients are eager's, and three optimizer steps give
+    eager's losses. Without dropout: compiled code draws its masks from inductor's own generator.
+    (Weights after Adam are no test: its first steps move every weight by about lr whatever the
+    gradient's size, so a gradient near 0 flips sign on rounding alone; seen on an H100.)"""
+    results = []
+    no_dropout = dict(tiny, model=dict(tiny["model"], dropout=0.0))
+    for compile in (False, True):
+        t = trainer(no_dropout, tmp_path / str(compile), cifar_dir, compile=compile)
+        assert t.compiled == compile
+        gen = torch.Generator(DEVICE).manual_seed(1)
+        x0 = torch.rand(16, 3, 32, 32, device=DEVICE) * 2 - 1
+        diffusion.loss(t.net, t.sched, x0, torch.Generator(DEVICE).manual_seed(0)).backward()
+        grad = torch.cat([p.grad.flatten() for p in t.model.parameters()])
+        t.optimizer.zero_grad(set_to_none=True)
+        idx = torch.arange(32, device=DEVICE).view(2, 16)
+        results.append(([t.optimizer_step(idx, gen).item() for _ in range(3)], grad))
+    (eager_losses, eager_grad), (compiled_losses, compiled_grad) = results
+    assert (compiled_grad - eager_grad).norm() <= 1e-3 * eager_grad.norm()
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-3)
+
+
+def test_sampling_is_batch_independent_and_compiles_to_the_same_images(tiny, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 means fp32 here
+    params = parse_params(gpu_params(tiny))
+    model = perturbed_unet(tiny["model"])
+    sched = diffusion.Schedule(**tiny["diffusion"]).to(DEVICE)
+    outputs = {}
+    for name, batch, compile in [("a", 6, False), ("b", 4, False), ("c", 6, True)]:
+        p = dataclasses.replace(params, sample=dataclasses.replace(params.sample, batch_size=batch))
+        net = for_sampling(copy.deepcopy(model), compile)
+        (tmp_path / name).mkdir()
+        generate(net, sched, p, "fp32", range(6), tmp_path / name, progress=False)
+        outputs[name] = np.stack([np.asarray(Image.open(tmp_path / name / f"{i}.png"))
+                                  for i in range(6)]).astype(int)
+    assert outputs["a"].std() > 10
+    for other in ("b", "c"):  # one quantisation level: other kernels may round differently
+        assert np.abs(outputs["a"] - outputs[other]).max() <= 1
+        assert (outputs["a"] == outputs[other]).mean() > 0.98
+
+
+def test_inception_statistics_on_the_device_match_the_cpu(tmp_path, inception_weights,
+                                                          monkeypatch):
+    """real_stats on the GPU computes the CPU's mean and covariance. With TF32 off: by default
+    cuDNN runs fp32 convolutions in TF32 on Ampere and newer, for pytorch-fid's CLI as for us."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    write_pngs(cifar_images("train", 8)[:40].transpose(0, 2, 3, 1), tmp_path)
+    stats = {d: folder_statistics(tmp_path, 64, 8, str(inception_weights), torch.device(d))
+             for d in ("cpu", DEVICE.type)}
+    (mu_c, sigma_c, n_c), (mu_d, sigma_d, n_d) = stats["cpu"], stats[DEVICE.type]
+    assert n_c == n_d == 40
+    assert np.linalg.norm(mu_d - mu_c) <= 1e-4 * np.linalg.norm(mu_c)
+    assert np.linalg.norm(sigma_d - sigma_c) <= 1e-4 * np.linalg.norm(sigma_c)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="pynvml reads GPUs only")
+def test_pynvml_reads_this_gpus_memory():
+    """The monitor finds this GPU through NVML (by UUID) and sees at least what PyTorch holds."""
+    monitor = MemoryMonitor(DEVICE)
+    assert monitor._handle is not None, "pynvml did not find the GPU"
+    block = torch.empty(2**30, dtype=torch.uint8, device=DEVICE)
+    assert monitor.sample() >= torch.cuda.memory_reserved(DEVICE) / 2**20 >= 1024
+    del block
+
+
+def test_the_stages_run_on_the_device(tiny, tmp_path):
+    """download -> export_real -> real_stats -> train -> sample -> fid with device set, precision
+    and compile auto: bf16 and torch.compile where the GPU has them, memory from pynvml."""
+    over = {"device": DEVICE.type, "train__precision": "auto", "train__compile": "auto",
+            "sample__compile": "auto"}
+    for section in ("data", "model", "diffusion", "train", "sample", "fid"):
+        for key, value in tiny[section].items():
+            over.setdefault(f"{section}__{key}", value)
+    steps = [("download.py", "--out", "cifar"),
+             ("export_real.py", "--cifar", "cifar", "--out", "real"),
+             ("real_stats.py", "--images", "real", "--out", "real.npz"),
+             ("train.py", "--cifar", "cifar", "--checkpoints", "ckpt", "--ema", "ema.pt",
+              "--metrics", "train.json", "--loss", "loss.tsv", "--samples", "previews"),
+             ("sample.py", "--ema", "ema.pt", "--out", "samples", "--metrics", "sample.json",
+              "--grid", "grid.png"),
+             ("fid.py", "--images", "samples", "--real-stats", "real.npz", "--metrics", "fid.json")]
+    for script, *args in steps:
+        result = run_stage(script, tmp_path, *args, **over)
+        assert result.returncode == 0, f"{script}:\n{result.stderr[-3000:]}"
+        assert "pynvml unavailable" not in result.stderr
+    expected, compiled = "fp32", False
+    if ON_GPU:
+        expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        compiled = has_triton()  # train.compile and sample.compile: auto
+    train = json.loads((tmp_path / "train.json").read_text())
+    assert train["device"] == DEVICE.type and train["precision"] == expected
+    assert train["peak_memory_mb"] > 0 and train["compile"] == compiled
+    sample = json.loads((tmp_path / "sample.json").read_text())
+    assert sample["precision"] == expected and sample["compile"] == compiled
+    assert np.isfinite(json.loads((tmp_path / "fid.json").read_text())["fid"])
