@@ -16,6 +16,7 @@ import torch
 from pytorch_fid.fid_score import calculate_frechet_distance, compute_statistics_of_path
 
 import fakes
+import pytorch_fid_compat  # pytorch-fid on SciPy releases without sqrtm(disp=)
 from fakes import run_stage
 from ddpm.fid import (WEIGHTS_FILE, FidError, folder_statistics, frechet_distance,
                       load_statistics, save_statistics)
@@ -25,7 +26,7 @@ DIMS = 64        # only Inception's first block runs: cheap on a CPU
 NUM_IMAGES = 40  # per folder
 CPU = torch.device("cpu")
 
-# pytorch-fid 0.3 passes scipy's deprecated sqrtm(disp=...): not ours to fix
+# pytorch-fid 0.3 passes sqrtm(disp=...), deprecated by SciPy 1.16 and 1.17 (later: compat shim)
 pytestmark = pytest.mark.filterwarnings("ignore:The `disp` argument:DeprecationWarning")
 
 
@@ -45,6 +46,22 @@ def test_frechet_distance_equals_pytorch_fid(dims):
     s1, s2 = random_covariance(rng, dims), random_covariance(rng, dims)
     expected = calculate_frechet_distance(mu1, s1, mu2, s2)
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_reference_runs_on_a_scipy_without_sqrtm_disp(monkeypatch):
+    """pytorch_fid_compat: on a SciPy whose sqrtm takes no disp (a GPU machine's did), pytorch-fid
+    fails as it did there, then, patched, gives the value it gives on SciPy 1.17."""
+    from scipy import linalg
+    rng = np.random.default_rng(3)
+    mu1, mu2 = rng.normal(size=32), rng.normal(size=32)
+    s1, s2 = random_covariance(rng, 32), random_covariance(rng, 32)
+    expected = calculate_frechet_distance(mu1, s1, mu2, s2)
+    sqrtm = linalg.sqrtm
+    monkeypatch.setattr(linalg, "sqrtm", lambda A: sqrtm(A))  # the signature without disp
+    with pytest.raises(TypeError):
+        calculate_frechet_distance(mu1, s1, mu2, s2)
+    pytorch_fid_compat.patch_sqrtm()
+    assert calculate_frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-12)
 
 
 def test_frechet_distance_rank_deficient_equals_pytorch_fid():
@@ -88,12 +105,14 @@ def folders(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def run_pytorch_fid_cli(folders: tuple[Path, Path], weights: Path, work: Path):
-    """`python -m pytorch_fid real fake --dims 64` with the fixture weights in its hub cache."""
+    """`python -m pytorch_fid real fake --dims 64` with the fixture weights in its hub cache
+    (through pytorch_fid_compat, which is that command on any SciPy)."""
     checkpoints = work / "torch_home" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     shutil.copy(weights, checkpoints / WEIGHTS_FILE)  # pytorch-fid has no weights option
     return subprocess.run(
-        [sys.executable, "-m", "pytorch_fid", *map(str, folders), "--dims", str(DIMS),
+        [sys.executable, str(fakes.ROOT / "tests" / "pytorch_fid_compat.py"), *map(str, folders),
+         "--dims", str(DIMS),
          "--device", "cpu"],
         env={**os.environ, "TORCH_HOME": str(work / "torch_home")},
         capture_output=True, text=True, timeout=300)
