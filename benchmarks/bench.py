@@ -2,6 +2,8 @@
 
     python benchmarks/bench.py                 # the full table (CPU: ~30 min; GPU: minutes)
     python benchmarks/bench.py --quick         # a smoke run of every section (CI)
+    python benchmarks/bench.py --precisions bf16,fp32 --steps 10 --sample-batch 250 \
+        --sampler-steps 20 --compile sampling,train   # what the README's GPU table ran
 
 Every figure is the median of per-step times over interleaved A/B rounds after warm-up, so
 both sides see the same machine state. Needs requirements-bench.txt for the diffusers column.
@@ -75,24 +77,65 @@ def interleaved(fns: dict, device, rounds: int, steps: int, warmup: int = 1) -> 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def base_params(model: dict, precision: str, device: torch.device, batch: int):
+def base_params(model: dict, precision: str, device: torch.device, batch: int, accum: int = 1,
+                compile: bool = False):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["device"] = device.type
     raw["model"].update(model)
-    raw["train"].update(precision=precision, batch_size=batch, grad_accum=1)
+    raw["train"].update(precision=precision, batch_size=batch, grad_accum=accum, compile=compile)
     return parse_params(raw)
 
 
-def ours_step(model: dict, images, batch: int, precision: str, device: torch.device):
-    """The pipeline's own optimizer step (Trainer.optimizer_step), on in-memory images."""
+def ours_step(model: dict, images, batch: int, precision: str, device: torch.device,
+              accum: int = 1, compile_mode: str | None = None):
+    """The pipeline's own optimizer step (Trainer.optimizer_step), on in-memory images: eager,
+    or with compile_mode "default" as train.compile runs it, or compiled in another mode."""
     tmp = Path(tempfile.mkdtemp())
     paths = TrainPaths(tmp, tmp, tmp / "ema.pt", tmp / "m.json", tmp / "l.tsv", tmp)
-    trainer = Trainer(base_params(model, precision, device, batch), paths, World(), device, images)
+    params = base_params(model, precision, device, batch, accum, compile=compile_mode == "default")
+    trainer = Trainer(params, paths, World(), device, images)
+    if compile_mode not in (None, "default"):
+        trainer.net = torch.compile(trainer.net, mode=compile_mode)
     gen = torch.Generator(device).manual_seed(0)
 
     def step():
-        trainer.optimizer_step(torch.randint(0, len(images), (1, batch), device=device), gen)
+        trainer.optimizer_step(torch.randint(0, len(images), (accum, batch), device=device), gen)
     return trainer.model, step
+
+
+def first_call_seconds(fn, device) -> float:
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def gpu_busy(fn, device: torch.device, calls: int) -> float:
+    """Fraction of the time from the first kernel of `calls` calls to the end of the last one
+    that the GPU was running something (the union of its kernel and copy intervals, from the
+    profiler's CUDA activity alone, so the CPU side is not slowed by tracing)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    synchronize(device)
+    for activities in ([ProfilerActivity.CUDA], [ProfilerActivity.CPU, ProfilerActivity.CUDA]):
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                fn()
+            synchronize(device)
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == DeviceType.CUDA)
+        if spans:  # some PyTorch versions list GPU activity only beside the CPU's
+            break
+    else:
+        raise RuntimeError("the profiler recorded no GPU activity")
+    busy, (cur_start, cur_end) = 0.0, spans[0]
+    for start, end in spans[1:]:
+        if start > cur_end:
+            busy, cur_start = busy + cur_end - cur_start, start
+        cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    return busy / (cur_end - spans[0][0])
 
 
 def flops_per_image(model: torch.nn.Module, device: torch.device, train: bool) -> float:
@@ -107,15 +150,15 @@ def flops_per_image(model: torch.nn.Module, device: torch.device, train: bool) -
     return counter.get_total_flops() / 2
 
 
-def peak_flops(device, precision: str, rounds: int) -> tuple[float, float]:
-    """Measured matmul and 3x3-convolution FLOP/s of this device at this precision."""
+def peak_flops(device, precision: str, rounds: int) -> tuple[float, float, int]:
+    """Measured matmul (n x n) and 3x3-convolution FLOP/s of this device at this precision; n."""
     n = 2048 if device.type == "cpu" else 8192
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(device)
     x = torch.randn(32, 256, 16, 16, device=device)
     with torch.inference_mode(), autocast(precision, device):
         med = interleaved({"mm": lambda: a @ b, "conv": lambda: conv(x)}, device, rounds, 3)
-    return 2 * n**3 / med["mm"], 2 * 32 * 256 * 256 * 9 * 16 * 16 / med["conv"]
+    return 2 * n**3 / med["mm"], 2 * 32 * 256 * 256 * 9 * 16 * 16 / med["conv"], n
 
 
 class Table:
@@ -138,19 +181,33 @@ class Table:
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in self.rows])
 
 
-def bench_train(table, args, device, precision, images):
+def bench_train(table, args, device, precision, images, compile_modes):
     ddpm = TINY if args.quick else references.DDPM_CIFAR10
     ours_model, ours = ours_step(ddpm, images, args.batch, precision, device)
     fns = {"ours": ours}
     if have_diffusers() and not args.quick:
         ref_model, fns["diffusers"] = references.diffusers_step(images, args.batch, precision, device)
+    first = {}
+    for mode in compile_modes:
+        _, fns[mode] = ours_step(ddpm, images, args.batch, precision, device, compile_mode=mode)
+        first[mode] = first_call_seconds(fns[mode], device)
     med = interleaved(fns, device, args.rounds, args.steps)
     ips = {k: args.batch / v for k, v in med.items()}
     table.add(f"train step, DDPM config, batch {args.batch}", precision, ips["ours"],
               ips.get("diffusers"), "diffusers UNet2DModel", "img/s")
+    for mode in compile_modes:
+        what = "train.compile" if mode == "default" else f"torch.compile mode={mode}"
+        table.add(f"  with {what} (first call {first[mode]:.0f} s)", precision, ips[mode],
+                  ips.get("diffusers"), "diffusers UNet2DModel", "img/s")
     gflop = flops_per_image(ours_model, device, train=True) / 1e9
     table.add(f"  achieved FLOP/s ({gflop:.1f} GFLOP/img fwd+bwd)", precision,
               gflop * ips["ours"], gflop * ips.get("diffusers", 0), "diffusers", "GFLOP/s")
+    if device.type == "cuda":
+        busy = {name: 100 * gpu_busy(fn, device, args.steps) for name, fn in fns.items()}
+        for name in ["ours", *compile_modes]:
+            label = "eager" if name == "ours" else name
+            table.add(f"  GPU busy during the step ({label})", precision, busy[name],
+                      busy.get("diffusers"), "diffusers", "%")
     del fns, ours
 
 
@@ -163,12 +220,17 @@ def bench_seed(table, args, device, precisions, images):
     seed_style = references.seed_style_step(UNet(**seed_cfg), images, args.batch, device,
                                              workers=0 if args.quick else 2)
     med = interleaved({"ours": ours, "seed": seed_style}, device, args.rounds, args.steps)
+    seed_name = "seed-style loop, " + ("fp16" if device.type == "cuda" else "fp32")
     table.add(f"train step, seed config, batch {args.batch}", best, args.batch / med["ours"],
-              args.batch / med["seed"], "seed-style loop, " + ("fp16" if device.type == "cuda"
-                                                               else "fp32"), "img/s")
+              args.batch / med["seed"], seed_name, "img/s")
+    if device.type == "cuda":  # the seed's own step: batch 32 x 4 micro-batches per Adam step
+        _, ours_accum = ours_step(seed_cfg, images, args.batch, best, device, accum=4)
+        table.add(f"  GPU busy, ours batch {args.batch} x 4 accumulation", best,
+                  100 * gpu_busy(ours_accum, device, args.steps),
+                  100 * gpu_busy(seed_style, device, 4 * args.steps), seed_name, "%")
 
 
-def bench_sampling(table, args, device, precision):
+def bench_sampling(table, args, device, precision, compile_sampling: bool):
     """The UNet as the sample stage runs it (generate.for_sampling) vs diffusers as its pipeline
     runs it; then with sample.compile, and against diffusers given channels_last too."""
     cfg = TINY if args.quick else references.DDPM_CIFAR10
@@ -186,34 +248,33 @@ def bench_sampling(table, args, device, precision):
         ref_cl = copy.deepcopy(ref).to(memory_format=torch.channels_last)
         fns["diffusers"] = lambda: ref(x, t).sample
         fns["diffusers_cl"] = lambda: ref_cl(x, t).sample
-    compiled = for_sampling(copy.deepcopy(model), compile=True)
     with torch.inference_mode(), autocast(precision, device):
-        start = time.perf_counter()
-        compiled(x, t)
-        synchronize(device)
-        compile_seconds = time.perf_counter() - start
-        fns["compiled"] = lambda: compiled(x, t)
+        if compile_sampling:
+            compiled = for_sampling(copy.deepcopy(model), compile=True)
+            compile_seconds = first_call_seconds(lambda: compiled(x, t), device)
+            fns["compiled"] = lambda: compiled(x, t)
         med = interleaved(fns, device, args.rounds, args.steps)
     fps = {k: args.sample_batch / v for k, v in med.items()}
     table.add(f"sampling forwards/s per image, batch {args.sample_batch}", precision, fps["ours"],
               fps.get("diffusers"), "diffusers UNet2DModel", "img/s")
-    table.add(f"  with sample.compile (first call {compile_seconds:.0f} s)", precision,
-              fps["compiled"], fps.get("diffusers"), "diffusers UNet2DModel", "img/s")
+    if compile_sampling:
+        table.add(f"  with sample.compile (first call {compile_seconds:.0f} s)", precision,
+                  fps["compiled"], fps.get("diffusers"), "diffusers UNet2DModel", "img/s")
     table.add("  diffusers also in channels_last", precision, fps["ours"],
               fps.get("diffusers_cl"), "diffusers, channels_last", "img/s")
     # Whole sampler steps (noise per image from its own generator, the update): k steps timed.
-    sched, k = Schedule(1000, 1e-4, 0.02, "linear").to(device), 4
+    sched, k = Schedule(1000, 1e-4, 0.02, "linear").to(device), args.sampler_steps
     gens = [torch.Generator(device).manual_seed(i) for i in range(args.sample_batch)]
     per_step = {}
     for sampler in ("ddpm", "ddim"):  # a k-step chain costs k of the full chain's steps
-        start = time.perf_counter()
         with autocast(precision, device):
-            sample(ours, sched, x.shape, sampler, k, gens)
-        synchronize(device)
-        per_step[sampler] = (time.perf_counter() - start) / k
+            per_step[sampler] = first_call_seconds(
+                lambda: sample(ours, sched, x.shape, sampler, k, gens), device) / k
     table.add("sampling images/s, DDIM-100 vs DDPM-1000 (k-step timing)", precision,
               args.sample_batch / (100 * per_step["ddim"]),
               args.sample_batch / (1000 * per_step["ddpm"]), "DDPM-1000", "img/s")
+    table.add("  one DDPM step (forward, per-image noise, update) vs the forward alone",
+              precision, args.sample_batch / per_step["ddpm"], fps["ours"], "forward alone", "img/s")
 
 
 def bench_fid(table, args, device):
@@ -221,6 +282,7 @@ def bench_fid(table, args, device):
     from fakes import cifar_images, make_inception_weights
     from ddpm.fid import frechet_distance
     from ddpm.images import write_pngs
+    import pytorch_fid_compat  # noqa: F401  (pytorch-fid on SciPy releases without sqrtm(disp=))
     from pytorch_fid.fid_score import calculate_frechet_distance
 
     n, dims = (12, 64) if args.quick else (args.fid_images, 2048)
@@ -236,14 +298,17 @@ def bench_fid(table, args, device):
     env = dict(os.environ, TORCH_HOME=str(tmp))  # pytorch-fid's CLI finds the weights there
 
     def run(*cmd):
-        subprocess.run(cmd, cwd=tmp, check=True, capture_output=True, env=env)
+        done = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, env=env)
+        if done.returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     py = sys.executable
     run(py, str(ROOT / "stages/real_stats.py"), "--images", "real", "--out", "real.npz")
     start = time.perf_counter()
     run(py, str(ROOT / "stages/fid.py"), "--images", "gen", "--real-stats", "real.npz", "--metrics", "fid.json")
     ours = time.perf_counter() - start
     start = time.perf_counter()
-    run(py, "-m", "pytorch_fid", "real", "gen", "--dims", str(dims), "--device", device.type)
+    run(py, str(ROOT / "tests" / "pytorch_fid_compat.py"), "real", "gen", "--dims", str(dims),
+        "--device", device.type)  # = python -m pytorch_fid, on any SciPy
     theirs = time.perf_counter() - start
     table.add(f"fid stage, {n} generated images, {dims} dims", "fp32", ours, theirs,
               "pytorch-fid CLI, both folders", "s", lower_is_better=True)
@@ -270,7 +335,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
     parser.add_argument("--fid-images", type=int, default=500)
+    parser.add_argument("--sampler-steps", type=int, default=4, help="steps per k-step timing")
     parser.add_argument("--sections", default="train,seed,sampling,fid,peak")
+    parser.add_argument("--compile", default="sampling",
+                        help="comma list of sampling, train: compiled rows, for the first "
+                             "precision only (each costs a compilation)")
+    parser.add_argument("--compile-modes", default="default",
+                        help="torch.compile modes for the compiled train rows (default is what "
+                             "train.compile does; reduce-overhead adds CUDA graphs)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run of every section")
     args = parser.parse_args()
     if args.quick:
@@ -288,14 +360,17 @@ def main() -> None:
           f"{'' if native_bf16(device) else ' (bf16 not native here: skipped)'}", flush=True)
     images = torch.randint(0, 256, (1024, 3, 32, 32), dtype=torch.uint8, device=device)
     table = Table()
+    compiles = args.compile.split(",") if args.compile else []
     for precision in precisions:
+        first = precision == precisions[0]
         if "train" in sections:
-            bench_train(table, args, device, precision, images)
+            modes = args.compile_modes.split(",") if first and "train" in compiles else []
+            bench_train(table, args, device, precision, images, modes)
         if "sampling" in sections:
-            bench_sampling(table, args, device, precision)
+            bench_sampling(table, args, device, precision, first and "sampling" in compiles)
         if "peak" in sections:
-            mm, conv = peak_flops(device, precision, args.rounds)
-            table.add("peak measured: matmul 2048^2 (ours col.) / 3x3 conv 256 ch 16x16 (ref. col.)",
+            mm, conv, n = peak_flops(device, precision, args.rounds)
+            table.add(f"peak measured: matmul {n}^2 (ours col.) / 3x3 conv 256 ch 16x16 (ref. col.)",
                       precision, mm / 1e9, conv / 1e9, "conv", "GFLOP/s")
     if "seed" in sections:
         bench_seed(table, args, device, precisions, images)
