@@ -103,7 +103,8 @@ def ours_step(model: dict, images, batch: int, precision: str, device: torch.dev
     return trainer.model, step
 
 
-def first_call_seconds(fn, device) -> float:
+def seconds_of(fn, device) -> float:
+    """Wall time of one call, device work included."""
     start = time.perf_counter()
     fn()
     synchronize(device)
@@ -190,7 +191,7 @@ def bench_train(table, args, device, precision, images, compile_modes):
     first = {}
     for mode in compile_modes:
         _, fns[mode] = ours_step(ddpm, images, args.batch, precision, device, compile_mode=mode)
-        first[mode] = first_call_seconds(fns[mode], device)
+        first[mode] = seconds_of(fns[mode], device)
     med = interleaved(fns, device, args.rounds, args.steps)
     ips = {k: args.batch / v for k, v in med.items()}
     table.add(f"train step, DDPM config, batch {args.batch}", precision, ips["ours"],
@@ -251,7 +252,7 @@ def bench_sampling(table, args, device, precision, compile_sampling: bool):
     with torch.inference_mode(), autocast(precision, device):
         if compile_sampling:
             compiled = for_sampling(copy.deepcopy(model), compile=True)
-            compile_seconds = first_call_seconds(lambda: compiled(x, t), device)
+            compile_seconds = seconds_of(lambda: compiled(x, t), device)
             fns["compiled"] = lambda: compiled(x, t)
         med = interleaved(fns, device, args.rounds, args.steps)
     fps = {k: args.sample_batch / v for k, v in med.items()}
@@ -268,7 +269,7 @@ def bench_sampling(table, args, device, precision, compile_sampling: bool):
     per_step = {}
     for sampler in ("ddpm", "ddim"):  # a k-step chain costs k of the full chain's steps
         with autocast(precision, device):
-            per_step[sampler] = first_call_seconds(
+            per_step[sampler] = seconds_of(
                 lambda: sample(ours, sched, x.shape, sampler, k, gens), device) / k
     table.add("sampling images/s, DDIM-100 vs DDPM-1000 (k-step timing)", precision,
               args.sample_batch / (100 * per_step["ddim"]),

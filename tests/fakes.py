@@ -103,6 +103,13 @@ def tiny_params(base: dict, archive: Path, md5: str, weights: Path) -> dict:
     return p
 
 
+def train_paths(root: Path, cifar: Path):
+    """The train stage's outputs under root, reading the extracted batches in cifar."""
+    from ddpm.train import TrainPaths
+    return TrainPaths(cifar=cifar, checkpoints=root / "checkpoints", ema=root / "ema.pt",
+                      metrics=root / "train.json", loss=root / "loss.tsv", samples=root / "samples")
+
+
 def run_stage(script: str, cwd: Path, *args: str, **overrides) -> subprocess.CompletedProcess:
     """Run stages/<script> in cwd with a copy of params.yaml; `data__url=...` sets data.url,
     `device=...` a top-level key."""

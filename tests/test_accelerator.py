@@ -24,9 +24,9 @@ from ddpm.generate import for_sampling, generate
 from ddpm.images import write_pngs
 from ddpm.params import parse_params
 from ddpm.runtime import MemoryMonitor, World, autocast
-from ddpm.train import Trainer, TrainPaths
+from ddpm.train import Trainer
 from ddpm.unet import UNet
-from fakes import cifar_images, run_stage
+from fakes import cifar_images, run_stage, train_paths
 
 DEVICE = torch.device(os.environ.get("DDPM_TEST_DEVICE", "cuda"))
 ON_GPU = DEVICE.type == "cuda"
@@ -42,15 +42,9 @@ def gpu_params(tiny: dict, **train) -> dict:
     return raw
 
 
-def paths(root) -> TrainPaths:
-    return TrainPaths(cifar=root / "cifar", checkpoints=root / "checkpoints", ema=root / "ema.pt",
-                      metrics=root / "train.json", loss=root / "loss.tsv", samples=root / "samples")
-
-
 def trainer(tiny: dict, root, cifar_dir, **train) -> Trainer:
-    p = paths(root)
-    return Trainer(parse_params(gpu_params(tiny, **train)), dataclasses.replace(p, cifar=cifar_dir),
-                   World(), DEVICE)
+    return Trainer(parse_params(gpu_params(tiny, **train)), train_paths(root, cifar_dir), World(),
+                   DEVICE)
 
 
 def perturbed_unet(model_params: dict) -> UNet:

@@ -14,20 +14,16 @@ from ddpm import checkpoint, train
 from ddpm.ema import EMA
 from ddpm.params import parse_params
 from ddpm.runtime import World
-from ddpm.train import Trainer, TrainingError, TrainPaths
+from ddpm.train import Trainer, TrainingError
+from fakes import train_paths
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def paths(root: Path, cifar: Path) -> TrainPaths:
-    return TrainPaths(cifar=cifar, checkpoints=root / "checkpoints", ema=root / "ema.pt",
-                      metrics=root / "train.json", loss=root / "loss.tsv", samples=root / "samples")
 
 
 def run(tiny: dict, root: Path, cifar: Path, **train_overrides) -> Trainer:
     raw = copy.deepcopy(tiny)
     raw["train"].update(train_overrides)
-    trainer = Trainer(parse_params(raw), paths(root, cifar), World(), torch.device("cpu"))
+    trainer = Trainer(parse_params(raw), train_paths(root, cifar), World(), torch.device("cpu"))
     trainer.run()
     return trainer
 
@@ -132,7 +128,7 @@ def test_too_few_images_for_one_step_is_a_clear_error(tiny, cifar_dir, tmp_path)
     raw = copy.deepcopy(tiny)
     raw["data"]["limit"] = 10
     with pytest.raises(TrainingError, match="data.limit"):
-        Trainer(parse_params(raw), paths(tmp_path, cifar_dir), World(), torch.device("cpu"))
+        Trainer(parse_params(raw), train_paths(tmp_path, cifar_dir), World(), torch.device("cpu"))
 
 
 def test_two_processes_end_with_identical_weights(tiny, cifar_dir, tmp_path):
