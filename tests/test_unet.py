@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from ddpm.params import ParamsError
-from ddpm.unet import UNet, timestep_embedding
+import torch.nn.functional as F
+
+from ddpm.unet import UNet, Upsample, _Interleave, timestep_embedding
 
 PAPER_PARAMETERS = 35_746_307  # Ho et al.'s TF code and diffusers' google/ddpm-cifar10-32
 SEED_PARAMETERS = 54_681_795   # params.yaml's defaults (the seed notebook), same layout
@@ -93,6 +95,34 @@ def test_every_parameter_gets_a_finite_nonzero_gradient():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("size", [(1, 1), (4, 4), (3, 5)])
+def test_upsample_is_nearest_x2_then_the_3x3_convolution(size, layout):
+    """Upsample computes the paper's layer (nearest x2, then a 3x3 conv with padding 1) by its
+    sub-pixel equivalent: the same output and the same gradients for the input, weight and bias,
+    in float64, and the output keeps the input's memory layout."""
+    torch.manual_seed(0)
+    layer = Upsample(6).double()
+    x = torch.randn(2, 6, *size, dtype=torch.float64).to(memory_format=layout).requires_grad_()
+    reference = layer.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    got = layer(x)
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-12)
+    if min(size) > 1:
+        assert got.is_contiguous(memory_format=layout)
+    upstream = torch.randn_like(reference)
+    wrt = (x, layer.conv.weight, layer.conv.bias)
+    for g, r in zip(torch.autograd.grad(got, wrt, upstream),
+                    torch.autograd.grad(reference, wrt, upstream)):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+
+
+def test_parity_interleave_backward_matches_finite_differences():
+    """The hand-written backward of the parity interleave, against torch's numerical gradient
+    (it also checks that the plane borders no output reads get a zero gradient)."""
+    z = torch.randn(2, 2, 2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: _Interleave.apply(z, torch.contiguous_format), z)
 
 
 @pytest.mark.parametrize("dim", [32, 128, 33])
