@@ -33,7 +33,7 @@ import references  # noqa: E402
 from ddpm.diffusion import Schedule, sample  # noqa: E402
 from ddpm.generate import for_sampling  # noqa: E402
 from ddpm.params import parse_params  # noqa: E402
-from ddpm.runtime import World, autocast, resolve_device  # noqa: E402
+from ddpm.runtime import World, autocast, keep_freed_host_memory, resolve_device  # noqa: E402
 from ddpm.train import Trainer, TrainPaths  # noqa: E402
 from ddpm.unet import UNet  # noqa: E402
 
@@ -278,6 +278,50 @@ def bench_sampling(table, args, device, precision, compile_sampling: bool):
               precision, args.sample_batch / per_step["ddpm"], fps["ours"], "forward alone", "img/s")
 
 
+def host_memory_child(args, device) -> None:
+    """One side of bench_host_memory, in a fresh process: print the seconds of each timed call."""
+    mode, what = args.host_memory_child.split(":")
+    if mode == "kept":
+        assert keep_freed_host_memory(), "glibc's mallopt is not available here"
+    cfg = TINY if args.quick else references.DDPM_CIFAR10
+    if what == "train":
+        images = torch.randint(0, 256, (1024, 3, 32, 32), dtype=torch.uint8, device=device)
+        _, fn = ours_step(cfg, images, args.batch, "fp32", device)
+    else:
+        torch.manual_seed(0)
+        net = for_sampling(UNet(**cfg).to(device), compile=False)
+        x = torch.randn(args.sample_batch, 3, 32, 32, device=device)
+        t = torch.randint(0, 1000, (args.sample_batch,), device=device)
+
+        def fn():
+            with torch.inference_mode():
+                net(x, t)
+    fn()
+    print(*(seconds_of(fn, device) for _ in range(args.steps)))
+
+
+def bench_host_memory(table, args, device):
+    """The train and sample stages on a CPU keep freed memory in the process
+    (runtime.keep_freed_host_memory); a process-wide setting, so each side runs in its own
+    fresh process, alternating, args.rounds processes per side."""
+    for what in ("train", "sampling"):
+        times = {"kept": [], "default": []}
+        for _ in range(args.rounds):
+            for mode in times:
+                cmd = [sys.executable, __file__, "--host-memory-child", f"{mode}:{what}",
+                       "--batch", str(args.batch), "--sample-batch", str(args.sample_batch),
+                       "--steps", str(args.steps), "--device", device.type]
+                done = subprocess.run(cmd + (["--quick"] if args.quick else []),
+                                      capture_output=True, text=True, check=True)
+                times[mode] += [float(s) for s in done.stdout.split()]
+        batch = args.batch if what == "train" else args.sample_batch
+        ips = {mode: batch / statistics.median(t) for mode, t in times.items()}
+        label = (f"train step, DDPM config, batch {args.batch}" if what == "train"
+                 else f"sampling forwards/s per image, batch {args.sample_batch}")
+        table.add(f"{label}: freed host memory kept vs glibc defaults", "fp32", ips["kept"],
+                  ips["default"], "glibc defaults, separate processes", "img/s")
+
+
 def bench_fid(table, args, device):
     """fid stage (cached real statistics) vs `python -m pytorch_fid real generated`."""
     from fakes import cifar_images, make_inception_weights
@@ -337,7 +381,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
     parser.add_argument("--fid-images", type=int, default=500)
     parser.add_argument("--sampler-steps", type=int, default=4, help="steps per k-step timing")
-    parser.add_argument("--sections", default="train,seed,sampling,fid,peak")
+    parser.add_argument("--sections", default="train,seed,sampling,memory,fid,peak",
+                        help="memory: the CPU stages' host allocator setting (CPU only)")
     parser.add_argument("--compile", default="sampling",
                         help="comma list of sampling, train: compiled rows, for the first "
                              "precision only (each costs a compilation)")
@@ -345,10 +390,13 @@ def main() -> None:
                         help="torch.compile modes for the compiled train rows (default is what "
                              "train.compile does; reduce-overhead adds CUDA graphs)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run of every section")
+    parser.add_argument("--host-memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.batch, args.sample_batch, args.rounds, args.steps = 2, 2, 1, 1
     device = resolve_device(args.device)
+    if args.host_memory_child:
+        return host_memory_child(args, device)
     if args.precisions == "auto":
         precisions = ["fp32"] + (["bf16"] if native_bf16(device) else [])
         precisions += ["fp16"] if device.type == "cuda" else []
@@ -375,6 +423,8 @@ def main() -> None:
                       precision, mm / 1e9, conv / 1e9, "conv", "GFLOP/s")
     if "seed" in sections:
         bench_seed(table, args, device, precisions, images)
+    if "memory" in sections and device.type == "cpu":
+        bench_host_memory(table, args, device)
     if "fid" in sections:
         bench_fid(table, args, device)
     print()

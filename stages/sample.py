@@ -11,7 +11,8 @@ from ddpm.files import write_json
 from ddpm.generate import generate_folder, load_ema_model
 from ddpm.images import grid, list_pngs, read_png, save_png
 from ddpm.params import load_params_or_exit
-from ddpm.runtime import resolve_compile, resolve_precision, start_processes
+from ddpm.runtime import (keep_freed_host_memory, resolve_compile, resolve_precision,
+                          start_processes)
 
 
 def main() -> None:
@@ -23,6 +24,8 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params_or_exit()
     world, device = start_processes(params.device, params.train.gpus)
+    if device.type == "cpu":
+        keep_freed_host_memory()  # no page faults on each step's activations (runtime.py)
     precision = resolve_precision(params.train.precision, device)
     model = load_ema_model(args.ema, params, device)
     sched = Schedule(**dataclasses.asdict(params.diffusion)).to(device)

@@ -9,7 +9,7 @@ from pathlib import Path
 import _src  # noqa: F401  (ddpm from this checkout)
 from ddpm.cli import run
 from ddpm.params import load_params_or_exit
-from ddpm.runtime import start_processes
+from ddpm.runtime import keep_freed_host_memory, start_processes
 from ddpm.train import Trainer, TrainPaths
 
 
@@ -23,6 +23,8 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params_or_exit()
     world, device = start_processes(params.device, params.train.gpus)
+    if device.type == "cpu":
+        keep_freed_host_memory()  # no page faults on each step's activations (runtime.py)
     Trainer(params, TrainPaths(**vars(args)), world, device).run()
     world.close()
 

@@ -6,6 +6,7 @@ never branches on hardware.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import subprocess
@@ -68,6 +69,31 @@ def resolve_compile(setting: bool | str, device: torch.device) -> bool:
         return False
     from torch.utils._triton import has_triton
     return has_triton()
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_host_memory() -> bool:
+    """Let glibc's malloc keep freed memory for the next allocation instead of returning it to
+    the kernel. Returns whether it took (False where the C library is not glibc).
+
+    PyTorch's CPU allocator has no cache of its own, and glibc serves blocks above its mmap
+    threshold (at most 32 MiB) with fresh mappings and trims the heap's free top, so every CPU
+    training step faults in and zero-fills its activations again: 450,000 page faults and about
+    1.6 s of system time per DDPM-config step at batch 32 on a 2-core EPYC. With mmap and trimming
+    off, the heap stays at its high-water mark, which a training or sampling run reaches on every
+    step anyway, and the next step reuses it. For CPU runs; device memory has its own cache.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    # M_TRIM_THRESHOLD = -1 disables trimming (mallopt(3)).
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
 
 
 def derive_seed(*parts: object) -> int:
