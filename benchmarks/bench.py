@@ -284,7 +284,7 @@ def host_memory_child(args, device) -> None:
     """One side of bench_host_memory, in a fresh process: print the seconds of each timed call."""
     mode, what = args.host_memory_child.split(":")
     if mode == "kept":
-        assert keep_freed_host_memory(), "glibc's mallopt is not available here"
+        assert keep_freed_host_memory(device), "glibc's mallopt is not available here"
     cfg = TINY if args.quick else references.DDPM_CIFAR10
     if what == "train":
         images = torch.randint(0, 256, (1024, 3, 32, 32), dtype=torch.uint8, device=device)

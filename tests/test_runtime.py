@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 
@@ -16,7 +17,7 @@ import torch
 sys.path.insert(0, sys.argv[2])
 from ddpm.runtime import keep_freed_host_memory
 if sys.argv[1] == "kept":
-    assert keep_freed_host_memory()
+    assert keep_freed_host_memory(torch.device("cpu"))
 for _ in range(10):  # glibc's bins and tcache settle (posix_memalign leaves small remainders)
     torch.ones(16 * 2**20)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -39,3 +40,9 @@ def test_kept_host_memory_is_reused_without_page_faults():
         return int(done.stdout.split()[-1])
     assert faults("default") > 0.9 * pages
     assert faults("kept") < 0.02 * pages
+
+
+def test_host_memory_is_left_alone_off_the_cpu():
+    """GPU runs keep glibc's defaults: their tensors live in the device's caching allocator."""
+    from ddpm.runtime import keep_freed_host_memory
+    assert keep_freed_host_memory(torch.device("meta")) is False
