@@ -6,10 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from ddpm.params import ParamsError
 import torch.nn.functional as F
 
+from ddpm.params import ParamsError
 from ddpm.unet import UNet, Upsample, _Interleave, timestep_embedding
 
 PAPER_PARAMETERS = 35_746_307  # Ho et al.'s TF code and diffusers' google/ddpm-cifar10-32
