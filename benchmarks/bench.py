@@ -35,9 +35,11 @@ from ddpm.generate import for_sampling  # noqa: E402
 from ddpm.params import parse_params  # noqa: E402
 from ddpm.runtime import World, autocast, keep_freed_host_memory, resolve_device  # noqa: E402
 from ddpm.train import Trainer, TrainPaths  # noqa: E402
-from ddpm.unet import UNet  # noqa: E402
+from ddpm import networks  # noqa: E402
 
-TINY = dict(channels=[16, 32], res_blocks=1, attention_resolutions=[16], heads=2, dropout=0.1)
+TINY = dict(arch="ddpm", channels=[16, 32], res_blocks=1, attention_resolutions=[16], heads=2,
+            dropout=0.1)
+TINY_SEED = dict(TINY, arch="seed", channels=[16, 32, 32])
 
 
 def have_diffusers() -> bool:
@@ -84,6 +86,11 @@ def base_params(model: dict, precision: str, device: torch.device, batch: int, a
     raw["model"].update(model)
     raw["train"].update(precision=precision, batch_size=batch, grad_accum=accum, compile=compile)
     return parse_params(raw)
+
+
+def network(model: dict) -> torch.nn.Module:
+    """The network that params.yaml's model section with `model` overrides builds."""
+    return networks.build(base_params(model, "fp32", torch.device("cpu"), 1).model)
 
 
 def ours_step(model: dict, images, batch: int, precision: str, device: torch.device,
@@ -140,9 +147,11 @@ def gpu_busy(fn, device: torch.device, calls: int) -> float:
 
 
 def flops_per_image(model: torch.nn.Module, device: torch.device, train: bool) -> float:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     x, t = torch.randn(2, 3, 32, 32, device=device), torch.randint(0, 1000, (2,), device=device)
-    with FlopCounterMode(display=False) as counter:
+    # attention through the math kernel, whose matmuls and softmax the counter sees on any device
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         out = model(x, t)
         out = out.sample if hasattr(out, "sample") else out
         if train:
@@ -216,11 +225,11 @@ def bench_train(table, args, device, precision, images, compile_modes):
 
 def bench_seed(table, args, device, precisions, images):
     """Ours at its best precision here vs the seed notebook's loop (fp32 on a CPU)."""
-    seed_cfg = TINY if args.quick else references.SEED
+    seed_cfg = TINY_SEED if args.quick else references.SEED
     best = "bf16" if "bf16" in precisions else precisions[0]
     _, ours = ours_step(seed_cfg, images, args.batch, best, device)
     torch.manual_seed(0)
-    seed_style = references.seed_style_step(UNet(**seed_cfg), images, args.batch, device,
+    seed_style = references.seed_style_step(network(seed_cfg), images, args.batch, device,
                                              workers=0 if args.quick else 2)
     med = interleaved({"ours": ours, "seed": seed_style}, device, args.rounds, args.steps)
     seed_name = "seed-style loop, " + ("fp16" if device.type == "cuda" else "fp32")
@@ -233,12 +242,41 @@ def bench_seed(table, args, device, precisions, images):
                   100 * gpu_busy(seed_style, device, 4 * args.steps), seed_name, "%")
 
 
+def bench_networks(table, args, device, precision, images):
+    """The seed's network (the default) against Ho et al.'s (model.arch=ddpm): parameters,
+    FLOPs, a training step and a sampling forward, both as the stages run them."""
+    cfgs = {"seed": TINY_SEED, "ddpm": TINY} if args.quick else {
+        "seed": references.SEED, "ddpm": references.DDPM_CIFAR10}
+    models, steps, forwards = {}, {}, {}
+    x = torch.randn(args.sample_batch, 3, 32, 32, device=device)
+    t = torch.randint(0, 1000, (args.sample_batch,), device=device)
+    for arch, cfg in cfgs.items():
+        models[arch], steps[arch] = ours_step(cfg, images, args.batch, precision, device)
+        net = for_sampling(copy.deepcopy(models[arch]), compile=False)
+        forwards[arch] = lambda net=net: net(x, t)
+    med = interleaved(steps, device, args.rounds, args.steps)
+    table.add(f"train step, seed network vs DDPM network, batch {args.batch}", precision,
+              args.batch / med["seed"], args.batch / med["ddpm"], "DDPM network", "img/s")
+    with torch.inference_mode(), autocast(precision, device):
+        med = interleaved(forwards, device, args.rounds, args.steps)
+    table.add(f"  sampling forwards/s per image, batch {args.sample_batch}", precision,
+              args.sample_batch / med["seed"], args.sample_batch / med["ddpm"], "DDPM network",
+              "img/s")
+    for what, train in (("forward", False), ("fwd+bwd", True)):
+        gflop = {arch: flops_per_image(m, device, train) / 1e9 for arch, m in models.items()}
+        table.add(f"  GFLOP per image, {what} (lower is cheaper)", precision, gflop["seed"],
+                  gflop["ddpm"], "DDPM network", "GFLOP", lower_is_better=True)
+    params = {arch: networks.parameter_count(m) / 1e6 for arch, m in models.items()}
+    table.add("  parameters (millions)", precision, params["seed"], params["ddpm"],
+              "DDPM network", "M", lower_is_better=True)
+
+
 def bench_sampling(table, args, device, precision, compile_sampling: bool):
     """The UNet as the sample stage runs it (generate.for_sampling) vs diffusers as its pipeline
     runs it; then with sample.compile, and against diffusers given channels_last too."""
     cfg = TINY if args.quick else references.DDPM_CIFAR10
     torch.manual_seed(0)
-    model = UNet(**cfg).to(device)
+    model = network(cfg).to(device)
     with torch.no_grad():  # no zero-initialised layers, as after training (nothing to fold)
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -291,7 +329,7 @@ def host_memory_child(args, device) -> None:
         _, fn = ours_step(cfg, images, args.batch, "fp32", device)
     else:
         torch.manual_seed(0)
-        net = for_sampling(UNet(**cfg).to(device), compile=False)
+        net = for_sampling(network(cfg).to(device), compile=False)
         x = torch.randn(args.sample_batch, 3, 32, 32, device=device)
         t = torch.randint(0, 1000, (args.sample_batch,), device=device)
 
@@ -383,7 +421,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
     parser.add_argument("--fid-images", type=int, default=500)
     parser.add_argument("--sampler-steps", type=int, default=4, help="steps per k-step timing")
-    parser.add_argument("--sections", default="train,seed,sampling,memory,fid,peak",
+    parser.add_argument("--sections", default="networks,train,seed,sampling,memory,fid,peak",
                         help="memory: the CPU stages' host allocator setting (CPU only)")
     parser.add_argument("--compile", default="sampling",
                         help="comma list of sampling, train: compiled rows, for the first "
@@ -414,6 +452,8 @@ def main() -> None:
     compiles = args.compile.split(",") if args.compile else []
     for precision in precisions:
         first = precision == precisions[0]
+        if "networks" in sections:
+            bench_networks(table, args, device, precision, images)
         if "train" in sections:
             modes = args.compile_modes.split(",") if first and "train" in compiles else []
             bench_train(table, args, device, precision, images, modes)

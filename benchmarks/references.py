@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-DDPM_CIFAR10 = dict(channels=[128, 256, 256, 256], res_blocks=2, attention_resolutions=[16],
-                    heads=1, dropout=0.1)
-SEED = dict(channels=[96, 192, 384, 384], res_blocks=2, attention_resolutions=[16], heads=8,
-            dropout=0.1)
+DDPM_CIFAR10 = dict(arch="ddpm", channels=[128, 256, 256, 256], res_blocks=2,
+                    attention_resolutions=[16], heads=1, dropout=0.1)
+SEED = dict(arch="seed", channels=[96, 192, 384, 384], res_blocks=2, attention_resolutions=[16],
+            heads=8, dropout=0.1, time_dim=64)
 
 
 def diffusers_unet(dropout: float = 0.1) -> torch.nn.Module:

@@ -20,13 +20,13 @@ sys.path.insert(0, str(ROOT / "src"))
 
 def one(batch: int, device_name: str, precision: str) -> dict:
     import torch
-    import yaml
     from ddpm.generate import for_sampling
     from ddpm.runtime import autocast, resolve_device
-    from ddpm.unet import UNet
+    from ddpm import networks
+    from ddpm.params import load_params
     device = resolve_device(device_name)
-    model_params = yaml.safe_load((ROOT / "params.yaml").read_text())["model"]
-    model = for_sampling(UNet(**model_params).to(device), compile=False)  # the stage's layout, eager
+    model = networks.build(load_params(ROOT / "params.yaml").model)  # params.yaml's network
+    model = for_sampling(model.to(device), compile=False)  # the stage's layout, eager
     x = torch.randn(batch, 3, 32, 32, device=device)
     t = torch.full((batch,), 999, device=device)
     if device.type == "cuda":

@@ -18,14 +18,13 @@ import torch
 from PIL import Image
 from torch.utils._triton import has_triton
 
-from ddpm import checkpoint, diffusion
+from ddpm import checkpoint, diffusion, networks
 from ddpm.fid import folder_statistics
 from ddpm.generate import for_sampling, generate
 from ddpm.images import write_pngs
 from ddpm.params import parse_params
 from ddpm.runtime import MemoryMonitor, World, autocast
 from ddpm.train import Trainer
-from ddpm.unet import UNet
 from fakes import cifar_images, run_stage, train_paths
 
 DEVICE = torch.device(os.environ.get("DDPM_TEST_DEVICE", "cuda"))
@@ -47,10 +46,11 @@ def trainer(tiny: dict, root, cifar_dir, **train) -> Trainer:
                    DEVICE)
 
 
-def perturbed_unet(model_params: dict) -> UNet:
-    """A UNet with its zero-initialised layers perturbed, as after some training."""
+def perturbed_unet(tiny: dict, **model) -> torch.nn.Module:
+    """The network of tiny's model.* (with `model` overrides), its weights perturbed as after
+    some training."""
     torch.manual_seed(0)
-    model = UNet(**model_params)
+    model = networks.build(parse_params(dict(tiny, model=dict(tiny["model"], **model))).model)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -61,7 +61,7 @@ def perturbed_unet(model_params: dict) -> UNet:
 def test_mixed_precision_loss_and_gradients_follow_fp32(tiny, precision):
     """The same batch, noise and timesteps under autocast: the loss within 1% of fp32's and the
     gradient pointing the same way (cosine > 0.99); in-place or dtype slips break either."""
-    model = perturbed_unet(dict(tiny["model"], dropout=0.0)).to(memory_format=torch.channels_last)
+    model = perturbed_unet(tiny, dropout=0.0).to(memory_format=torch.channels_last)
     sched = diffusion.Schedule(**tiny["diffusion"]).to(DEVICE)
     x0 = torch.rand(8, 3, 32, 32, device=DEVICE) * 2 - 1
     results = {}
@@ -144,7 +144,7 @@ def test_sampling_is_batch_independent_and_compiles_to_the_same_images(tiny, tmp
                                                                        monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 means fp32 here
     params = parse_params(gpu_params(tiny))
-    model = perturbed_unet(tiny["model"])
+    model = perturbed_unet(tiny)
     sched = diffusion.Schedule(**tiny["diffusion"]).to(DEVICE)
     outputs = {}
     for name, batch, compile in [("a", 6, False), ("b", 4, False), ("c", 6, True)]:

@@ -308,3 +308,74 @@ def test_bad_sampler_arguments_raise_value_error(sched):
         sample(model, sched, (2, 1, 2, 2), "ddmp", 10)
     with pytest.raises(ValueError, match="generators"):
         sample(model, sched, (2, 1, 2, 2), "ddpm", 10, [torch.Generator()])
+
+
+def one_step_then_record(sched: Schedule, sampler: str, x_t: torch.Tensor, eps: torch.Tensor,
+                         t: int, t_prev: int, clip_denoised: bool) -> torch.Tensor:
+    """Run the chain over timesteps (t_prev, t) with no added noise and return the x_{t_prev}
+    that the model is given at its second call: the result of exactly one step from x_t."""
+    seen = []
+
+    def model(x, t_batch):
+        seen.append(x.clone())
+        return eps if len(seen) == 1 else torch.zeros_like(x)
+
+    ts = [t_prev, t]
+    from ddpm.diffusion import ddim_steps, ddpm_steps
+    zeros = lambda: torch.zeros_like(x_t)  # noqa: E731  (sigma z = 0: the mean itself)
+    if sampler == "ddpm":
+        ddpm_steps(model, sched, x_t.clone(), ts, zeros, clip_denoised=clip_denoised)
+    else:
+        ddim_steps(model, sched, x_t.clone(), ts, zeros, clip_denoised=clip_denoised)
+    return seen[1].double()
+
+
+def clipping_case() -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t and a predicted eps whose x0 estimate spans about [-4, 4]: well outside [-1, 1]."""
+    x_t = torch.linspace(-3.0, 3.0, 48).reshape(1, 3, 4, 4)
+    eps = 0.5 * torch.linspace(1.0, -1.0, 48).reshape(1, 3, 4, 4)
+    return x_t, eps
+
+
+@pytest.mark.parametrize("t, t_prev", [(500, 499), (600, 400)])
+def test_clip_denoised_ddpm_step_is_the_posterior_mean_of_the_clipped_x0(sched, t, t_prev):
+    """Ho et al.'s code: x0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t), clipped to [-1, 1]; the
+    step's mean is E[x_prev | x_t, x0] of the forward process, derived here by Gaussian
+    conditioning (x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) e1, x_t = sqrt(alpha) x_prev +
+    sqrt(beta) e2), not by eq. 7's coefficients; the respaced pair (600, 400) is one step too."""
+    x_t, eps = clipping_case()
+    ab = linear_alpha_bar()
+    ab_t, ab_prev = ab[t], ab[t_prev]
+    alpha = ab_t / ab_prev
+    x0 = (x_t.double() - math.sqrt(1 - ab_t) * eps.double()) / math.sqrt(ab_t)
+    assert x0.min() < -2 and x0.max() > 2  # the case tests clipping
+    x0 = x0.clamp(-1, 1)
+    cov = math.sqrt(alpha) * (1 - ab_prev)         # Cov(x_prev, x_t | x0)
+    var = 1 - ab_t                                 # Var(x_t | x0)
+    expected = math.sqrt(ab_prev) * x0 + cov / var * (x_t.double() - math.sqrt(ab_t) * x0)
+    got = one_step_then_record(sched, "ddpm", x_t, eps, t, t_prev, clip_denoised=True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    unclipped = one_step_then_record(sched, "ddpm", x_t, eps, t, t_prev, clip_denoised=False)
+    assert (unclipped - expected).abs().max() > 0.01  # clipping changed the step (1000x atol)
+
+
+def test_clip_denoised_ddim_step_recomputes_eps_from_the_clipped_x0(sched):
+    """DDIM (eta 0) with clipping: x_prev = sqrt(ab_prev) x0_c + sqrt(1 - ab_prev) eps_c, where
+    eps_c is the noise that maps x0_c to x_t under eq. 4, so x_t stays on the same trajectory."""
+    x_t, eps = clipping_case()
+    ab = linear_alpha_bar()
+    ab_t, ab_prev = ab[600], ab[400]
+    x0 = ((x_t.double() - math.sqrt(1 - ab_t) * eps.double()) / math.sqrt(ab_t)).clamp(-1, 1)
+    eps_c = (x_t.double() - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
+    expected = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * eps_c
+    got = one_step_then_record(sched, "ddim", x_t, eps, 600, 400, clip_denoised=True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_clip_denoised_changes_nothing_while_x0_stays_in_range(sched, sampler):
+    """With the Gaussian data's optimal predictor (x0 inside [-1, 1] almost surely) the clipped
+    and unclipped chains agree image for image."""
+    draw = lambda clip: sample(gaussian_eps(sched), sched, (64, 1, 2, 2), sampler, 20,  # noqa: E731
+                               torch.Generator().manual_seed(0), clip_denoised=clip)
+    torch.testing.assert_close(draw(True), draw(False), rtol=0, atol=1e-5)

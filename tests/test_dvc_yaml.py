@@ -1,4 +1,4 @@
-"""dvc.yaml agrees with the code: each stage depends on exactly the ddpm modules its script imports."""
+"""dvc.yaml agrees with the code: each stage depends on exactly the ddpm modules (and packages, as\nfolders) its script imports."""
 from __future__ import annotations
 
 import json
@@ -27,7 +27,9 @@ def imported_modules(script: str) -> set[str]:
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                          cwd=ROOT, timeout=120).stdout
     modules = set(json.loads(out.splitlines()[-1]))
-    return {f"src/ddpm/{m.split('.')[1]}.py" for m in modules}
+    packages = {m.split(".")[1] for m in modules if m.count(".") > 1}  # ddpm.networks.seed_unet
+    return {f"src/ddpm/{name}" if name in packages else f"src/ddpm/{name}.py"
+            for name in (m.split(".")[1] for m in modules)}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))

@@ -1,7 +1,6 @@
 """The sample stage's logic: image i depends on (seed, i) only; the EMA file is checked."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import numpy as np
@@ -9,20 +8,20 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm import checkpoint
+from ddpm import checkpoint, networks
 from ddpm.diffusion import Schedule
 from ddpm.generate import generate, load_ema_model, shard
 from ddpm.params import parse_params
 from ddpm.runtime import World
-from ddpm.unet import UNet
 
 
-@pytest.fixture
-def setup(tiny, tmp_path):
-    """Tiny params and an EMA file of a UNet whose zero-initialised layers were perturbed."""
-    params = parse_params(tiny)
+@pytest.fixture(params=["seed", "ddpm"])
+def setup(request, tiny, tmp_path):
+    """Tiny params and an EMA file of a network whose weights were perturbed (the DDPM network's
+    zero-initialised layers would otherwise make every image the same)."""
+    params = parse_params(dict(tiny, model=dict(tiny["model"], arch=request.param)))
     torch.manual_seed(0)
-    model = UNet(**dataclasses.asdict(params.model))
+    model = networks.build(params.model)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -72,17 +71,28 @@ def test_shards_cover_every_image_once(size):
     assert sorted(i for s in shares for i in s) == list(range(10))
 
 
-def test_a_missing_or_foreign_ema_file_is_named(setup, tiny):
+def test_a_missing_or_foreign_ema_file_is_named(setup):
     params, root = setup
     with pytest.raises(checkpoint.CheckpointError, match="nothing.pt: no EMA weights file"):
         load_ema_model(root / "nothing.pt", params, torch.device("cpu"))
     (root / "garbage.pt").write_bytes(b"\x00" * 100)
     with pytest.raises(checkpoint.CheckpointError, match="garbage.pt: not a readable"):
         load_ema_model(root / "garbage.pt", params, torch.device("cpu"))
-    wider = copy.deepcopy(tiny)
-    wider["model"]["channels"] = [32, 64]
+    wider = parse_params(dict(params.to_dict(), model=dict(params.to_dict()["model"],
+                                                           channels=[32, 64, 64])))
     with pytest.raises(checkpoint.CheckpointError, match="ema.pt: its weights do not fit model"):
-        load_ema_model(root / "ema.pt", parse_params(wider), torch.device("cpu"))
+        load_ema_model(root / "ema.pt", wider, torch.device("cpu"))
+
+
+def test_weights_of_the_other_network_are_a_clear_error(setup):
+    """An EMA file records model.arch; the other network's weights are refused by name."""
+    params, root = setup
+    other = "ddpm" if params.model.arch == "seed" else "seed"
+    wanted = parse_params(dict(params.to_dict(), model=dict(params.to_dict()["model"], arch=other)))
+    message = (f"ema.pt: holds weights of the '{params.model.arch}' network, but model.arch = "
+               f"'{other}': retrain \\(dvc repro train\\) or set -S model.arch={params.model.arch}")
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        load_ema_model(root / "ema.pt", wanted, torch.device("cpu"))
 
 
 def test_compiled_sampling_gives_the_eager_images(setup):

@@ -20,8 +20,9 @@ from fakes import train_paths
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(tiny: dict, root: Path, cifar: Path, **train_overrides) -> Trainer:
+def run(tiny: dict, root: Path, cifar: Path, arch: str = "seed", **train_overrides) -> Trainer:
     raw = copy.deepcopy(tiny)
+    raw["model"]["arch"] = arch
     raw["train"].update(train_overrides)
     trainer = Trainer(parse_params(raw), train_paths(root, cifar), World(), torch.device("cpu"))
     trainer.run()
@@ -49,11 +50,12 @@ def test_ema_is_the_closed_form_average():
         assert not e.requires_grad
 
 
-def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny, cifar_dir, tmp_path):
+@pytest.mark.parametrize("arch", ["seed", "ddpm"])
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny, cifar_dir, tmp_path, arch):
     """Stopping after epoch 1 and resuming gives the same weights, EMA and loss log as no stop."""
-    straight = run(tiny, tmp_path / "a", cifar_dir, epochs=3, sample_every=0)
-    run(tiny, tmp_path / "b", cifar_dir, epochs=1, sample_every=0)
-    resumed = run(tiny, tmp_path / "b", cifar_dir, epochs=3, sample_every=0)
+    straight = run(tiny, tmp_path / "a", cifar_dir, arch, epochs=3, sample_every=0)
+    run(tiny, tmp_path / "b", cifar_dir, arch, epochs=1, sample_every=0)
+    resumed = run(tiny, tmp_path / "b", cifar_dir, arch, epochs=3, sample_every=0)
     assert resumed.progress.step == straight.progress.step == 3 * straight.steps_per_epoch
     assert_same_weights(straight.model.state_dict(), resumed.model.state_dict())
     assert_same_weights(checkpoint.load(tmp_path / "a" / "ema.pt")["ema"],
@@ -70,6 +72,33 @@ def test_a_changed_config_starts_fresh_and_says_why(tiny, cifar_dir, tmp_path, c
     err = capsys.readouterr().err
     assert "train.lr" in err and "starting fresh" in err
     assert again.progress.epoch == 1  # trained from scratch, not from the old checkpoint
+
+
+@pytest.mark.parametrize("step, expected", [(0, 0.0), (50, 1e-4), (100, 2e-4), (5000, 2e-4)])
+def test_warmup_ramps_the_learning_rate_linearly(step, expected):
+    """Ho et al.'s code: lr * min(step / warmup, 1), step = optimizer steps already taken."""
+    assert train.learning_rate(2e-4, 100, step) == pytest.approx(expected, abs=1e-15)
+    assert train.learning_rate(2e-4, 0, step) == 2e-4  # 0 = no warmup, the seed's
+
+
+def test_the_trainer_steps_adam_with_the_warmup_learning_rate(tiny, cifar_dir, tmp_path,
+                                                             monkeypatch):
+    """Three steps into a warmup of 4: Adam steps at lr x 0, 1/4, 2/4; and a checkpoint of
+    another warmup is another run (the learning rates differ)."""
+    used = []
+    real_step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    trainer = run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0, warmup_steps=4)
+    lr = tiny["train"]["lr"]
+    assert trainer.steps_per_epoch == 3 and used == pytest.approx([0.0, lr / 4, lr / 2])
+    again = Trainer(parse_params(dict(tiny, train=dict(tiny["train"], warmup_steps=8))),
+                    train_paths(tmp_path, cifar_dir), World(), torch.device("cpu"))
+    assert "train.warmup_steps differ" in again.resume()
 
 
 def test_more_epochs_resume_a_finished_run(tiny, cifar_dir, tmp_path, capsys):
@@ -121,7 +150,7 @@ def test_outputs_hold_the_metrics_loss_log_and_previews(tiny, cifar_dir, tmp_pat
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
         "epoch_0001.png", "epoch_0002.png", "progression.png"]
     ema = checkpoint.load(tmp_path / "ema.pt")
-    assert ema["config"]["model"]["channels"] == [16, 32] and ema["epochs"] == 2
+    assert ema["config"]["model"]["channels"] == [16, 32, 32] and ema["epochs"] == 2
 
 
 def test_too_few_images_for_one_step_is_a_clear_error(tiny, cifar_dir, tmp_path):

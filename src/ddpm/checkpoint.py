@@ -8,7 +8,7 @@ import torch
 
 from ddpm.errors import PipelineError
 from ddpm.files import atomic_file
-from ddpm.params import plain
+from ddpm.params import ModelParams, plain
 
 
 class CheckpointError(PipelineError, RuntimeError):
@@ -42,3 +42,23 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
         return [key for k in sorted(set(old) | set(new), key=str)
                 for key in differences(old.get(k), new.get(k), f"{prefix}{k}.")]
     return [] if plain(old) == plain(new) else [prefix.rstrip(".") or "config"]
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], saved: dict | None,
+                 wanted: ModelParams, path: str | Path) -> None:
+    """Load a state_dict saved with model config `saved` into `model` (built from `wanted`).
+
+    Weights of the other network (model.arch) or of other shapes are a CheckpointError that says
+    what the file holds and what params.yaml asks for.
+    """
+    saved_arch = (saved or {}).get("arch", "ddpm")  # files from before model.arch held ddpm UNets
+    if saved_arch != wanted.arch:
+        raise CheckpointError(
+            f"{path}: holds weights of the {saved_arch!r} network, but model.arch = "
+            f"{wanted.arch!r}: retrain (dvc repro train) or set -S model.arch={saved_arch}")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{path}: its weights do not fit model.* of params.yaml (trained with {saved}): "
+            f"{str(e).splitlines()[0]}") from None

@@ -11,7 +11,6 @@ from typing import Callable, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
@@ -119,60 +118,88 @@ def _eps(model: EpsModel, x: torch.Tensor, t: int) -> torch.Tensor:
     return model(x, t_batch).float()
 
 
+def predict_x0(x: torch.Tensor, eps: torch.Tensor, ab_t: float) -> torch.Tensor:
+    """Eq. 4 solved for x0: (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+    return (x - math.sqrt(1.0 - ab_t) * eps) / math.sqrt(ab_t)
+
+
 def ddpm_steps(model: EpsModel, sched: Schedule, x: torch.Tensor, ts: Sequence[int],
                randn: Callable[[], torch.Tensor], variance: str = "beta",
-               progress: bool = False) -> torch.Tensor:
+               clip_denoised: bool = False, progress: Callable[[], None] | None = None
+               ) -> torch.Tensor:
     """Ancestral sampling, Algorithm 2 and eq. 11, from x = x_T down to x_0.
 
     Over a subsequence ts of the T timesteps the chain is respaced (Nichol & Dhariwal 2021,
     Sec. 4): beta_i = 1 - alpha_bar(ts[i]) / alpha_bar(ts[i-1]); with ts = 0..T-1 this is the
     paper's chain exactly. sigma_i^2 = beta_i ("beta") or beta-tilde_i ("beta_tilde", eq. 7).
+    clip_denoised: the mean is eq. 7's posterior mean of the predicted x0 clipped to [-1, 1], as
+    in Ho et al.'s code (unclipped, eq. 7 and eq. 11 are the same mean).
     """
     ab = sched.alpha_bar64.tolist()
-    for i in tqdm(reversed(range(len(ts))), total=len(ts), disable=not progress, leave=False):
+    for i in reversed(range(len(ts))):
         ab_t = ab[ts[i]]
         ab_prev = ab[ts[i - 1]] if i > 0 else 1.0
         alpha = ab_t / ab_prev
         beta = 1.0 - alpha
         # 1. predict the noise in x_t
         eps = _eps(model, x, ts[i])
-        # 2. eq. 11: mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t)
-        x = (x - (beta / math.sqrt(1.0 - ab_t)) * eps) / math.sqrt(alpha)
+        if clip_denoised:
+            # 2'. eq. 7: mu = sqrt(ab_prev) beta / (1 - ab_t) x0 + sqrt(alpha) (1 - ab_prev) / (1 - ab_t) x_t
+            x0 = predict_x0(x, eps, ab_t).clamp(-1.0, 1.0)
+            x = (math.sqrt(ab_prev) * beta / (1.0 - ab_t)) * x0 + (
+                math.sqrt(alpha) * (1.0 - ab_prev) / (1.0 - ab_t)) * x
+        else:
+            # 2. eq. 11: mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t)
+            x = (x - (beta / math.sqrt(1.0 - ab_t)) * eps) / math.sqrt(alpha)
         # 3. x_{t-1} = mu + sigma_t z, z ~ N(0, I); no noise at the last step (Algorithm 2)
         if i > 0:
             var = beta if variance == "beta" else beta * (1.0 - ab_prev) / (1.0 - ab_t)
             x = x + math.sqrt(var) * randn()
+        if progress:
+            progress()
     return x
 
 
 def ddim_steps(model: EpsModel, sched: Schedule, x: torch.Tensor, ts: Sequence[int],
-               randn: Callable[[], torch.Tensor], eta: float = 0.0,
-               progress: bool = False) -> torch.Tensor:
-    """DDIM, Song et al. 2021 eq. 12, over the timesteps ts; eta = 0 is deterministic."""
+               randn: Callable[[], torch.Tensor], eta: float = 0.0, clip_denoised: bool = False,
+               progress: Callable[[], None] | None = None) -> torch.Tensor:
+    """DDIM, Song et al. 2021 eq. 12, over the timesteps ts; eta = 0 is deterministic.
+
+    clip_denoised: the predicted x0 is clipped to [-1, 1] and eps recomputed from it (eq. 4), as
+    in Song et al.'s and improved-diffusion's code.
+    """
     ab = sched.alpha_bar64.tolist()
-    for i in tqdm(reversed(range(len(ts))), total=len(ts), disable=not progress, leave=False):
+    for i in reversed(range(len(ts))):
         ab_t = ab[ts[i]]
         ab_prev = ab[ts[i - 1]] if i > 0 else 1.0
         # 1. predict the noise, then x0 ("predicted x0" of eq. 12)
         eps = _eps(model, x, ts[i])
-        x0 = (x - math.sqrt(1.0 - ab_t) * eps) / math.sqrt(ab_t)
+        x0 = predict_x0(x, eps, ab_t)
+        if clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = (x - math.sqrt(ab_t) * x0) / math.sqrt(1.0 - ab_t)
         # 2. eq. 16: sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)
         sigma = eta * math.sqrt((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev))
         # 3. eq. 12: x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z
         x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1.0 - ab_prev - sigma**2, 0.0)) * eps
         if sigma > 0:
             x = x + sigma * randn()
+        if progress:
+            progress()
     return x
 
 
 @torch.inference_mode()
 def sample(model: EpsModel, sched: Schedule, shape: Sequence[int], sampler: str = "ddpm",
            steps: int | None = None, generator: Generators = None, eta: float = 0.0,
-           variance: str = "beta", progress: bool = False) -> torch.Tensor:
+           variance: str = "beta", clip_denoised: bool = False,
+           progress: Callable[[], None] | None = None) -> torch.Tensor:
     """Draw images x0 ~ p_theta on sched.device: (B, C, H, W) float32 clipped to [-1, 1].
 
     sampler: "ddpm" (ancestral, eq. 11) or "ddim" (eq. 12); steps: None = all T timesteps.
     generator: None, one torch.Generator, or a list with one per image (batch-size independent).
+    clip_denoised: clip the predicted x0 to [-1, 1] inside every step (Ho et al.'s code).
+    progress: called after every denoising step.
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler = {sampler!r}: expected ddpm or ddim")
@@ -186,7 +213,7 @@ def sample(model: EpsModel, sched: Schedule, shape: Sequence[int], sampler: str 
 
     x = randn()  # x_T ~ N(0, I)
     if sampler == "ddpm":
-        x = ddpm_steps(model, sched, x, ts, randn, variance, progress)
+        x = ddpm_steps(model, sched, x, ts, randn, variance, clip_denoised, progress)
     else:
-        x = ddim_steps(model, sched, x, ts, randn, eta, progress)
+        x = ddim_steps(model, sched, x, ts, randn, eta, clip_denoised, progress)
     return x.clamp(-1.0, 1.0)

@@ -1,33 +1,27 @@
 """The sample stage's work: N images from the EMA weights, image i a function of (seed, i) only."""
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ddpm import checkpoint
-from ddpm.diffusion import Schedule, sample
+from ddpm import checkpoint, networks
+from ddpm.diffusion import Schedule, sample, timesteps_for
 from ddpm.images import to_uint8, write_pngs
 from ddpm.params import Params
 from ddpm.runtime import World, autocast, derive_seed, resolve_compile
-from ddpm.unet import UNet
 
 
 def load_ema_model(path: str | Path, params: Params, device: torch.device) -> torch.nn.Module:
-    """The UNet of params.model with the EMA weights of models/ema.pt, ready to sample."""
+    """The network of params.model with the EMA weights of models/ema.pt, ready to sample."""
     state = checkpoint.load(path, "EMA weights file")
     if "ema" not in state:
         raise checkpoint.CheckpointError(f"{path}: no 'ema' weights in it (keys: {sorted(state)})")
-    model = UNet(**dataclasses.asdict(params.model))
-    try:
-        model.load_state_dict(state["ema"])
-    except RuntimeError as e:
-        raise checkpoint.CheckpointError(
-            f"{path}: its weights do not fit model.* of params.yaml (trained with "
-            f"{state.get('config', {}).get('model')}): {str(e).splitlines()[0]}") from None
+    model = networks.build(params.model)
+    checkpoint.load_weights(model, state["ema"], state.get("config", {}).get("model"),
+                            params.model, path)
     return for_sampling(model.to(device), resolve_compile(params.sample.compile, device))
 
 
@@ -55,17 +49,23 @@ def shard(num_images: int, world: World) -> range:
 
 def generate(model: torch.nn.Module, sched: Schedule, params: Params, precision: str,
              indices: range, folder: Path, progress: bool = True) -> None:
-    """Sample images `indices` in batches of sample.batch_size and write them as {i}.png."""
+    """Sample images `indices` in batches of sample.batch_size and write them as {i}.png.
+
+    The progress bar counts denoising steps of whole batches, so it moves within a batch.
+    """
     sp, device = params.sample, sched.device
     batches = range(indices.start, indices.stop, sp.batch_size)
-    for start in tqdm(batches, desc="sample", unit="batch", disable=not progress):
-        ids = range(start, min(start + sp.batch_size, indices.stop))
-        gens = [torch.Generator(device).manual_seed(derive_seed(params.seed, i, "sample"))
-                for i in ids]
-        with autocast(precision, device):
-            x = sample(model, sched, (len(ids), 3, 32, 32), sp.sampler, sp.steps, gens,
-                       eta=sp.eta, variance=sp.variance)
-        write_pngs(to_uint8(x), folder, start=start)
+    with tqdm(total=len(indices) * len(timesteps_for(sched.timesteps, sp.steps)), desc="sample",
+              unit="img-step", unit_scale=True, disable=not progress, dynamic_ncols=True) as bar:
+        for start in batches:
+            ids = range(start, min(start + sp.batch_size, indices.stop))
+            gens = [torch.Generator(device).manual_seed(derive_seed(params.seed, i, "sample"))
+                    for i in ids]
+            with autocast(precision, device):
+                x = sample(model, sched, (len(ids), 3, 32, 32), sp.sampler, sp.steps, gens,
+                           eta=sp.eta, variance=sp.variance, clip_denoised=sp.clip_denoised,
+                           progress=lambda: bar.update(len(ids)))
+            write_pngs(to_uint8(x), folder, start=start)
 
 
 def generate_folder(model: torch.nn.Module, sched: Schedule, params: Params, precision: str,

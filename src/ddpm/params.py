@@ -17,6 +17,13 @@ import yaml
 
 from ddpm.errors import PipelineError
 
+ARCHS = ("seed", "ddpm")
+# The model.* keys each network reads (the rest of model.* is the other network's).
+ARCH_KEYS = {
+    "seed": ("channels", "res_blocks", "attention_resolutions", "heads", "dropout", "time_dim"),
+    "ddpm": ("channels", "res_blocks", "attention_resolutions", "heads", "dropout"),
+}
+SEED_GROUPS = 8  # GroupNorm groups in the seed network
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SAMPLERS = ("ddpm", "ddim")
 VARIANCES = ("beta", "beta_tilde")
@@ -34,32 +41,63 @@ def _require(ok: bool, key: str, accepted: str, value: Any) -> None:
         raise ParamsError(f"{key} = {value!r}: expected {accepted}")
 
 
-def check_unet_shape(channels: Sequence[int], res_blocks: int, attention_resolutions: Sequence[int],
-                 heads: int, image_size: int = 32) -> None:
-    """Raise ParamsError, naming the key, for a UNet shape that cannot be built (UNet checks too)."""
+def _check_widths(channels: Sequence[int], res_blocks: int, heads: int, image_size: int) -> None:
     if not channels or any(c < 1 for c in channels):
         raise ParamsError(f"model.channels = {list(channels)}: expected one positive width per "
-                         "resolution, e.g. [96, 192, 384, 384]")
+                         "level, e.g. [96, 192, 384, 384]")
     if res_blocks < 1:
         raise ParamsError(f"model.res_blocks = {res_blocks}: expected a positive integer")
     if heads < 1:
         raise ParamsError(f"model.heads = {heads}: expected a positive integer")
     factor = 2 ** (len(channels) - 1)
     if image_size % factor:
-        raise ParamsError(f"model.channels: {len(channels)} resolutions halve the image "
+        raise ParamsError(f"model.channels: {len(channels)} levels halve the image "
                          f"{len(channels) - 1} times, so the image size must be divisible by "
                          f"{factor}; got {image_size}")
-    resolutions = [image_size >> level for level in range(len(channels))]
+
+
+def _check_attention(arch: str, heads: int, attention_resolutions: Sequence[int],
+                     widths: dict[int, int], always: Sequence[int] = ()) -> None:
+    """widths: the width of each resolution that can attend; `always`: widths that attend anyway."""
     for res in attention_resolutions:
-        if res not in resolutions:
-            raise ParamsError(f"model.attention_resolutions: {res} is not one of the UNet's "
-                             f"resolutions {resolutions}")
-    attention_widths = {channels[resolutions.index(r)] for r in attention_resolutions}
-    attention_widths.add(channels[-1])  # the middle block always attends
-    for width in sorted(attention_widths):
+        if res not in widths:
+            raise ParamsError(f"model.attention_resolutions: {res} is not a resolution where the "
+                             f"{arch} network can attend ({sorted(widths, reverse=True)})")
+    attending = {widths[r] for r in attention_resolutions} | set(always)
+    for width in sorted(attending):
         if width % heads:
             raise ParamsError(f"model.heads = {heads}: must divide the width {width} of every "
-                             f"attention layer (widths {sorted(attention_widths)})")
+                             f"attention layer (widths {sorted(attending)})")
+
+
+def check_ddpm_shape(channels: Sequence[int], res_blocks: int, attention_resolutions: Sequence[int],
+                     heads: int, image_size: int = 32) -> None:
+    """Raise ParamsError, naming the key, for a DDPM-paper UNet that cannot be built."""
+    _check_widths(channels, res_blocks, heads, image_size)
+    widths = {image_size >> level: width for level, width in enumerate(channels)}
+    _check_attention("ddpm", heads, attention_resolutions, widths, always=[channels[-1]])
+
+
+def seed_decoder_resolutions(channels: Sequence[int], image_size: int = 32) -> list[int]:
+    """The seed network's decoder resolutions, one per encoder skip: 32, 16, ... (len - 1 of them)."""
+    return [image_size >> level for level in range(len(channels) - 1)]
+
+
+def check_seed_shape(channels: Sequence[int], res_blocks: int, attention_resolutions: Sequence[int],
+                     heads: int, time_dim: int, image_size: int = 32) -> None:
+    """Raise ParamsError, naming the key, for a seed-notebook UNet that cannot be built."""
+    _check_widths(channels, res_blocks, heads, image_size)
+    if len(channels) < 2:
+        raise ParamsError(f"model.channels = {list(channels)}: the seed network needs at least two "
+                         "levels (its first downsampling ends the second)")
+    if any(c % SEED_GROUPS for c in channels):
+        raise ParamsError(f"model.channels = {list(channels)}: the seed network's GroupNorm has "
+                         f"{SEED_GROUPS} groups, so every width must be a multiple of {SEED_GROUPS}")
+    if time_dim < 4 or time_dim % 2:
+        raise ParamsError(f"model.time_dim = {time_dim}: expected an even integer >= 4 "
+                         "(sin and cos of time_dim / 2 frequencies)")
+    widths = dict(zip(seed_decoder_resolutions(channels, image_size), channels))
+    _check_attention("seed", heads, attention_resolutions, widths)
 
 
 @dataclass(frozen=True)
@@ -80,16 +118,28 @@ class DataParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    channels: tuple[int, ...]               # one width per resolution, from 32x32 down
-    res_blocks: int                         # residual blocks per resolution
+    arch: str                               # seed (the notebook's UNet) | ddpm (Ho et al.'s)
+    channels: tuple[int, ...]               # one width per level, from 32x32 down
+    res_blocks: int                         # blocks per level
     attention_resolutions: tuple[int, ...]  # resolutions (e.g. 16) with self-attention
     heads: int                              # attention heads
-    dropout: float                          # inside residual blocks
+    dropout: float                          # inside every block
+    time_dim: int                           # seed only: width of the sinusoidal time embedding
 
     def __post_init__(self):
+        _require(self.arch in ARCHS, "model.arch", " | ".join(ARCHS), self.arch)
         _require(0.0 <= self.dropout < 1.0, "model.dropout", "a probability in [0, 1)",
                  self.dropout)
-        check_unet_shape(self.channels, self.res_blocks, self.attention_resolutions, self.heads)
+        if self.arch == "seed":
+            check_seed_shape(self.channels, self.res_blocks, self.attention_resolutions,
+                             self.heads, self.time_dim)
+        else:
+            check_ddpm_shape(self.channels, self.res_blocks, self.attention_resolutions,
+                             self.heads)
+
+    def network_kwargs(self) -> dict[str, Any]:
+        """The constructor keywords of model.arch's network: the keys it reads."""
+        return {key: getattr(self, key) for key in ARCH_KEYS[self.arch]}
 
 
 @dataclass(frozen=True)
@@ -115,6 +165,7 @@ class TrainParams:
     batch_size: int        # per process, per micro-batch
     grad_accum: int        # micro-batches per optimizer step
     lr: float
+    warmup_steps: int      # linear lr warmup over this many optimizer steps; 0 = off
     ema_decay: float
     grad_clip: float       # 0 = off
     precision: str         # auto | fp32 | fp16 | bf16
@@ -132,6 +183,8 @@ class TrainParams:
             _require(getattr(self, key) >= 1, f"train.{key}", "a positive integer",
                      getattr(self, key))
         _require(self.lr > 0, "train.lr", "a positive number", self.lr)
+        _require(self.warmup_steps >= 0, "train.warmup_steps", "0 (off) or a number of steps",
+                 self.warmup_steps)
         _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "a number in [0, 1)",
                  self.ema_decay)
         _require(self.grad_clip >= 0, "train.grad_clip", "0 (off) or a positive norm",
@@ -150,6 +203,7 @@ class SampleParams:
     steps: int       # sampling steps, at most diffusion.timesteps
     eta: float       # ddim noise scale
     variance: str    # ddpm: beta | beta_tilde
+    clip_denoised: bool  # clip the predicted x0 to [-1, 1] in every step (Ho et al.'s code)
     compile: AutoBool  # torch.compile the UNet, weights frozen into the graph
 
     def __post_init__(self):

@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ddpm import checkpoint, diffusion, previews
+from ddpm import checkpoint, diffusion, networks, previews
 from ddpm.data import load_cifar10
 from ddpm.ema import EMA
 from ddpm.errors import PipelineError
@@ -29,7 +29,6 @@ from ddpm.images import save_png, to_float
 from ddpm.params import Params, plain
 from ddpm.runtime import (MemoryMonitor, World, autocast, derive_seed, resolve_compile,
                            resolve_precision)
-from ddpm.unet import UNet
 
 CHECKPOINT = "last.pt"
 PREVIEWS = "previews"
@@ -62,6 +61,12 @@ class Progress:
     rows: list[list[float]] = field(default_factory=list)  # loss.tsv: step, loss, images/s
 
 
+def learning_rate(lr: float, warmup_steps: int, step: int) -> float:
+    """The learning rate of optimizer step `step` (0 = the first): linear warmup from 0 over
+    warmup_steps steps, as in Ho et al.'s code (lr * min(step / warmup, 1)); then constant."""
+    return lr * min(step / warmup_steps, 1.0) if warmup_steps else lr
+
+
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """uint8 (B, 3, H, W) on the device -> float [-1, 1], each image flipped left-right w.p. 1/2."""
     x = to_float(images)
@@ -89,7 +94,7 @@ class Trainer:
                                 "gpus): raise data.limit or lower those")
         self.sched = diffusion.Schedule(**dataclasses.asdict(params.diffusion)).to(device)
         torch.manual_seed(derive_seed(params.seed, "init"))
-        self.model = UNet(**dataclasses.asdict(params.model)).to(device)
+        self.model = networks.build(params.model).to(device)
         # NHWC for cuDNN's tensor-core convolutions. Unmeasured for training: at batch 32 an H100
         # waits on kernel launches either way, and NHWC slowed eager sampling there (README).
         if device.type == "cuda":
@@ -164,6 +169,8 @@ class Trainer:
                 loss = diffusion.loss(self.net, self.sched, x0, gen) / len(micro_batches)
             self.scaler.scale(loss).backward()
             total += loss.detach()
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.tp.lr, self.tp.warmup_steps, self.progress.step)
         if self.tp.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tp.grad_clip, foreach=True)
@@ -262,7 +269,7 @@ class Trainer:
             "loss": pr.loss, "epochs": pr.epoch, "steps": pr.step, "seconds": round(pr.seconds, 3),
             "images_per_second": round(pr.step * self.global_batch / max(pr.seconds, 1e-9), 3),
             "peak_memory_mb": round(self.memory.peak_mb, 1),
-            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "parameters": networks.parameter_count(self.model), "arch": self.p.model.arch,
             "effective_batch": self.global_batch, "processes": self.world.size,
             "precision": self.precision, "device": str(self.device.type), "compile": self.compiled,
         })

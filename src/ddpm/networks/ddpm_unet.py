@@ -1,4 +1,5 @@
-"""The noise-prediction UNet of Ho et al. 2020 (Appendix B), generalised by its keyword arguments.
+"""The noise-prediction UNet of Ho et al. 2020 (Appendix B), generalised by its keyword arguments
+(model.arch = ddpm).
 
 nn.Modules only: the network maps (x_t, t) to a prediction of eps and knows nothing about the
 noise schedule, the loss or the optimizer. With channels=(128, 256, 256, 256), res_blocks=2,
@@ -14,20 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm.params import check_unet_shape
-
-
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps, as in the original DDPM code.
-
-    t: (B,) integers -> (B, dim) float32, [sin | cos] of t * 10000^(-i / (dim/2 - 1)).
-    """
-    half = dim // 2
-    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32)
-                      * (-math.log(10000.0) / max(half - 1, 1)))
-    args = t.float()[:, None] * freqs[None, :]                    # (B, half)
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)   # (B, 2 * half)
-    return F.pad(emb, (0, dim % 2))
+from ddpm.networks.embedding import timestep_embedding
+from ddpm.params import check_ddpm_shape
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -179,7 +168,7 @@ class ResAttn(nn.Module):
         return self.attn(h) if self.attn is not None else h
 
 
-class UNet(nn.Module):
+class DDPMUNet(nn.Module):
     """eps_theta(x_t, t): (B, 3, H, W) images and (B,) integer timesteps -> (B, 3, H, W)."""
 
     def __init__(
@@ -193,7 +182,7 @@ class UNet(nn.Module):
         in_channels: int = 3,                  # image channels in and out
     ):
         super().__init__()
-        check_unet_shape(channels, res_blocks, attention_resolutions, heads, image_size)
+        check_ddpm_shape(channels, res_blocks, attention_resolutions, heads, image_size)
         base, emb_dim = channels[0], 4 * channels[0]
         self.base = base
         self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(),

@@ -1,0 +1,123 @@
+"""The seed notebook's UNet (model.arch = seed): 32,655,651 parameters at its defaults.
+
+A plain encoder-decoder without residual paths. Every block is conv, GroupNorm, SiLU, plus its
+own projection of a fixed sinusoidal time embedding (no shared MLP), then conv, GroupNorm, SiLU
+and dropout; where attention is on, multi-head self-attention over the H*W positions replaces
+the features (no norm, no residual). The encoder downsamples with stride-2 convolutions, the
+decoder upsamples with 4x4 transposed convolutions and concatenates one skip per resolution.
+PyTorch's default initialisation throughout, as in the notebook.
+
+With channels (96, 192, 384, 384), two blocks per level and 8 heads at 16x16:
+
+    encoder 32   Block 3->96, Block 96->96 (skip s32), Block 96->192, Block 192->192
+    down 32->16  stride-2 conv 192->192 (skip s16); encoder 16: Block 192->384, Block 384->384
+    down 16->8   stride-2 conv 384->384 (skip s8);  encoder 8: Block 384->384 x2
+    down 8->4    stride-2 conv 384->384;            bottleneck 4: Block 384->384 x2
+    up 4->8      ConvTranspose 384->384, concat s8:  Block 768->384, Block 384->384
+    up 8->16     ConvTranspose 384->192, concat s16: Block 384->192 + attention, Block 192->192
+    up 16->32    ConvTranspose 192->96,  concat s32: Block 192->96, Block 96->96
+    output       3x3 conv 96->3
+
+Read generally: encoder level i (width channels[i]) runs at 32 >> max(i - 1, 0); every level
+from 1 on ends with a stride-2 conv whose output is the skip of the next-lower resolution, and
+level 0's last output is the full-resolution skip; the decoder at each skip's resolution starts
+with a transposed conv to that level's width, concatenates the skip, and runs res_blocks blocks,
+the first of which attends where attention_resolutions names the resolution.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpm.networks.embedding import timestep_embedding
+from ddpm.params import SEED_GROUPS, check_seed_shape, seed_decoder_resolutions
+
+
+class SeedBlock(nn.Module):
+    """conv, GroupNorm, SiLU, + SiLU(Linear(emb)), conv, GroupNorm, SiLU, dropout [, attention]."""
+
+    def __init__(self, in_ch: int, out_ch: int, time_dim: int, dropout: float,
+                 heads: int | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm1 = nn.GroupNorm(SEED_GROUPS, out_ch)
+        self.time_proj = nn.Linear(time_dim, out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.norm2 = nn.GroupNorm(SEED_GROUPS, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.attn = nn.MultiheadAttention(out_ch, heads, batch_first=True) if heads else None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        # x: (B, in_ch, H, W); emb: (B, time_dim), the raw sinusoidal embedding
+        h = F.silu(self.norm1(self.conv1(x)))
+        h = h + F.silu(self.time_proj(emb))[:, :, None, None]
+        h = self.dropout(F.silu(self.norm2(self.conv2(h))))
+        if self.attn is None:
+            return h
+        B, C, H, W = h.shape
+        tokens = h.flatten(2).transpose(1, 2)                                # (B, HW, C)
+        out, _ = self.attn(tokens, tokens, tokens, need_weights=False)      # (B, HW, C)
+        return out.transpose(1, 2).reshape(B, C, H, W)                      # replaces h
+
+
+class SeedUNet(nn.Module):
+    """eps_theta(x_t, t): (B, 3, H, W) images and (B,) integer timesteps -> (B, 3, H, W)."""
+
+    def __init__(
+        self,
+        channels: Sequence[int],               # width per encoder level, e.g. (96, 192, 384, 384)
+        res_blocks: int,                       # blocks per level, bottleneck and decoder stage
+        attention_resolutions: Sequence[int],  # decoder resolutions whose first block attends
+        heads: int,                            # attention heads
+        dropout: float,                        # dropout at the end of every block
+        time_dim: int,                         # width of the sinusoidal time embedding
+        image_size: int = 32,                  # input height and width
+        in_channels: int = 3,                  # image channels in and out
+    ):
+        super().__init__()
+        check_seed_shape(channels, res_blocks, attention_resolutions, heads, time_dim, image_size)
+        self.time_dim = time_dim
+
+        def stage(in_ch: int, width: int, heads_first: int | None = None) -> nn.ModuleList:
+            return nn.ModuleList([SeedBlock(in_ch if i == 0 else width, width, time_dim, dropout,
+                                            heads_first if i == 0 else None)
+                                  for i in range(res_blocks)])
+
+        self.encoder, self.down, ch = nn.ModuleList(), nn.ModuleList(), in_channels
+        for level, width in enumerate(channels):
+            self.encoder.append(stage(ch, width))
+            ch = width
+            if level > 0:
+                self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+        self.bottleneck = stage(ch, ch)
+
+        self.up, self.decoder = nn.ModuleList(), nn.ModuleList()
+        resolutions = seed_decoder_resolutions(channels, image_size)
+        for level in reversed(range(len(resolutions))):
+            width = channels[level]
+            attends = resolutions[level] in attention_resolutions
+            self.up.append(nn.ConvTranspose2d(ch, width, 4, stride=2, padding=1))
+            self.decoder.append(stage(2 * width, width, heads if attends else None))
+            ch = width
+        self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = timestep_embedding(t, self.time_dim)                 # (B, time_dim), no MLP
+        h, skips = x_t, []
+        for level, blocks in enumerate(self.encoder):
+            for block in blocks:
+                h = block(h, emb)
+            if level > 0:
+                h = self.down[level - 1](h)                        # (B, C, H/2, W/2)
+            if level < len(self.encoder) - 1:
+                skips.append(h)                                    # s32, s16, s8, ...
+        for block in self.bottleneck:
+            h = block(h, emb)
+        for up, blocks in zip(self.up, self.decoder):
+            h = torch.cat([up(h), skips.pop()], dim=1)             # (B, 2 C, 2H, 2W)
+            for block in blocks:
+                h = block(h, emb)
+        return self.conv_out(h)
