@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -48,6 +49,24 @@ def test_ema_is_the_closed_form_average():
     for e, p, s in zip(ema.model.parameters(), model.parameters(), start):
         torch.testing.assert_close(e, p + 0.9**5 * (s - p))
         assert not e.requires_grad
+
+
+def test_ema_warmup_ramps_the_decay_from_0_1_to_the_configured_decay():
+    """With warmup, update k (k steps before it) uses min(decay, (1 + k) / (10 + k)): after n
+    updates towards fixed weights w, ema - w = prod_k decay_k (ema0 - w)."""
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9, warmup=True)
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    decays = [min(0.9, (1 + k) / (10 + k)) for k in range(100)]
+    assert decays[0] == 0.1 and decays[-1] == 0.9 and decays[50] == pytest.approx(51 / 60)
+    for k in range(100):
+        ema.update(model, step=k)
+    remaining = math.prod(decays)
+    for e, p, s in zip(ema.model.parameters(), model.parameters(), start):
+        torch.testing.assert_close(e, p + remaining * (s - p))
 
 
 @pytest.mark.parametrize("arch", ["seed", "ddpm"])

@@ -167,6 +167,7 @@ class TrainParams:
     lr: float
     warmup_steps: int      # linear lr warmup over this many optimizer steps; 0 = off
     ema_decay: float
+    ema_warmup: bool       # decay ramps as min(ema_decay, (1 + step) / (10 + step))
     grad_clip: float       # 0 = off
     precision: str         # auto | fp32 | fp16 | bf16
     gpus: int              # data-parallel processes

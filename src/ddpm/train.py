@@ -99,7 +99,7 @@ class Trainer:
         # waits on kernel launches either way, and NHWC slowed eager sampling there (README).
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.ema = EMA(self.model, self.tp.ema_decay)
+        self.ema = EMA(self.model, self.tp.ema_decay, self.tp.ema_warmup)
         # Fused Adam: one kernel over all parameters, on GPUs and (torch >= 2.4) CPUs alike.
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.tp.lr, fused=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
@@ -177,7 +177,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(self.model)
+        self.ema.update(self.model, self.progress.step)
         return total
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
