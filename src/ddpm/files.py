@@ -10,6 +10,30 @@ from pathlib import Path
 from typing import Iterator
 
 
+def umask() -> int:
+    """The process's umask, read without changing it (os.umask can only set it, and setting it
+    twice races with threads that create files meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore
+    os.umask(mask)
+    return mask
+
+
+def as_created(path: Path, directory: bool = False) -> None:
+    """Give a temporary file or folder the mode a plain open() or mkdir() would have given it.
+
+    mkstemp and mkdtemp create 0600 and 0700 (private); outputs follow the user's umask like
+    files that any other tool writes, so a team sharing a machine can read each other's results.
+    """
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
 @contextlib.contextmanager
 def atomic_file(dest: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; on success it replaces `dest` in one rename."""
@@ -19,6 +43,7 @@ def atomic_file(dest: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        as_created(Path(tmp))
         os.replace(tmp, dest)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -36,6 +61,7 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
     try:
         yield tmp
+        as_created(tmp, directory=True)
         old = None
         if dest.exists():
             old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old."))
