@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/fakes.py
 
-from fakes import PER_BATCH, ROOT, make_cifar_archive, make_inception_weights  # noqa: E402
+from fakes import PER_BATCH, make_cifar_archive, make_inception_weights  # noqa: E402
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TQDM_MININTERVAL", "5")  # keep test logs short
@@ -41,9 +41,9 @@ def inception_weights(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def base_params() -> dict:
-    """The repository's params.yaml, as a dict."""
-    import yaml
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    """The repository's params.yaml as committed, as a dict (fakes.committed_params)."""
+    from fakes import committed_params
+    return committed_params()
 
 
 @pytest.fixture(scope="session")

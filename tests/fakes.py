@@ -88,6 +88,18 @@ def make_inception_weights(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def committed_params() -> dict:
+    """params.yaml as committed (git HEAD), not as `dvc exp run -S ...` or `dvc exp apply` left
+    the working copy: the tests' defaults do not move with the user's experiments. Outside a git
+    checkout (or before params.yaml is committed), the file itself."""
+    try:
+        text = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True,
+                              text=True, check=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        text = (ROOT / "params.yaml").read_text()
+    return yaml.safe_load(text)
+
+
 def tiny_params(base: dict, archive: Path, md5: str, weights: Path) -> dict:
     """params.yaml's dict shrunk to a run of seconds on the CPU, pointing at the fake inputs."""
     import copy
@@ -111,9 +123,9 @@ def train_paths(root: Path, cifar: Path):
 
 
 def run_stage(script: str, cwd: Path, *args: str, **overrides) -> subprocess.CompletedProcess:
-    """Run stages/<script> in cwd with a copy of params.yaml; `data__url=...` sets data.url,
-    `device=...` a top-level key."""
-    config = yaml.safe_load((ROOT / "params.yaml").read_text())
+    """Run stages/<script> in cwd with a copy of the committed params.yaml; `data__url=...` sets
+    data.url, `device=...` a top-level key."""
+    config = committed_params()
     for key, value in overrides.items():
         section, _, name = key.rpartition("__")
         (config[section] if section else config)[name] = value

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from ddpm.params import ParamsError, load_params, parse_params
-from fakes import ROOT
+from fakes import ROOT, committed_params
 
 # The seed notebook's hyperparameters, as DESIGN.md lists them.
 SEED = {
@@ -26,8 +26,8 @@ SEED = {
 }
 
 
-def test_the_repository_params_are_the_seed_notebook():
-    params = load_params(ROOT / "params.yaml")
+def test_the_repository_params_are_the_seed_notebook(base_params):
+    params = parse_params(base_params)
     assert params.seed == SEED["seed"] and params.device == SEED["device"]
     for section in ("data", "model", "diffusion", "train", "sample", "fid"):
         values = dataclasses.asdict(getattr(params, section))
@@ -129,3 +129,24 @@ def test_compile_settings_resolve_per_device(raw, setting, monkeypatch):
         assert resolve_compile(setting, torch.device("cpu")) is (setting is True)
         on_gpu = triton if setting == "auto" else setting
         assert resolve_compile(setting, torch.device("cuda", 0)) is on_gpu
+
+
+def test_the_tests_read_the_committed_params_not_the_working_copy(tmp_path):
+    """`dvc exp run -S train.lr=1e-4` rewrites the working params.yaml; the tests' defaults still
+    come from the commit. In a clone whose working copy says lr 1e-4 and arch ddpm, this file's
+    seed-notebook test passes."""
+    import subprocess
+    import sys
+    import yaml
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(ROOT), str(clone)], check=True,
+                   timeout=120)
+    (clone / "params.yaml").write_text((ROOT / "params.yaml").read_text()
+                                       .replace("lr: 2.0e-4", "lr: 1.0e-4")
+                                       .replace("arch: seed", "arch: ddpm"))
+    assert yaml.safe_load((clone / "params.yaml").read_text())["train"]["lr"] == 1e-4
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/test_params.py", "-k", "repository_params"], cwd=clone,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-2000:]
+    assert committed_params()["train"]["lr"] == 2e-4
