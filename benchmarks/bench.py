@@ -98,7 +98,7 @@ def ours_step(model: dict, images, batch: int, precision: str, device: torch.dev
     """The pipeline's own optimizer step (Trainer.optimizer_step), on in-memory images: eager,
     or with compile_mode "default" as train.compile runs it, or compiled in another mode."""
     tmp = Path(tempfile.mkdtemp())
-    paths = TrainPaths(tmp, tmp, tmp / "ema.pt", tmp / "m.json", tmp / "l.tsv", tmp)
+    paths = TrainPaths(tmp, tmp, tmp / "runs", tmp / "ema.pt", tmp / "m.json", tmp / "l.tsv", tmp)
     params = base_params(model, precision, device, batch, accum, compile=compile_mode == "default")
     trainer = Trainer(params, paths, World(), device, images)
     if compile_mode not in (None, "default"):

@@ -16,7 +16,8 @@ from ddpm.train import Trainer, TrainPaths
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     for name, what in [("cifar", "folder of the extracted batches"),
-                       ("checkpoints", "persistent folder for last.pt and preview grids"),
+                       ("checkpoints", "persistent folder for the finished run's last.pt and grids"),
+                       ("runs", "folder (outside DVC) for unfinished runs, one per config"),
                        ("ema", "EMA weights file to write"), ("metrics", "metrics JSON to write"),
                        ("loss", "loss TSV to write"), ("samples", "folder for preview grids")]:
         parser.add_argument(f"--{name}", required=True, type=Path, help=what)

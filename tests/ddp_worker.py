@@ -6,15 +6,13 @@ import torch
 
 from ddpm.params import load_params
 from ddpm.runtime import init_world
-from ddpm.train import Trainer, TrainPaths
+from ddpm.train import Trainer
+from fakes import train_paths
 
 params_file, cifar, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 params = load_params(params_file)
 world, device = init_world(params.device, params.train.gpus)
-trainer = Trainer(params, TrainPaths(cifar=cifar, checkpoints=out / "checkpoints",
-                                     ema=out / "ema.pt", metrics=out / "train.json",
-                                     loss=out / "loss.tsv", samples=out / "samples"),
-                  world, device)
+trainer = Trainer(params, train_paths(out, cifar), world, device)
 init = {k: v.clone() for k, v in trainer.model.state_dict().items()}
 progress = trainer.run()
 torch.save({"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(), "init": init,

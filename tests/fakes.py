@@ -118,8 +118,9 @@ def tiny_params(base: dict, archive: Path, md5: str, weights: Path) -> dict:
 def train_paths(root: Path, cifar: Path):
     """The train stage's outputs under root, reading the extracted batches in cifar."""
     from ddpm.train import TrainPaths
-    return TrainPaths(cifar=cifar, checkpoints=root / "checkpoints", ema=root / "ema.pt",
-                      metrics=root / "train.json", loss=root / "loss.tsv", samples=root / "samples")
+    return TrainPaths(cifar=cifar, checkpoints=root / "checkpoints", runs=root / "runs",
+                      ema=root / "ema.pt", metrics=root / "train.json", loss=root / "loss.tsv",
+                      samples=root / "samples")
 
 
 def run_stage(script: str, cwd: Path, *args: str, **overrides) -> subprocess.CompletedProcess:

@@ -91,7 +91,8 @@ def test_training_runs_at_each_precision(tiny, cifar_dir, tmp_path, precision):
     assert (tmp_path / "samples" / "epoch_0002.png").exists()
     if ON_GPU:  # NHWC weights for the tensor cores, kept through the optimizer and EMA
         for module in (t.model, t.ema.model):
-            assert module.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+            first_conv = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))
+            assert first_conv.weight.is_contiguous(memory_format=torch.channels_last)
     scaler = checkpoint.load(tmp_path / "checkpoints" / "last.pt")["scaler"]
     if precision == "fp16":  # the dynamic loss scale is live and saved for resuming
         assert scaler["scale"] > 1 and "_growth_tracker" in scaler
@@ -195,7 +196,8 @@ def test_the_stages_run_on_the_device(tiny, tmp_path):
     steps = [("download.py", "--out", "cifar"),
              ("export_real.py", "--cifar", "cifar", "--out", "real"),
              ("real_stats.py", "--images", "real", "--out", "real.npz"),
-             ("train.py", "--cifar", "cifar", "--checkpoints", "ckpt", "--ema", "ema.pt",
+             ("train.py", "--cifar", "cifar", "--checkpoints", "ckpt", "--runs", "runs",
+              "--ema", "ema.pt",
               "--metrics", "train.json", "--loss", "loss.tsv", "--samples", "previews"),
              ("sample.py", "--ema", "ema.pt", "--out", "samples", "--metrics", "sample.json",
               "--grid", "grid.png"),

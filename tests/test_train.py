@@ -84,6 +84,54 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny, cifar_dir, tmp_pa
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
+def test_an_interrupted_run_resumes_from_its_own_folder_whatever_dvc_put_back(
+        tiny, cifar_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in epoch 2 ends in one Interrupted line; then models/checkpoints is replaced by
+    another run's published checkpoint (what `dvc exp run` restores from dvc.lock). The run
+    resumes from models/runs/<id> at epoch 1 and ends bitwise where an uninterrupted run does;
+    its folder then moves into models/checkpoints."""
+    straight = run(tiny, tmp_path / "a", cifar_dir, epochs=3, sample_every=1)
+    other = run(tiny, tmp_path / "b", cifar_dir, epochs=1, sample_every=1, lr=1e-3)
+    real_epoch = Trainer.run_epoch
+
+    def interrupted_in_epoch_2(self, epoch, bar):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(self, epoch, bar)
+
+    monkeypatch.setattr(Trainer, "run_epoch", interrupted_in_epoch_2)
+    with pytest.raises(train.Interrupted) as info:
+        run(tiny, tmp_path / "b", cifar_dir, epochs=3, sample_every=1)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("train: interrupted in epoch 2 of 3;")
+    assert "(epoch 1), is kept" in message and "Run the same command again" in message
+    monkeypatch.undo()
+    assert other.progress.epoch == 1  # its checkpoint is the published one, another config
+    capsys.readouterr()
+    resumed = run(tiny, tmp_path / "b", cifar_dir, epochs=3, sample_every=1)
+    assert "/runs/" in capsys.readouterr().err.split("resuming from ")[1].split(" at epoch 1")[0]
+    assert_same_weights(straight.ema.state_dict(), resumed.ema.state_dict())
+    assert not list((tmp_path / "b" / "runs").iterdir())  # finished: moved, not copied
+    published = checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert published["progress"]["epoch"] == 3
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints" / "previews").iterdir()) == [
+        "epoch_0001.png", "epoch_0002.png", "epoch_0003.png"]
+
+
+def test_unfinished_runs_of_other_configs_are_named_with_their_size(tiny, cifar_dir, tmp_path,
+                                                                    capsys, monkeypatch):
+    monkeypatch.setattr(Trainer, "end_of_epoch", lambda self: (self.save_checkpoint(),
+                                                               (_ for _ in ()).throw(
+                                                                   KeyboardInterrupt)))
+    with pytest.raises(train.Interrupted):
+        run(tiny, tmp_path, cifar_dir, epochs=2, sample_every=0, lr=1e-3)
+    monkeypatch.undo()
+    capsys.readouterr()
+    run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0)
+    err = capsys.readouterr().err
+    assert "holds an unfinished run of another config" in err and "rm -r it" in err
+
+
 def test_a_changed_config_starts_fresh_and_says_why(tiny, cifar_dir, tmp_path, capsys):
     run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0)
     capsys.readouterr()
@@ -148,7 +196,8 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, cifar_
     monkeypatch.setattr(train.diffusion, "loss", loss_that_diverges)
     with pytest.raises(TrainingError, match="non-finite|nan"):
         run(tiny, tmp_path, cifar_dir, epochs=4, sample_every=0)
-    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    unfinished, = (tmp_path / "runs").glob("*/last.pt")  # kept where the next run resumes it
+    state = checkpoint.load(unfinished)
     assert state["progress"]["epoch"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (tmp_path / "ema.pt").exists()

@@ -3,3 +3,7 @@
 
 class PipelineError(Exception):
     """Bad input, a missing prerequisite or a failed run; the message names it and what to do."""
+
+
+class Interrupted(PipelineError):
+    """Ctrl-C: the message says where the stage stopped and how to go on (exit code 130)."""

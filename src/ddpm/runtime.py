@@ -137,7 +137,11 @@ def relaunch_under_torchrun(nproc: int) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", sys.argv[0], *sys.argv[1:]]
     print(f"launching {nproc} processes: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    return subprocess.call(cmd)
+    with subprocess.Popen(cmd) as launcher:
+        try:
+            return launcher.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the processes too: they say where they stopped
+            return launcher.wait()
 
 
 def start_processes(device_name: str, gpus: int) -> tuple[World, torch.device]:

@@ -23,15 +23,14 @@ from tqdm.auto import tqdm
 from ddpm import checkpoint, diffusion, networks, previews
 from ddpm.data import load_cifar10
 from ddpm.ema import EMA
-from ddpm.errors import PipelineError
+from ddpm.errors import Interrupted, PipelineError
 from ddpm.files import write_json, write_tsv
 from ddpm.images import save_png, to_float
 from ddpm.params import Params, plain
+from ddpm.runs import CHECKPOINT, RunFolders, run_id
 from ddpm.runtime import (MemoryMonitor, World, autocast, derive_seed, resolve_compile,
                            resolve_precision)
 
-CHECKPOINT = "last.pt"
-PREVIEWS = "previews"
 LOSS_HEADER = ["step", "loss", "images_per_second"]
 # train.* keys that do not change the optimisation: a checkpoint resumes across changes to them.
 RESUME_IGNORES = ("epochs", "gpus", "compile", "checkpoint_every", "sample_every",
@@ -45,7 +44,8 @@ class TrainingError(PipelineError, RuntimeError):
 @dataclass(frozen=True)
 class TrainPaths:
     cifar: Path        # extracted CIFAR-10 batches (input)
-    checkpoints: Path  # persistent: last.pt and the preview grids
+    checkpoints: Path  # persistent DVC output: the finished run's last.pt and preview grids
+    runs: Path         # outside DVC: unfinished runs' last.pt and grids, one folder per config
     ema: Path          # the EMA weights that sample reads
     metrics: Path      # metrics/train.json
     loss: Path         # plots/train/loss.tsv
@@ -112,6 +112,7 @@ class Trainer:
             self.net = torch.compile(self.net)
         self.memory = MemoryMonitor(device)
         self.config = self._resume_config()
+        self.folders = RunFolders(paths.checkpoints, paths.runs / run_id(self.config))
         self.progress = Progress()
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -125,25 +126,35 @@ class Trainer:
                 "train": dict(train, precision=self.precision), "world_size": self.world.size})
 
     def resume(self) -> str:
-        """Load the last checkpoint if it belongs to this run; return what happened, in words."""
-        path = self.paths.checkpoints / CHECKPOINT
-        if not path.exists():
-            return "no checkpoint: starting at epoch 0"
-        try:
-            state = checkpoint.load(path)
-        except checkpoint.CheckpointError as e:
-            return f"{e}: starting fresh"
-        differs = checkpoint.differences(state.get("resume_config", {}), self.config)
-        if differs:
-            return f"{path} is from another run ({', '.join(differs)} differ): starting fresh"
-        if state["progress"]["epoch"] > self.tp.epochs:
-            return (f"{path} is at epoch {state['progress']['epoch']}, beyond train.epochs: "
-                    "starting fresh")
+        """Load the most advanced checkpoint that belongs to this run (this config's unfinished
+        one, or the published one of a finished run); return what happened, in words."""
+        found, notes = None, []
+        for path in self.folders.checkpoints():
+            if not path.exists():
+                continue
+            try:
+                state = checkpoint.load(path)
+            except checkpoint.CheckpointError as e:
+                notes.append(f"{e}: not resumed")
+                continue
+            differs = checkpoint.differences(state.get("resume_config", {}), self.config)
+            if differs:
+                notes.append(f"{path} is from another run ({', '.join(differs)} differ)")
+            elif state["progress"]["epoch"] > self.tp.epochs:
+                notes.append(f"{path} is at epoch {state['progress']['epoch']}, beyond "
+                             "train.epochs")
+            elif found is None or state["progress"]["step"] > found[1]["progress"]["step"]:
+                found = path, state
+        if found is None:
+            return "; ".join(notes + ["starting at epoch 0" if not notes else "starting fresh"])
+        path, state = found
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
+        if self.world.main:
+            self.folders.adopt_previews(path)
         return f"resuming from {path} at epoch {self.progress.epoch}"
 
     def save_checkpoint(self) -> None:
@@ -152,7 +163,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "progress": dataclasses.asdict(self.progress), "resume_config": self.config,
             "config": self.p.to_dict(),
-        }, self.paths.checkpoints / CHECKPOINT)
+        }, self.folders.work / CHECKPOINT)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -221,31 +232,48 @@ class Trainer:
         if not math.isfinite(loss):
             raise TrainingError(
                 f"the loss became {loss} at optimizer step {self.progress.step}: training stopped "
-                f"and the last good checkpoint is kept in {self.paths.checkpoints}. Lower "
+                f"and the last good checkpoint is kept in {self.folders.work}. Lower "
                 f"train.lr (now {self.tp.lr}) or use train.precision=fp32 or bf16")
 
     def run(self) -> Progress:
         message = self.resume()
         if self.world.main:
+            for folder, size in self.folders.others():
+                print(f"train: {folder} holds an unfinished run of another config ({size / 2**20:.0f}"
+                      f" MiB; resumed if that config runs again, else rm -r it)", file=sys.stderr)
             print(f"train: {message}; {len(self.images)} images, {self.steps_per_epoch} steps per "
                   f"epoch of {self.global_batch} images ({self.world.size} process(es)), "
                   f"{self.precision} on {self.device}", file=sys.stderr, flush=True)
         if self.progress.epoch == 0 and self.world.main:
-            previews.clear(self.paths.checkpoints / PREVIEWS)
+            previews.clear(self.folders.previews)
         total = self.tp.epochs * self.steps_per_epoch
         with tqdm(total=total, initial=self.progress.step, desc="train", unit="step",
                   disable=not self.world.main, dynamic_ncols=True) as bar:
             for epoch in range(self.progress.epoch, self.tp.epochs):
                 try:
                     self.run_epoch(epoch, bar)
+                    if self.world.main:
+                        self.end_of_epoch()
                 except torch.cuda.OutOfMemoryError:
                     raise TrainingError(self._oom_advice()) from None
-                if self.world.main:
-                    self.end_of_epoch()
+                except KeyboardInterrupt:
+                    raise self._interrupted(epoch) from None
                 self.world.barrier()
         if self.world.main:
             self.write_outputs(final=True)
+            self.folders.finish()
         return self.progress
+
+    def _interrupted(self, epoch: int) -> BaseException:
+        """Ctrl-C: one line saying where it stopped and how to go on (other ranks stay quiet)."""
+        if not self.world.main:
+            return SystemExit(130)
+        path = self.folders.work / CHECKPOINT
+        kept = (f"its last checkpoint, {path} (epoch {checkpoint.load(path)['progress']['epoch']}"
+                "), is kept" if path.exists() else "no checkpoint was written yet")
+        return Interrupted(f"train: interrupted in epoch {epoch + 1} of {self.tp.epochs}; {kept}."
+                           " Run the same command again (dvc repro, or dvc exp run with the same"
+                           " -S values) to resume")
 
     def end_of_epoch(self) -> None:
         """Preview, then checkpoint: a kill in between only redoes this epoch's identical preview."""
@@ -255,7 +283,7 @@ class Trainer:
             self.ema.model.eval()
             grid = previews.preview_grid(self.ema.model, self.sched, self.tp.preview_images,
                                          self.tp.preview_steps, self.p.seed, self.precision)
-            save_png(grid, self.paths.checkpoints / PREVIEWS / f"epoch_{epoch:04d}.png")
+            save_png(grid, self.folders.previews / f"epoch_{epoch:04d}.png")
         if epoch % self.tp.checkpoint_every == 0 or last:
             self.save_checkpoint()
         self.write_outputs(final=False)
@@ -273,7 +301,7 @@ class Trainer:
             "effective_batch": self.global_batch, "processes": self.world.size,
             "precision": self.precision, "device": str(self.device.type), "compile": self.compiled,
         })
-        previews.publish(self.paths.checkpoints / PREVIEWS, self.paths.samples, pr.epoch)
+        previews.publish(self.folders.previews, self.paths.samples, pr.epoch)
         if final:
             checkpoint.save({"ema": self.ema.state_dict(), "config": self.p.to_dict(),
                              "epochs": pr.epoch, "steps": pr.step}, self.paths.ema)

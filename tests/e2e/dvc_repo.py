@@ -1,11 +1,15 @@
 """Helpers for the end-to-end tests: a temporary git + DVC copy of this project, the real CLI."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import yaml
 
@@ -55,3 +59,56 @@ def make_repo(path: Path, params: dict) -> Path:
 def commit(repo: Path, message: str) -> None:
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-q", "-m", message)
+
+
+def unfinished_epoch(repo: Path) -> int:
+    """The epoch of the unfinished run's checkpoint in models/runs (0 if there is none)."""
+    import torch
+    found = sorted((repo / "models/runs").glob("*/last.pt"))
+    if not found:
+        return 0
+    try:
+        return torch.load(found[0], weights_only=True)["progress"]["epoch"]  # replaced atomically
+    except FileNotFoundError:  # moved into models/checkpoints as the run finished
+        return 0
+
+
+def dvc_killed_when(repo: Path, args: Sequence[str], ready: Callable[[], bool],
+                    extra_delay: float = 0.0, sig: int = signal.SIGKILL,
+                    timeout: float = 180) -> str:
+    """Start `dvc *args`, wait until ready() is true, then send `sig` to dvc and its children (as
+    Ctrl-C in a terminal reaches the whole foreground process group); return what it printed."""
+    log = repo / f".dvc-{time.monotonic_ns()}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=env(),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while not ready():
+                assert proc.poll() is None, f"dvc ended before the kill point:\n{log.read_text()}"
+                assert time.monotonic() < deadline, "kill point not reached"
+                time.sleep(0.02)
+            time.sleep(extra_delay)
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            forget_dvc_lock_torn_by_the_kill(repo)
+    text = log.read_text()
+    log.unlink()
+    return text
+
+
+def forget_dvc_lock_torn_by_the_kill(repo: Path) -> None:
+    """DVC rewrites .dvc/tmp/rwlock in place: killed at that moment, it leaves the file empty and
+    every later dvc command fails with "Unable to read RWLock-file" (treeverse/dvc#7615). No
+    dvc runs any more, so delete it, as the README's troubleshooting says."""
+    rwlock = repo / ".dvc/tmp/rwlock"
+    if not rwlock.exists():
+        return
+    try:
+        json.loads(rwlock.read_text())
+    except json.JSONDecodeError:
+        rwlock.unlink()

@@ -3,8 +3,7 @@ data-parallel training through dvc; a bad params value stops it at once."""
 from __future__ import annotations
 
 import json
-import os
-import signal
+import re
 import subprocess
 import sys
 import time
@@ -15,49 +14,11 @@ import torch
 import yaml
 from PIL import Image
 
-from dvc_repo import dvc, env
+from dvc_repo import dvc, dvc_killed_when, env, unfinished_epoch
 
 pytestmark = pytest.mark.e2e
 
 TRAIN = dict(epochs=5, checkpoint_every=1, sample_every=2)
-
-
-def checkpoint_epoch(repo) -> int:
-    path = repo / "models/checkpoints/last.pt"
-    if not path.exists():
-        return 0
-    return torch.load(path, weights_only=True)["progress"]["epoch"]  # replaced atomically
-
-
-def repro_killed_when(repo, ready, extra_delay: float = 0.0, timeout: float = 120) -> None:
-    """Start `dvc repro train`, wait until ready() is true, then SIGKILL dvc and its children."""
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train"], cwd=repo, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while not ready():
-            assert proc.poll() is None, "training ended before the kill point"
-            assert time.monotonic() < deadline, "kill point not reached"
-            time.sleep(0.02)
-        time.sleep(extra_delay)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        forget_dvc_lock_torn_by_the_kill(repo)
-
-
-def forget_dvc_lock_torn_by_the_kill(repo) -> None:
-    """DVC rewrites .dvc/tmp/rwlock in place: killed at that moment, it leaves the file empty and
-    every later dvc command fails with "Unable to read RWLock-file" (treeverse/dvc#7615). No
-    dvc runs any more, so delete it, as the README's troubleshooting says."""
-    rwlock = repo / ".dvc/tmp/rwlock"
-    if not rwlock.exists():
-        return
-    try:
-        json.loads(rwlock.read_text())
-    except json.JSONDecodeError:
-        rwlock.unlink()
 
 
 def test_sigkill_at_any_moment_then_repro_gives_the_uninterrupted_weights(new_repo):
@@ -67,14 +28,16 @@ def test_sigkill_at_any_moment_then_repro_gives_the_uninterrupted_weights(new_re
     repo = new_repo("killed", train=TRAIN)
     dvc(repo, "repro", "download")
     start = time.monotonic()
-    repro_killed_when(repo, lambda: time.monotonic() - start > 1.0)     # while starting up
-    assert checkpoint_epoch(repo) == 0
-    repro_killed_when(repo, lambda: checkpoint_epoch(repo) >= 1)        # right after a checkpoint
-    repro_killed_when(repo, lambda: checkpoint_epoch(repo) >= 3, 0.3)   # in the middle of an epoch
-    killed_at = checkpoint_epoch(repo)
+    repro = ("repro", "train")
+    dvc_killed_when(repo, repro, lambda: time.monotonic() - start > 1.0)    # while starting up
+    assert unfinished_epoch(repo) == 0
+    dvc_killed_when(repo, repro, lambda: unfinished_epoch(repo) >= 1)       # right after a checkpoint
+    dvc_killed_when(repo, repro, lambda: unfinished_epoch(repo) >= 3, 0.3)  # in the middle of an epoch
+    killed_at = unfinished_epoch(repo)
     assert 3 <= killed_at < TRAIN["epochs"]
     out = dvc(repo, "repro", "train").stdout
-    assert f"resuming from models/checkpoints/last.pt at epoch {killed_at}" in out
+    assert re.search(rf"resuming from models/runs/\w+/last.pt at epoch {killed_at}", out), out
+    assert not list((repo / "models/runs").iterdir())  # finished: moved to models/checkpoints
 
     expected = torch.load(reference / "models/ema.pt", weights_only=True)
     got = torch.load(repo / "models/ema.pt", weights_only=True)

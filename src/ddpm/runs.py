@@ -1,0 +1,73 @@
+"""Where a training run keeps its resumable state while it is unfinished.
+
+DVC restores declared outputs: `dvc exp run` checks out the models/checkpoints that dvc.lock
+records before it runs the stage, over the checkpoint of the run it interrupted. So an unfinished
+run keeps its checkpoint and preview grids in a folder DVC does not manage, one per run config,
+models/runs/<id>/, and moves them into models/checkpoints (the persistent output that DVC caches,
+pushes and commits) when it finishes. The id hashes everything a checkpoint must share with the
+run (seed, data, model, diffusion, the train.* keys that change the optimisation), so a resumed
+run is still checked key by key, and another config never meets this folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ddpm.params import plain
+
+CHECKPOINT = "last.pt"
+PREVIEWS = "previews"
+
+
+def run_id(resume_config: dict) -> str:
+    """12 hex digits naming a run config (JSON with sorted keys, then sha256)."""
+    text = json.dumps(plain(resume_config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@dataclass(frozen=True)
+class RunFolders:
+    published: Path  # models/checkpoints: the finished run's state, a persistent DVC output
+    work: Path       # models/runs/<id>: this config's unfinished state, outside DVC
+
+    @property
+    def previews(self) -> Path:
+        """Where this run's preview grids are kept while it trains."""
+        return self.work / PREVIEWS
+
+    def checkpoints(self) -> list[Path]:
+        """The checkpoints this run may resume from, its own first."""
+        return [self.work / CHECKPOINT, self.published / CHECKPOINT]
+
+    def adopt_previews(self, source: Path) -> None:
+        """Resuming from the published checkpoint: its grids become this run's."""
+        if source.parent == self.published and (self.published / PREVIEWS).is_dir():
+            shutil.rmtree(self.previews, ignore_errors=True)
+            shutil.copytree(self.published / PREVIEWS, self.previews)
+
+    def finish(self) -> None:
+        """Move the finished run's checkpoint and grids into the published folder (renames on
+        one filesystem), then forget the work folder."""
+        self.published.mkdir(parents=True, exist_ok=True)
+        if (self.work / CHECKPOINT).exists():
+            os.replace(self.work / CHECKPOINT, self.published / CHECKPOINT)
+        if self.previews.is_dir():
+            shutil.rmtree(self.published / PREVIEWS, ignore_errors=True)
+            os.replace(self.previews, self.published / PREVIEWS)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def others(self) -> list[tuple[Path, int]]:
+        """Unfinished runs of other configs beside this one, with their sizes in bytes."""
+        parent = self.work.parent
+        if not parent.is_dir():
+            return []
+        return [(p, folder_size(p)) for p in sorted(parent.iterdir())
+                if p.is_dir() and p != self.work]
