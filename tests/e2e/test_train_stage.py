@@ -74,6 +74,7 @@ def test_two_processes_train_and_sample_through_dvc(new_repo):
 
 
 def test_a_bad_param_fails_in_one_line_before_any_work(new_repo):
+    """check_params rejects it before download (whose outputs DVC would delete) runs."""
     repo = new_repo(train=dict(lr=-1.0))
     result = dvc(repo, "repro", "train", check=False)
     assert result.returncode != 0
