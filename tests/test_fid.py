@@ -115,7 +115,8 @@ def run_pytorch_fid_cli(folders: tuple[Path, Path], weights: Path, work: Path,
         [sys.executable, str(fakes.ROOT / "tests" / "pytorch_fid_compat.py"), *map(str, folders),
          "--dims", str(dims),
          "--device", "cpu"],
-        env={**os.environ, "TORCH_HOME": str(work / "torch_home")},
+        env={**os.environ, "TORCH_HOME": str(work / "torch_home"),
+             "OMP_NUM_THREADS": "1"},  # it runs beside this process: one thread each, as conftest
         capture_output=True, text=True, timeout=300)
 
 

@@ -119,7 +119,9 @@ def torchscript_bytes(path: Path) -> bytes:
 
 def fid_inception_network() -> torch.nn.Module:
     """pytorch-fid's FID Inception (fid_inception_v3: the FIDInceptionA/C/E blocks), its weights
-    left as initialised: pytorch-fid builds it only together with its download."""
+    left as initialised: pytorch-fid builds it only together with its download. Like
+    ddpm.fid.inception it patches pytorch-fid's and torchvision's modules while it builds, so
+    never call it from two threads at once."""
     with mock.patch.object(pf_inception, "load_state_dict_from_url", return_value={}), \
             mock.patch.object(torchvision.models.Inception3, "load_state_dict"):
         return pf_inception.fid_inception_v3()
