@@ -56,3 +56,31 @@ def test_two_queued_experiments_run_and_show_their_fid(baseline):
         lr = data["params"]["params.yaml"]["data"]["train"]["lr"]
         found[lr] = data["metrics"]["metrics/fid.json"]["data"]["fid"]
     assert sorted(found) == [1e-4, 3e-4] and all(v > 0 for v in found.values())
+
+
+def readme_commands(start: str) -> list[list[str]]:
+    """The README's command lines that start with `start`, split as a shell would."""
+    import shlex
+    from dvc_repo import ROOT
+    lines = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()
+             if line.strip().startswith(start)]
+    assert lines, f"no README line starts with {start!r}"
+    return [shlex.split(line.split("  #")[0]) for line in lines]
+
+
+def test_the_readme_comparison_commands_fit_100_columns(baseline):
+    """The README's `dvc exp show ...` and `dvc metrics diff <exp-a> <exp-b>`, as written, over
+    the two queued experiments: every line within 100 characters, the params that differ and the
+    FID in them."""
+    rows = json.loads(dvc(baseline, "exp", "show", "--json").stdout)
+    names = [e["name"] for row in rows for e in (row.get("experiments") or [])]
+    assert len(names) >= 2, rows
+    for show in readme_commands("dvc exp show --only-changed"):
+        out = dvc(baseline, *show[1:]).stdout
+        assert max(map(len, out.splitlines())) <= 100, out
+        assert "fid" in out and "train.lr" in out and all(name in out for name in names[:2]), out
+    diff, = readme_commands("dvc metrics diff <exp-a> <exp-b>")
+    out = dvc(baseline, *[{"<exp-a>": names[0], "<exp-b>": names[1]}.get(a, a)
+                          for a in diff[1:]]).stdout
+    assert max(map(len, out.splitlines())) <= 100, out
+    assert "metrics/fid.json" in out and names[0] in out and names[1] in out, out
