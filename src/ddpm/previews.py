@@ -1,7 +1,9 @@
 """Preview grids during training: the EMA model's images from the same fixed noise every time.
 
 Deterministic DDIM from per-image fixed noise makes the grids of successive epochs comparable
-image by image. Grids are kept beside the checkpoint (a persistent output), so a resumed run
+image by image. The predicted x0 is clipped to [-1, 1] inside every step (Ho et al.'s sampling):
+early in training the eps error at large t, amplified by 1 / sqrt(alpha_bar_t) (156x at t = 999),
+otherwise turns a few DDIM steps into saturated noise that hides what the model has learnt. Grids are kept beside the checkpoint (a persistent output), so a resumed run
 still shows the grids of the epochs it did not redo.
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ def preview_grid(model: torch.nn.Module, sched: Schedule, num_images: int, steps
     gens = [torch.Generator(device).manual_seed(derive_seed(seed, i, "preview"))
             for i in range(num_images)]
     with autocast(precision, device):
-        x = sample(model, sched, (num_images, 3, 32, 32), "ddim", steps, generator=gens)
+        x = sample(model, sched, (num_images, 3, 32, 32), "ddim", steps, generator=gens,
+                   clip_denoised=True)
     return img.grid(img.to_uint8(x))
 
 
