@@ -81,7 +81,8 @@ def dvc_killed_when(repo: Path, args: Sequence[str], ready: Callable[[], bool],
     log = repo / f".dvc-{time.monotonic_ns()}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=env(),
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=default_sigint)
         deadline = time.monotonic() + timeout
         try:
             while not ready():
@@ -99,6 +100,13 @@ def dvc_killed_when(repo: Path, args: Sequence[str], ready: Callable[[], bool],
     text = log.read_text()
     log.unlink()
     return text
+
+
+def default_sigint() -> None:
+    """Give dvc (and so the stages it starts) the SIGINT of a terminal: a shell without job
+    control, as a CI script's `cmd &`, starts commands with SIGINT ignored, and an ignored
+    signal stays ignored in every child, so Ctrl-C would never reach the stage."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def forget_dvc_lock_torn_by_the_kill(repo: Path) -> None:
