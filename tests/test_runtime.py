@@ -31,7 +31,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
                     str(ctypes.util.find_library("c")), reason="glibc's mallopt only")
 def test_kept_host_memory_is_reused_without_page_faults():
     """keep_freed_host_memory: a freed 64 MiB tensor's pages serve the next one. Under glibc's
-    defaults each such tensor is a fresh mapping whose 16,384 pages all fault in again."""
+    defaults each such tensor is a fresh mapping whose 16,384 pages all fault in again, so five
+    of them fault 81,920 pages. Kept, the heap can still grow once while its free blocks settle
+    (seen once in a clean CI run: exactly one tensor's 16,384 pages), never for every tensor."""
     pages = 5 * (64 * 2**20) // 4096
 
     def faults(mode: str) -> int:
@@ -39,7 +41,7 @@ def test_kept_host_memory_is_reused_without_page_faults():
                               capture_output=True, text=True, check=True)
         return int(done.stdout.split()[-1])
     assert faults("default") > 0.9 * pages
-    assert faults("kept") < 0.02 * pages
+    assert faults("kept") <= pages // 5 + 256
 
 
 def test_host_memory_is_left_alone_off_the_cpu():
