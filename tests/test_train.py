@@ -120,9 +120,11 @@ def test_an_interrupted_run_resumes_from_its_own_folder_whatever_dvc_put_back(
 
 def test_unfinished_runs_of_other_configs_are_named_with_their_size(tiny, cifar_dir, tmp_path,
                                                                     capsys, monkeypatch):
-    monkeypatch.setattr(Trainer, "end_of_epoch", lambda self: (self.save_checkpoint(),
-                                                               (_ for _ in ()).throw(
-                                                                   KeyboardInterrupt)))
+    def checkpoint_then_ctrl_c(self):
+        self.save_checkpoint()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "end_of_epoch", checkpoint_then_ctrl_c)
     with pytest.raises(train.Interrupted):
         run(tiny, tmp_path, cifar_dir, epochs=2, sample_every=0, lr=1e-3)
     monkeypatch.undo()

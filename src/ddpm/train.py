@@ -114,6 +114,7 @@ class Trainer:
         self.config = self._resume_config()
         self.folders = RunFolders(paths.checkpoints, paths.runs / run_id(self.config))
         self.progress = Progress()
+        self.resumable: tuple[Path, int] | None = None  # the checkpoint a rerun starts from, epoch
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -153,6 +154,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
+        self.resumable = path, self.progress.epoch
         if self.world.main:
             self.folders.adopt_previews(path)
         return f"resuming from {path} at epoch {self.progress.epoch}"
@@ -164,6 +166,7 @@ class Trainer:
             "progress": dataclasses.asdict(self.progress), "resume_config": self.config,
             "config": self.p.to_dict(),
         }, self.folders.work / CHECKPOINT)
+        self.resumable = self.folders.work / CHECKPOINT, self.progress.epoch
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -268,9 +271,8 @@ class Trainer:
         """Ctrl-C: one line saying where it stopped and how to go on (other ranks stay quiet)."""
         if not self.world.main:
             return SystemExit(130)
-        path = self.folders.work / CHECKPOINT
-        kept = (f"its last checkpoint, {path} (epoch {checkpoint.load(path)['progress']['epoch']}"
-                "), is kept" if path.exists() else "no checkpoint was written yet")
+        kept = (f"its last checkpoint, {self.resumable[0]} (epoch {self.resumable[1]}), is kept"
+                if self.resumable else "no checkpoint was written yet")
         return Interrupted(f"train: interrupted in epoch {epoch + 1} of {self.tp.epochs}; {kept}."
                            " Run the same command again (dvc repro, or dvc exp run with the same"
                            " -S values) to resume")
