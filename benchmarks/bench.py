@@ -34,7 +34,7 @@ from ddpm.diffusion import Schedule, sample  # noqa: E402
 from ddpm.generate import for_sampling  # noqa: E402
 from ddpm.params import parse_params  # noqa: E402
 from ddpm.runtime import World, autocast, keep_freed_host_memory, resolve_device  # noqa: E402
-from ddpm.train import Trainer, TrainPaths  # noqa: E402
+from ddpm.train import Trainer, TrainPaths, draw  # noqa: E402
 from ddpm import networks  # noqa: E402
 
 TINY = dict(arch="ddpm", channels=[16, 32], res_blocks=1, attention_resolutions=[16], heads=2,
@@ -80,11 +80,14 @@ def interleaved(fns: dict, device, rounds: int, steps: int, warmup: int = 1) -> 
 
 
 def base_params(model: dict, precision: str, device: torch.device, batch: int, accum: int = 1,
-                compile: bool = False):
+                compile: bool | str = False):
+    """params.yaml with `model` overrides; an optimizer batch of batch x accum in micro-batches
+    of `batch` (train.batch_gpu)."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["device"] = device.type
     raw["model"].update(model)
-    raw["train"].update(precision=precision, batch_size=batch, grad_accum=accum, compile=compile)
+    raw["train"].update(precision=precision, batch_size=batch * accum, batch_gpu=batch,
+                        compile=compile)
     return parse_params(raw)
 
 
@@ -99,14 +102,13 @@ def ours_step(model: dict, images, batch: int, precision: str, device: torch.dev
     or with compile_mode "default" as train.compile runs it, or compiled in another mode."""
     tmp = Path(tempfile.mkdtemp())
     paths = TrainPaths(tmp, tmp, tmp / "runs", tmp / "ema.pt", tmp / "m.json", tmp / "l.tsv", tmp)
-    params = base_params(model, precision, device, batch, accum, compile=compile_mode == "default")
+    params = base_params(model, precision, device, batch, accum, compile=compile_mode or False)
     trainer = Trainer(params, paths, World(), device, images)
-    if compile_mode not in (None, "default"):
-        trainer.net = torch.compile(trainer.net, mode=compile_mode)
     gen = torch.Generator(device).manual_seed(0)
 
     def step():
-        trainer.optimizer_step(torch.randint(0, len(images), (accum, batch), device=device), gen)
+        idx = torch.randint(0, len(images), (batch * accum,), device=device, generator=gen)
+        trainer.optimizer_step(idx, *draw(gen, batch * accum, trainer.sched.timesteps))
     return trainer.model, step
 
 

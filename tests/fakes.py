@@ -108,7 +108,7 @@ def tiny_params(base: dict, archive: Path, md5: str, weights: Path) -> dict:
     p["data"].update(url=str(archive), md5=md5, limit=48)
     p["model"].update(channels=[16, 32, 32], res_blocks=1, attention_resolutions=[16], heads=2)
     p["diffusion"].update(timesteps=40)
-    p["train"].update(epochs=2, batch_size=8, grad_accum=2, ema_decay=0.5, checkpoint_every=1,
+    p["train"].update(epochs=2, batch_size=16, batch_gpu=8, ema_decay=0.5, checkpoint_every=1,
                       sample_every=1, preview_images=4, preview_steps=3, log_every=1)
     p["sample"].update(num_images=12, batch_size=5, steps=8)
     p["fid"].update(dims=64, batch_size=8, weights=str(weights))

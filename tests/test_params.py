@@ -17,7 +17,7 @@ SEED = {
     "model": dict(arch="seed", channels=(96, 192, 384, 384), res_blocks=2,
                   attention_resolutions=(16,), heads=8, dropout=0.1, time_dim=64),
     "diffusion": dict(timesteps=1000, beta_start=1e-4, beta_end=0.02, schedule="linear"),
-    "train": dict(epochs=600, batch_size=32, grad_accum=4, lr=2e-4, warmup_steps=0, ema_decay=0.9999,
+    "train": dict(epochs=600, batch_size=128, batch_gpu="auto", lr=2e-4, warmup_steps=0, ema_decay=0.9999,
                   ema_warmup=False,
                   grad_clip=1.0, precision="auto", gpus=1, checkpoint_every=2, sample_every=5),
     "sample": dict(num_images=5000, batch_size=250, sampler="ddpm", steps=1000,

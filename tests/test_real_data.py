@@ -70,7 +70,7 @@ def test_the_loss_falls_when_training_on_real_images(real_cifar, tiny, tmp_path,
     raw = copy.deepcopy(tiny)
     raw["seed"] = seed
     raw["data"]["limit"] = 256
-    raw["train"].update(epochs=4, batch_size=16, grad_accum=1, lr=1e-3, log_every=1,
+    raw["train"].update(epochs=4, batch_size=16, lr=1e-3, log_every=1,
                         sample_every=0, checkpoint_every=4)
     trainer = Trainer(parse_params(raw), train_paths(tmp_path, real_cifar), World(),
                       torch.device("cpu"))

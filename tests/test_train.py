@@ -234,7 +234,7 @@ def test_two_processes_end_with_identical_weights(tiny, cifar_dir, tmp_path):
     """Data-parallel training (torchrun, gloo): every rank holds the same model and EMA."""
     import yaml
     raw = copy.deepcopy(tiny)
-    raw["train"].update(gpus=2, batch_size=4, sample_every=0)  # effective batch 4 x 2 x 2 = 16
+    raw["train"].update(gpus=2, batch_size=16, batch_gpu=4, sample_every=0)  # 2 x 2 x 4
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",

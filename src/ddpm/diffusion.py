@@ -76,15 +76,21 @@ def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor,
 
 
 def loss(model: EpsModel, sched: Schedule, x0: torch.Tensor,
-         generator: torch.Generator | None = None) -> torch.Tensor:
+         generator: torch.Generator | None = None, t: torch.Tensor | None = None,
+         noise: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 14, the simplified objective: || eps - eps_theta(x_t, t) ||^2, t ~ U{0..T-1}.
 
-    x0: (B, C, H, W) in [-1, 1]. Returns the mean over batch and pixels (a scalar, float32).
+    x0: (B, C, H, W) in [-1, 1]; t and noise are drawn from `generator` unless given (the trainer
+    draws them per image of the whole batch). Returns the mean over batch and pixels, a scalar in
+    float32 or wider (float64 models keep float64).
     """
-    t = torch.randint(0, sched.timesteps, (x0.shape[0],), device=x0.device, generator=generator)
-    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    if t is None:
+        t = torch.randint(0, sched.timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+    if noise is None:
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     eps = model(q_sample(sched, x0, t, noise), t)
-    return F.mse_loss(eps.float(), noise.float())
+    dtype = torch.promote_types(eps.dtype, torch.float32)
+    return F.mse_loss(eps.to(dtype), noise.to(dtype))
 
 
 def timesteps_for(timesteps: int, steps: int) -> list[int]:

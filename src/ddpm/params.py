@@ -30,6 +30,18 @@ VARIANCES = ("beta", "beta_tilde")
 FID_DIMS = (64, 192, 768, 2048)
 # auto (decided per device by ddpm.runtime.resolve_compile), true or false
 AutoBool = Union[bool, Literal["auto"]]
+# auto (found at start-up by ddpm.train.resolve_batch_gpu) or a number of images
+AutoInt = Union[int, Literal["auto"]]
+# torch.compile modes train.compile accepts besides auto/true/false (true = "default")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CompileSetting = Union[bool, str]
+# Keys that were removed, and what replaced them: the error a stale params.yaml gets.
+REMOVED = {
+    "train.grad_accum": "removed: train.batch_size is now the optimizer's whole batch over all "
+                        "processes (the seed's 32 x 4 = 128) and train.batch_gpu (auto | N) only "
+                        "caps the images per forward pass; accumulation rounds follow from them. "
+                        "Delete grad_accum and set train.batch_size to batch_size x grad_accum x gpus",
+}
 
 
 class ParamsError(PipelineError, ValueError):
@@ -100,6 +112,22 @@ def check_seed_shape(channels: Sequence[int], res_blocks: int, attention_resolut
     _check_attention("seed", heads, attention_resolutions, widths)
 
 
+def split_batch(batch_size: int, processes: int, batch_gpu: int) -> tuple[int, int, int]:
+    """The optimizer's batch over `processes` in micro-batches of at most batch_gpu images:
+    (images per process, images per micro-batch, accumulation rounds). EDM's semantics
+    (NVlabs/edm train.py --batch, --batch-gpu): batch_size alone defines the run."""
+    if batch_size % processes:
+        raise ParamsError(f"train.batch_size = {batch_size}: must split evenly over {processes} "
+                          f"processes (train.gpus); e.g. {batch_size - batch_size % processes or processes}")
+    share = batch_size // processes
+    micro = min(batch_gpu, share)
+    if share % micro:
+        raise ParamsError(f"train.batch_gpu = {batch_gpu}: must divide the {share} images each of "
+                          f"{processes} process(es) takes from train.batch_size = {batch_size} "
+                          f"(accumulation rounds = {share} / batch_gpu); use auto or a divisor")
+    return share, micro, share // micro
+
+
 @dataclass(frozen=True)
 class DataParams:
     url: str         # http(s) URL, file:// URL or local path of cifar-10-python.tar.gz
@@ -162,8 +190,8 @@ class DiffusionParams:
 @dataclass(frozen=True)
 class TrainParams:
     epochs: int
-    batch_size: int        # per process, per micro-batch
-    grad_accum: int        # micro-batches per optimizer step
+    batch_size: int        # the optimizer's batch, over all processes: the only batch key of a run
+    batch_gpu: AutoInt     # most images per process per forward+backward: auto | N (memory only)
     lr: float
     warmup_steps: int      # linear lr warmup over this many optimizer steps; 0 = off
     ema_decay: float
@@ -171,7 +199,7 @@ class TrainParams:
     grad_clip: float       # 0 = off
     precision: str         # auto | fp32 | fp16 | bf16
     gpus: int              # data-parallel processes
-    compile: AutoBool      # torch.compile the UNet
+    compile: CompileSetting  # torch.compile the UNet: auto | false | true | a mode
     checkpoint_every: int  # epochs
     sample_every: int      # epochs; 0 = no preview grids
     preview_images: int
@@ -179,7 +207,7 @@ class TrainParams:
     log_every: int         # optimizer steps per loss.tsv row
 
     def __post_init__(self):
-        for key in ("epochs", "batch_size", "grad_accum", "gpus", "checkpoint_every", "log_every",
+        for key in ("epochs", "batch_size", "gpus", "checkpoint_every", "log_every",
                     "preview_images", "preview_steps"):
             _require(getattr(self, key) >= 1, f"train.{key}", "a positive integer",
                      getattr(self, key))
@@ -194,6 +222,13 @@ class TrainParams:
                  self.precision)
         _require(self.sample_every >= 0, "train.sample_every", "0 (off) or a number of epochs",
                  self.sample_every)
+        _require(self.batch_gpu == "auto" or self.batch_gpu >= 1, "train.batch_gpu",
+                 "auto or a positive integer", self.batch_gpu)
+        split_batch(self.batch_size, self.gpus, self.batch_size if self.batch_gpu == "auto"
+                    else self.batch_gpu)
+        _require(isinstance(self.compile, bool) or self.compile in ("auto", *COMPILE_MODES),
+                 "train.compile", "auto, true, false or a torch.compile mode ("
+                 + ", ".join(COMPILE_MODES) + ")", self.compile)
 
 
 @dataclass(frozen=True)
@@ -270,6 +305,14 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     if typ == AutoBool:
         _require(isinstance(value, bool) or value == "auto", key, "auto, true or false", value)
         return value
+    if typ == AutoInt:
+        ok = value == "auto" or (isinstance(value, int) and not isinstance(value, bool))
+        _require(ok, key, "auto or an integer", value)
+        return value
+    if typ == CompileSetting:
+        _require(isinstance(value, (bool, str)), key, "auto, true, false or a torch.compile mode",
+                 value)
+        return value
     if typ is int:
         _require(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
         return value
@@ -297,6 +340,8 @@ def _build(cls: type, raw: Any, prefix: str = "") -> Any:
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
+        if prefix + key in REMOVED:
+            raise ParamsError(f"{prefix}{key}: {REMOVED[prefix + key]}")
         if key not in names:
             raise ParamsError(f"{prefix}{key}: unknown key (accepted here: {', '.join(names)})")
     for key in names:

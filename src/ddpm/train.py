@@ -1,9 +1,16 @@
 """Training: the eps-prediction objective with Adam, EMA, gradient accumulation and clipping,
 mixed precision and data parallelism, resumable from its last checkpoint.
 
-Randomness is a pure function of (seed, epoch, rank): each epoch reseeds its data order, flips,
-timesteps, noise and dropout, so a run resumed at an epoch boundary replays exactly what an
-uninterrupted run would have done; on the CPU its final weights are bitwise equal.
+The batch follows EDM (NVlabs/edm train.py): train.batch_size is the optimizer's batch over all
+processes and defines the run; train.batch_gpu only caps how many images one process puts
+through forward+backward at once, and the accumulation rounds follow from the two. Image k of
+optimizer step s gets its data index, flip, t and noise from (seed, epoch) alone, drawn for the
+whole batch on every process, so the split over processes and rounds changes only the dropout
+masks and the summation order: a run checkpointed on 1 GPU resumes on 4.
+
+Each epoch reseeds its streams, so a run resumed at an epoch boundary replays exactly what an
+uninterrupted run would have done; on the CPU, for a fixed split, its final weights are bitwise
+equal.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -26,15 +34,16 @@ from ddpm.ema import EMA
 from ddpm.errors import Interrupted, PipelineError
 from ddpm.files import write_json, write_tsv
 from ddpm.images import save_png, to_float
-from ddpm.params import Params, plain
+from ddpm.params import Params, plain, split_batch
 from ddpm.runs import CHECKPOINT, RunFolders, run_id
-from ddpm.runtime import (MemoryMonitor, World, autocast, derive_seed, resolve_compile,
+from ddpm.runtime import (MemoryMonitor, World, autocast, compile_mode, derive_seed,
                            resolve_precision)
 
 LOSS_HEADER = ["step", "loss", "images_per_second"]
 # train.* keys that do not change the optimisation: a checkpoint resumes across changes to them.
-RESUME_IGNORES = ("epochs", "gpus", "compile", "checkpoint_every", "sample_every",
+RESUME_IGNORES = ("epochs", "batch_gpu", "gpus", "compile", "checkpoint_every", "sample_every",
                   "preview_images", "preview_steps", "log_every")
+CPU_BATCH_GPU = 32  # batch_gpu auto on a CPU: memory is no limit, and larger batches gain nothing
 
 
 class TrainingError(PipelineError, RuntimeError):
@@ -67,11 +76,45 @@ def learning_rate(lr: float, warmup_steps: int, step: int) -> float:
     return lr * min(step / warmup_steps, 1.0) if warmup_steps else lr
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """uint8 (B, 3, H, W) on the device -> float [-1, 1], each image flipped left-right w.p. 1/2."""
+def draw(generator: torch.Generator, batch: int, timesteps: int
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The randomness of one optimizer step, per image k of its batch: a left-right flip
+    (probability 1/2), t ~ U{0..T-1} and eps ~ N(0, I), (B,), (B,) and (B, 3, 32, 32). Every
+    process draws the whole batch's and takes its share, so image k's draws never depend on how
+    the batch is split."""
+    device = generator.device
+    flip = torch.rand(batch, device=device, generator=generator) < 0.5
+    t = torch.randint(0, timesteps, (batch,), device=device, generator=generator)
+    noise = torch.randn((batch, 3, 32, 32), device=device, generator=generator)
+    return flip, t, noise
+
+
+def augment(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) on the device -> float [-1, 1], image i flipped left-right if flip[i]."""
     x = to_float(images)
-    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def resolve_batch_gpu(setting: int | str, share: int, device: torch.device,
+                      fits: Callable[[int], bool]) -> int:
+    """train.batch_gpu -> the images per micro-batch, a divisor of the process's share.
+
+    A number is a cap (EDM's --batch-gpu). auto takes the whole share if it fits, else the
+    largest power-of-two divisor of it that does, trying from the largest down (`fits` runs one
+    forward+backward and says whether it ran out of memory); on a CPU it is 32 or less, without
+    trying, since host memory is no limit there."""
+    if setting != "auto":
+        return min(int(setting), share)
+    candidates = [share] + [2**k for k in range(share.bit_length() - 1, -1, -1)
+                            if 2**k < share and share % 2**k == 0]
+    if device.type != "cuda":
+        return next(c for c in candidates if c <= CPU_BATCH_GPU)
+    for candidate in candidates:
+        if fits(candidate):
+            return candidate
+    raise TrainingError(f"out of memory with a single image per forward pass on {device}: the "
+                        "network does not fit this GPU (try train.precision=bf16 or a smaller "
+                        "model.channels)")
 
 
 class Trainer:
@@ -86,12 +129,13 @@ class Trainer:
             images = torch.from_numpy(load_cifar10(paths.cifar, "train", params.data.limit))
         self.data_digest = hashlib.sha256(images.cpu().numpy().tobytes()).hexdigest()[:16]
         self.images = images.to(device)  # (N, 3, 32, 32) uint8, resident on the device
-        self.global_batch = self.tp.batch_size * self.tp.grad_accum * world.size
-        self.steps_per_epoch = len(self.images) // self.global_batch
+        self.batch = self.tp.batch_size  # the optimizer's batch, over all processes
+        self.share = split_batch(self.batch, world.size, self.batch)[0]  # images per process
+        self.steps_per_epoch = len(self.images) // self.batch
         if self.steps_per_epoch == 0:
             raise TrainingError(f"{len(self.images)} training images cannot fill one optimizer step "
-                                f"of {self.global_batch} images (train.batch_size x grad_accum x "
-                                "gpus): raise data.limit or lower those")
+                                f"of {self.batch} images (train.batch_size): raise data.limit or "
+                                "lower train.batch_size")
         self.sched = diffusion.Schedule(**dataclasses.asdict(params.diffusion)).to(device)
         torch.manual_seed(derive_seed(params.seed, "init"))
         self.model = networks.build(params.model).to(device)
@@ -103,18 +147,54 @@ class Trainer:
         # Fused Adam: one kernel over all parameters, on GPUs and (torch >= 2.4) CPUs alike.
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.tp.lr, fused=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.micro, self.rounds = self._split()
         self.net = self.model
         if world.size > 1:
             ids = [device] if device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
-        self.compiled = resolve_compile(self.tp.compile, device)
+        # Eager, or torch.compile in a mode: "reduce-overhead" replays forward and backward as
+        # CUDA graphs (shapes are static: every micro-batch has self.micro images).
+        self.compile_mode = compile_mode(self.tp.compile, device)
+        self.compiled = self.compile_mode is not None
         if self.compiled:
-            self.net = torch.compile(self.net)
+            self.net = torch.compile(self.net, mode=self.compile_mode)
         self.memory = MemoryMonitor(device)
         self.config = self._resume_config()
         self.folders = RunFolders(paths.checkpoints, paths.runs / run_id(self.config))
         self.progress = Progress()
         self.resumable: tuple[Path, int] | None = None  # the checkpoint a rerun starts from, epoch
+
+    # -- the batch ---------------------------------------------------------------------------
+
+    def _split(self) -> tuple[int, int]:
+        """(images per micro-batch, accumulation rounds), the same on every process."""
+        micro = resolve_batch_gpu(self.tp.batch_gpu, self.share, self.device, self._fits)
+        if self.world.size > 1:  # ranks must agree on the rounds (DDP syncs the last one)
+            agreed = torch.tensor(micro, device=self.device)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+            micro = int(agreed)
+        _, micro, rounds = split_batch(self.batch, self.world.size, micro)
+        if self.tp.batch_gpu == "auto" and self.world.main:
+            print(f"train: batch_gpu auto -> {micro} images per forward pass, {rounds} round(s) "
+                  f"per step of {self.batch}", file=sys.stderr, flush=True)
+        return micro, rounds
+
+    def _fits(self, images: int) -> bool:
+        """One eager forward+backward of `images` random images: False if it ran out of memory.
+        The probe leaves no gradients and does not advance any random stream."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), autocast(self.precision, self.device):
+                x = torch.randn(images, 3, 32, 32, device=self.device)
+                t = torch.randint(0, self.sched.timesteps, (images,), device=self.device)
+                self.model(x, t).float().square().mean().backward()
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            self.model.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -124,7 +204,7 @@ class Trainer:
         return plain({"seed": self.p.seed, "data_limit": self.p.data.limit, "data": self.data_digest,
                 "model": dataclasses.asdict(self.p.model),
                 "diffusion": dataclasses.asdict(self.p.diffusion),
-                "train": dict(train, precision=self.precision), "world_size": self.world.size})
+                "train": dict(train, precision=self.precision)})
 
     def resume(self) -> str:
         """Load the most advanced checkpoint that belongs to this run (this config's unfinished
@@ -170,17 +250,27 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def optimizer_step(self, micro_batches: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """grad_accum micro-batches (index rows) -> one Adam step and one EMA update; the loss."""
+    def optimizer_step(self, idx: torch.Tensor, flip: torch.Tensor, t: torch.Tensor,
+                       noise: torch.Tensor) -> torch.Tensor:
+        """This process's share of one optimizer step (data indices and draws, self.share each)
+        in self.rounds micro-batches -> one Adam step and one EMA update; the share's mean loss.
+
+        Each micro-batch's mean loss is divided by the rounds, so the gradients add up to the
+        share's mean, and DDP's average over processes makes it the whole batch's."""
         total = torch.zeros((), device=self.device)
-        for i, idx in enumerate(micro_batches):
-            x0 = augment(self.images[idx], gen)
+        dtype = next(self.model.parameters()).dtype  # float32; float64 in exactness tests
+        for j in range(self.rounds):
+            part = slice(j * self.micro, (j + 1) * self.micro)
+            x0 = augment(self.images[idx[part]], flip[part]).to(dtype)
             if self.device.type == "cuda":
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            last = i == len(micro_batches) - 1
+            last = j == self.rounds - 1
             no_sync = self.net.no_sync() if self.world.size > 1 and not last else contextlib.nullcontext()
+            if self.compile_mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are used
             with no_sync, autocast(self.precision, self.device):
-                loss = diffusion.loss(self.net, self.sched, x0, gen) / len(micro_batches)
+                loss = diffusion.loss(self.net, self.sched, x0, t=t[part],
+                                      noise=noise[part].to(dtype)) / self.rounds
             self.scaler.scale(loss).backward()
             total += loss.detach()
         for group in self.optimizer.param_groups:
@@ -201,29 +291,32 @@ class Trainer:
         return value.item()
 
     def run_epoch(self, epoch: int, bar: tqdm) -> None:
-        """One pass over the data: order, flips, t, noise and dropout seeded by (seed, epoch, rank)."""
-        seed, rank, world = self.p.seed, self.world.rank, self.world.size
+        """One pass over the data: order, flips, t and noise seeded by (seed, epoch) and the same
+        on every process; dropout by (seed, epoch, rank)."""
+        seed, rank = self.p.seed, self.world.rank
         order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(
             derive_seed(seed, epoch, "order"))).to(self.device)
-        gen = torch.Generator(self.device).manual_seed(derive_seed(seed, epoch, rank, "noise"))
+        gen = torch.Generator(self.device).manual_seed(derive_seed(seed, epoch, "noise"))
         torch.manual_seed(derive_seed(seed, epoch, rank, "dropout"))
+        mine = slice(rank * self.share, (rank + 1) * self.share)
         self.model.train()
         epoch_loss = window_loss = torch.zeros((), device=self.device)
         window_start, window_steps, start = time.perf_counter(), 0, time.perf_counter()
         for s in range(self.steps_per_epoch):
-            batch = order[s * self.global_batch:(s + 1) * self.global_batch]
-            micro = batch.view(self.tp.grad_accum, world, self.tp.batch_size)[:, rank]
-            loss = self.optimizer_step(micro, gen)
+            batch = order[s * self.batch:(s + 1) * self.batch]
+            flip, t, noise = draw(gen, self.batch, self.sched.timesteps)
+            loss = self.optimizer_step(batch[mine], flip[mine], t[mine], noise[mine])
             epoch_loss, window_loss = epoch_loss + loss, window_loss + loss
             self.progress.step += 1
             window_steps += 1
-            bar.update(1)
+            bar.update(self.batch)
             if self.progress.step % self.tp.log_every == 0 or s == self.steps_per_epoch - 1:
                 mean = self._mean_over_ranks(window_loss) / window_steps  # syncs: only here
-                rate = window_steps * self.global_batch / (time.perf_counter() - window_start)
+                rate = window_steps * self.batch / (time.perf_counter() - window_start)
                 self.progress.rows.append([self.progress.step, mean, rate])
                 self._check_finite(mean)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{mean:.4f}", img_s=f"{rate:.1f}", refresh=False)
+                bar.set_postfix(epoch=f"{epoch + 1}/{self.tp.epochs}", loss=f"{mean:.4f}",
+                                refresh=False)
                 self.memory.sample()
                 window_loss, window_start, window_steps = torch.zeros((), device=self.device), time.perf_counter(), 0
         self.progress.loss = self._mean_over_ranks(epoch_loss) / self.steps_per_epoch
@@ -245,13 +338,17 @@ class Trainer:
                 print(f"train: {folder} holds an unfinished run of another config ({size / 2**20:.0f}"
                       f" MiB; resumed if that config runs again, else rm -r it)", file=sys.stderr)
             print(f"train: {message}; {len(self.images)} images, {self.steps_per_epoch} steps per "
-                  f"epoch of {self.global_batch} images ({self.world.size} process(es)), "
+                  f"epoch of {self.batch} images ({self.world.size} process(es) x {self.rounds} "
+                  f"round(s) x {self.micro}), "
                   f"{self.precision} on {self.device}", file=sys.stderr, flush=True)
         if self.progress.epoch == 0 and self.world.main:
             previews.clear(self.folders.previews)
-        total = self.tp.epochs * self.steps_per_epoch
-        with tqdm(total=total, initial=self.progress.step, desc="train", unit="step",
-                  disable=not self.world.main, dynamic_ncols=True) as bar:
+        # In images over the whole stage (all epochs, resumed ones included): tqdm's rate is then
+        # images/s and its ETA the stage's, previews and checkpoints included.
+        total = self.tp.epochs * self.steps_per_epoch * self.batch
+        with tqdm(total=total, initial=self.progress.step * self.batch, desc="train", unit="img",
+                  unit_scale=True, disable=not self.world.main, dynamic_ncols=True) as bar:
+            bar.set_postfix(epoch=f"{self.progress.epoch}/{self.tp.epochs}", refresh=False)
             for epoch in range(self.progress.epoch, self.tp.epochs):
                 try:
                     self.run_epoch(epoch, bar)
@@ -297,10 +394,11 @@ class Trainer:
         write_tsv(self.paths.loss, LOSS_HEADER, pr.rows)
         write_json(self.paths.metrics, {
             "loss": pr.loss, "epochs": pr.epoch, "steps": pr.step, "seconds": round(pr.seconds, 3),
-            "images_per_second": round(pr.step * self.global_batch / max(pr.seconds, 1e-9), 3),
+            "images_per_second": round(pr.step * self.batch / max(pr.seconds, 1e-9), 3),
             "peak_memory_mb": round(self.memory.peak_mb, 1),
             "parameters": networks.parameter_count(self.model), "arch": self.p.model.arch,
-            "effective_batch": self.global_batch, "processes": self.world.size,
+            "effective_batch": self.batch, "batch_gpu": self.micro, "rounds": self.rounds,
+            "processes": self.world.size,
             "precision": self.precision, "device": str(self.device.type), "compile": self.compiled,
         })
         previews.publish(self.folders.previews, self.paths.samples, pr.epoch)
@@ -308,11 +406,11 @@ class Trainer:
             checkpoint.save({"ema": self.ema.state_dict(), "config": self.p.to_dict(),
                              "epochs": pr.epoch, "steps": pr.step}, self.paths.ema)
             print(f"train: {pr.epoch} epochs, {pr.step} steps, loss {pr.loss:.4f}, "
-                  f"{pr.step * self.global_batch / max(pr.seconds, 1e-9):.1f} images/s, peak "
+                  f"{pr.step * self.batch / max(pr.seconds, 1e-9):.1f} images/s, peak "
                   f"memory {self.memory.peak_mb:.0f} MiB -> {self.paths.ema}", file=sys.stderr)
 
     def _oom_advice(self) -> str:
-        bs, accum = self.tp.batch_size, self.tp.grad_accum
-        return (f"CUDA out of memory at train.batch_size={bs} per GPU. Lower it and raise "
-                f"train.grad_accum to keep the effective batch of {self.global_batch}, e.g. "
-                f"dvc exp run -S train.batch_size={max(bs // 2, 1)} -S train.grad_accum={accum * 2}")
+        smaller = self.micro // 2 if self.micro % 2 == 0 else 1
+        return (f"CUDA out of memory with {self.micro} images per forward pass (train.batch_gpu = "
+                f"{self.tp.batch_gpu}). Lower it: the run stays the same, since train.batch_size "
+                f"= {self.batch} alone defines it, e.g. dvc exp run -S train.batch_gpu={smaller}")

@@ -55,7 +55,7 @@ def test_sigkill_at_any_moment_then_repro_gives_the_uninterrupted_weights(new_re
 
 def test_two_processes_train_and_sample_through_dvc(new_repo):
     """gpus=2 on the CPU: torchrun with gloo; samples equal those of one process."""
-    repo = new_repo(train=dict(gpus=2, batch_size=4, sample_every=0))
+    repo = new_repo(train=dict(gpus=2, batch_size=16, batch_gpu=4, sample_every=0))
     out = dvc(repo, "repro", "sample").stdout
     assert out.count("launching 2 processes") == 2  # train and sample
     metrics = json.loads((repo / "metrics/train.json").read_text())
