@@ -1,20 +1,31 @@
-"""Run by test_train under torchrun: train on every rank, then save each rank's weights."""
+"""Run by test_train under torchrun: train on every rank, then save each rank's weights.
+
+With a fourth argument `one-step`, the model is float64 and only epoch 0 runs (one optimizer
+step when data.limit = train.batch_size), recording the data indices and t each rank used."""
 import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ddpm.params import load_params
 from ddpm.runtime import init_world
 from ddpm.train import Trainer
-from fakes import train_paths
+from fakes import record_draws, train_paths
 
 params_file, cifar, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+one_step = sys.argv[4:] == ["one-step"]
 params = load_params(params_file)
 world, device = init_world(params.device, params.train.gpus)
-trainer = Trainer(params, train_paths(out, cifar), world, device)
+trainer = Trainer(params, train_paths(out, cifar), world, device,
+                  dtype=torch.float64 if one_step else torch.float32)
 init = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-progress = trainer.run()
+if one_step:
+    seen = record_draws(trainer)
+    trainer.run_epoch(0, tqdm(disable=True))
+    steps = trainer.progress.step
+else:
+    seen, steps = None, trainer.run().step
 torch.save({"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(), "init": init,
-            "steps": progress.step}, out / f"rank{world.rank}.pt")
+            "steps": steps, "seen": seen}, out / f"rank{world.rank}.pt")
 world.close()

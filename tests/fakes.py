@@ -133,3 +133,19 @@ def run_stage(script: str, cwd: Path, *args: str, **overrides) -> subprocess.Com
     (cwd / "params.yaml").write_text(yaml.safe_dump(config))
     return subprocess.run([sys.executable, str(ROOT / "stages" / script), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
+
+
+def record_draws(trainer) -> dict:
+    """Wrap trainer.optimizer_step so that every call's data indices, flips, t, noise and the loss
+    it returned are kept, in order, in the returned dict's lists (one tensor per step)."""
+    seen = {"idx": [], "flip": [], "t": [], "noise": [], "loss": []}
+    real = trainer.optimizer_step
+
+    def recording(idx, flip, t, noise):
+        loss = real(idx, flip, t, noise)
+        for key, value in zip(seen, (idx, flip, t, noise, loss[None])):
+            seen[key].append(value.detach().cpu())
+        return loss
+
+    trainer.optimizer_step = recording
+    return seen

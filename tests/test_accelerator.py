@@ -24,7 +24,7 @@ from ddpm.generate import for_sampling, generate
 from ddpm.images import write_pngs
 from ddpm.params import parse_params
 from ddpm.runtime import MemoryMonitor, World, autocast
-from ddpm.train import Trainer
+from ddpm.train import Trainer, draw
 from fakes import cifar_images, run_stage, train_paths
 
 DEVICE = torch.device(os.environ.get("DDPM_TEST_DEVICE", "cuda"))
@@ -119,23 +119,29 @@ def test_resume_on_the_device_replays_the_uninterrupted_run(tiny, cifar_dir, tmp
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_training_follows_eager(tiny, cifar_dir, tmp_path):
-    """train.compile: the compiled UNet's gradients are eager's, and three optimizer steps give
-    eager's losses. Without dropout: compiled code draws its masks from inductor's own generator.
-    (Weights after Adam are no test: its first steps move every weight by about lr whatever the
-    gradient's size, so a gradient near 0 flips sign on rounding alone; seen on an H100.)"""
+@pytest.mark.parametrize("mode", [True, "reduce-overhead"])
+def test_compiled_training_follows_eager(tiny, cifar_dir, tmp_path, mode):
+    """train.compile, in the default mode and as CUDA graphs (reduce-overhead; on a CPU the same
+    Python path without graphs): the compiled UNet's gradients are eager's, and three optimizer
+    steps of 2 accumulation rounds give eager's losses. Without dropout: compiled code draws its
+    masks from inductor's own generator. (Weights after Adam are no test: its first steps move
+    every weight by about lr whatever the gradient's size, so a gradient near 0 flips sign on
+    rounding alone; seen on an H100.)"""
     results = []
     no_dropout = dict(tiny, model=dict(tiny["model"], dropout=0.0))
-    for compile in (False, True):
-        t = trainer(no_dropout, tmp_path / str(compile), cifar_dir, compile=compile)
-        assert t.compiled == compile
+    for compile in (False, mode):
+        t = trainer(no_dropout, tmp_path / str(compile), cifar_dir, compile=compile,
+                    batch_size=32, batch_gpu=16)
+        assert t.compile_mode == {False: None, True: "default"}.get(compile, compile)
+        assert t.rounds == 2
         gen = torch.Generator(DEVICE).manual_seed(1)
         x0 = torch.rand(16, 3, 32, 32, device=DEVICE) * 2 - 1
         diffusion.loss(t.net, t.sched, x0, torch.Generator(DEVICE).manual_seed(0)).backward()
         grad = torch.cat([p.grad.flatten() for p in t.model.parameters()])
         t.optimizer.zero_grad(set_to_none=True)
-        idx = torch.arange(32, device=DEVICE).view(2, 16)
-        results.append(([t.optimizer_step(idx, gen).item() for _ in range(3)], grad))
+        idx = torch.arange(32, device=DEVICE)
+        results.append(([t.optimizer_step(idx, *draw(gen, 32, t.sched.timesteps)).item()
+                         for _ in range(3)], grad))
     (eager_losses, eager_grad), (compiled_losses, compiled_grad) = results
     assert (compiled_grad - eager_grad).norm() <= 1e-3 * eager_grad.norm()
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-3)

@@ -5,6 +5,7 @@ import copy
 import dataclasses
 
 import pytest
+import torch
 
 from ddpm.params import ParamsError, load_params, parse_params
 from fakes import ROOT, committed_params
@@ -48,7 +49,15 @@ def raw(base_params):
     ("train", "batch_size", 2.5, "train.batch_size = 2.5: expected an integer"),
     ("train", "precision", "fp8", "train.precision = 'fp8': expected auto | fp32 | fp16 | bf16"),
     ("train", "ema_decay", 1.0, "train.ema_decay = 1.0: expected a number in [0, 1)"),
-    ("train", "compile", "yes", "train.compile = 'yes': expected auto, true or false"),
+    ("train", "compile", "yes", "train.compile = 'yes': expected auto, true, false or a "
+                                "torch.compile mode (default, reduce-overhead, max-autotune"),
+    ("train", "compile", 1, "train.compile = 1: expected auto, true, false or a torch.compile mode"),
+    ("train", "batch_gpu", 0, "train.batch_gpu = 0: expected auto or a positive integer"),
+    ("train", "batch_gpu", "max", "train.batch_gpu = 'max': expected auto or an integer"),
+    ("train", "batch_gpu", 48, "train.batch_gpu = 48: must divide the 128 images each of 1 "
+                               "process(es) takes from train.batch_size = 128"),
+    ("train", "gpus", 3, "train.batch_size = 128: must split evenly over 3 processes "
+                         "(train.gpus); e.g. 126"),
     ("sample", "compile", 1, "sample.compile = 1: expected auto, true or false"),
     ("model", "channels", [], "model.channels = []: expected one positive width"),
     ("model", "channels", [64, "x"], "model.channels[1] = 'x': expected an integer"),
@@ -100,6 +109,35 @@ def test_yaml_quirks_are_accepted(raw):
     assert isinstance(params.train.grad_clip, float)
 
 
+def test_the_removed_grad_accum_says_what_replaced_it(raw):
+    """A params.yaml from before EDM's batch semantics fails in one line naming the new keys."""
+    raw["train"]["grad_accum"] = 4
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    message = str(info.value)
+    assert message.startswith("train.grad_accum: removed: train.batch_size is now the "
+                              "optimizer's whole batch") and "\n" not in message
+    assert "train.batch_gpu" in message and "batch_size x grad_accum x gpus" in message
+
+
+@pytest.mark.parametrize("batch_size, gpus, batch_gpu, split", [
+    (128, 1, 32, (128, 32, 4)),    # the seed: 32 x 4 accumulation
+    (128, 1, 128, (128, 128, 1)),
+    (128, 4, 32, (32, 32, 1)),     # one round on each of 4 GPUs
+    (128, 4, 64, (32, 32, 1)),     # a cap above the share takes the share
+    (128, 2, 16, (64, 16, 4)),
+    (96, 1, 32, (96, 32, 3)),
+])
+def test_the_batch_splits_into_processes_and_rounds(raw, batch_size, gpus, batch_gpu, split):
+    """(images per process, per micro-batch, rounds), with per process x rounds x micro = batch."""
+    from ddpm.params import split_batch
+    assert split_batch(batch_size, gpus, batch_gpu) == split
+    share, micro, rounds = split
+    assert gpus * rounds * micro == batch_size
+    raw["train"].update(batch_size=batch_size, gpus=gpus, batch_gpu=batch_gpu)
+    parse_params(raw)  # valid as params too
+
+
 def test_file_errors_name_the_file(tmp_path):
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "params.yaml")
@@ -120,7 +158,7 @@ def test_to_dict_round_trips(raw):
 def test_compile_settings_resolve_per_device(raw, setting, monkeypatch):
     """auto compiles on CUDA GPUs with Triton only; true and false are taken as they are."""
     import torch.utils._triton
-    from ddpm.runtime import resolve_compile
+    from ddpm.runtime import compile_mode, resolve_compile
     raw["train"]["compile"] = raw["sample"]["compile"] = setting
     params = parse_params(raw)
     assert params.train.compile == params.sample.compile == setting
@@ -129,6 +167,37 @@ def test_compile_settings_resolve_per_device(raw, setting, monkeypatch):
         assert resolve_compile(setting, torch.device("cpu")) is (setting is True)
         on_gpu = triton if setting == "auto" else setting
         assert resolve_compile(setting, torch.device("cuda", 0)) is on_gpu
+        assert compile_mode(setting, torch.device("cuda", 0)) == ("default" if on_gpu else None)
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_a_compile_mode_is_passed_on_as_it_is(raw, mode):
+    from ddpm.runtime import compile_mode
+    raw["train"]["compile"] = mode
+    assert compile_mode(parse_params(raw).train.compile, torch.device("cpu")) == mode
+
+
+@pytest.mark.parametrize("native, device, expected", [
+    (True, "cpu", "bf16"), (False, "cpu", "fp32"), (True, "meta", "fp32")])
+def test_precision_auto_picks_bf16_on_cpus_that_compute_it_natively(native, device, expected,
+                                                                     monkeypatch):
+    """AVX512-BF16 or AMX, as torch reports them: bf16 autocast; emulated bf16 (~20x slower)
+    keeps fp32. Both branches by faking what torch reports."""
+    from ddpm import runtime
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: native)
+    assert runtime.cpu_has_native_bf16() is native
+    assert runtime.resolve_precision("auto", torch.device(device)) == expected
+    assert runtime.resolve_precision("fp32", torch.device(device)) == "fp32"
+
+
+def test_native_bf16_needs_either_capability(monkeypatch):
+    from ddpm import runtime
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert runtime.cpu_has_native_bf16()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not runtime.cpu_has_native_bf16()
 
 
 def test_the_tests_read_the_committed_params_not_the_working_copy(tmp_path):

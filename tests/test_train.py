@@ -10,22 +10,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from tqdm import tqdm
 
 from ddpm import checkpoint, train
 from ddpm.ema import EMA
 from ddpm.params import parse_params
 from ddpm.runtime import World
 from ddpm.train import Trainer, TrainingError
-from fakes import train_paths
+from fakes import make_cifar_archive, record_draws, train_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(tiny: dict, root: Path, cifar: Path, arch: str = "seed", **train_overrides) -> Trainer:
+def run(tiny: dict, root: Path, cifar: Path, arch: str = "seed", dtype=torch.float32,
+        dropout: float | None = None, **train_overrides) -> Trainer:
     raw = copy.deepcopy(tiny)
     raw["model"]["arch"] = arch
+    if dropout is not None:
+        raw["model"]["dropout"] = dropout
     raw["train"].update(train_overrides)
-    trainer = Trainer(parse_params(raw), train_paths(root, cifar), World(), torch.device("cpu"))
+    trainer = Trainer(parse_params(raw), train_paths(root, cifar), World(), torch.device("cpu"),
+                      dtype=dtype)
     trainer.run()
     return trainer
 
@@ -257,5 +262,152 @@ def test_out_of_memory_says_which_params_to_change(tiny, cifar_dir, tmp_path, mo
     with pytest.raises(TrainingError) as info:
         run(tiny, tmp_path, cifar_dir, epochs=1)
     message = str(info.value)
-    assert "train.batch_size=8" in message and "effective batch of 16" in message
-    assert "-S train.batch_size=4 -S train.grad_accum=4" in message
+    assert "with 8 images per forward pass (train.batch_gpu = 8)" in message
+    assert "train.batch_size = 16 alone defines it" in message
+    assert message.endswith("dvc exp run -S train.batch_gpu=4")
+
+
+# -- the batch: EDM's semantics -------------------------------------------------------------
+
+BATCH = 128  # one optimizer step of 128 images, as in the seed (32 x 4)
+
+
+@pytest.fixture(scope="module")
+def cifar_128(tmp_path_factory) -> Path:
+    """An extracted fake CIFAR-10 with 130 training images: one step of 128."""
+    from ddpm.data import download_cifar10
+    archive = tmp_path_factory.mktemp("cifar128") / "cifar-10-python.tar.gz"
+    md5 = make_cifar_archive(archive, per_batch=26)
+    out = archive.parent / "cifar10"
+    download_cifar10(str(archive), md5, out)
+    return out
+
+
+def one_step_params(tiny: dict, batch_gpu: int, gpus: int = 1) -> dict:
+    """One optimizer step of 128 images, no dropout, fp32 arithmetic (float64 weights)."""
+    raw = copy.deepcopy(tiny)
+    raw["data"]["limit"] = BATCH
+    raw["model"]["dropout"] = 0.0
+    raw["train"].update(batch_size=BATCH, batch_gpu=batch_gpu, gpus=gpus, precision="fp32",
+                        sample_every=0, epochs=1)
+    return raw
+
+
+def one_step(tiny: dict, cifar: Path, root: Path, batch_gpu: int) -> tuple[Trainer, dict]:
+    trainer = Trainer(parse_params(one_step_params(tiny, batch_gpu)), train_paths(root, cifar),
+                      World(), torch.device("cpu"), dtype=torch.float64)
+    seen = record_draws(trainer)
+    trainer.run_epoch(0, tqdm(disable=True))
+    return trainer, {key: torch.cat(values) for key, values in seen.items()}
+
+
+def assert_same_step(reference: dict, other: dict, start: dict) -> None:
+    """Equal to float64 rounding, where one Adam step moved every weight by about lr."""
+    moved = max((reference[k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-5  # it did step
+    for key in reference:
+        torch.testing.assert_close(other[key], reference[key], rtol=0, atol=1e-12, msg=key)
+
+
+def test_one_step_is_the_same_whatever_the_micro_batch(tiny, cifar_128, tmp_path):
+    """batch_gpu 32, 64 and 128 (4, 2 and 1 accumulation rounds): the same images in the same
+    order with the same flips, t and noise, and the same weights and EMA after the step."""
+    runs = {}
+    for batch_gpu in (128, 64, 32):
+        trainer, seen = one_step(tiny, cifar_128, tmp_path / str(batch_gpu), batch_gpu)
+        assert (trainer.micro, trainer.rounds) == (batch_gpu, BATCH // batch_gpu)
+        assert trainer.progress.step == 1 and sorted(seen["idx"].tolist()) == list(range(BATCH))
+        runs[batch_gpu] = trainer, seen
+    start = Trainer(parse_params(one_step_params(tiny, 128)), train_paths(tmp_path, cifar_128),
+                    World(), torch.device("cpu"), dtype=torch.float64).model.state_dict()
+    reference, reference_seen = runs[128]
+    for batch_gpu in (64, 32):
+        trainer, seen = runs[batch_gpu]
+        for key in ("idx", "flip", "t", "noise"):
+            assert torch.equal(seen[key], reference_seen[key]), key
+        torch.testing.assert_close(seen["loss"], reference_seen["loss"], rtol=1e-13, atol=0)
+        assert_same_step(reference.model.state_dict(), trainer.model.state_dict(), start)
+        assert_same_step(reference.ema.state_dict(), trainer.ema.state_dict(), start)
+
+
+def test_one_and_two_processes_take_the_same_step(tiny, cifar_128, tmp_path):
+    """gloo, 2 processes x 2 rounds x 32 against 1 process x 1 round x 128: the ranks' shares are
+    the two halves of the same batch, and both end with the single process's weights."""
+    import yaml
+    single, single_seen = one_step(tiny, cifar_128, tmp_path / "single", 128)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(one_step_params(tiny, 32, gpus=2)))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc-per-node=2", str(ROOT / "tests" / "ddp_worker.py"),
+                    str(tmp_path / "params.yaml"), str(cifar_128), str(tmp_path), "one-step"],
+                   check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for key in ("idx", "flip", "t", "noise"):  # rank 0 took images 0..63 of the batch, 1 the rest
+        assert torch.equal(torch.cat([torch.cat(r["seen"][key]) for r in ranks]),
+                           single_seen[key]), key
+    mean = (ranks[0]["seen"]["loss"][0] + ranks[1]["seen"]["loss"][0]) / 2  # each its share's
+    torch.testing.assert_close(mean, single_seen["loss"], rtol=1e-13, atol=0)
+    for rank in ranks:
+        assert len(rank["seen"]["idx"]) == 1 and rank["steps"] == 1
+        assert_same_step(single.model.state_dict(), rank["model"], rank["init"])
+        assert_same_step(single.ema.state_dict(), rank["ema"], rank["init"])
+
+
+def test_resume_across_a_batch_gpu_change_continues_the_run(tiny, cifar_dir, tmp_path, capsys):
+    """A checkpoint written with batch_gpu 8 (2 rounds) resumes with batch_gpu 16 (1 round) and
+    ends where an uninterrupted run does (float64, no dropout: equal to rounding)."""
+    common = dict(dtype=torch.float64, dropout=0.0, sample_every=0, precision="fp32")
+    straight = run(tiny, tmp_path / "a", cifar_dir, epochs=2, batch_gpu=16, **common)
+    run(tiny, tmp_path / "b", cifar_dir, epochs=1, batch_gpu=8, **common)
+    capsys.readouterr()
+    resumed = run(tiny, tmp_path / "b", cifar_dir, epochs=2, batch_gpu=16, **common)
+    assert "resuming from" in capsys.readouterr().err and resumed.rounds == 1
+    assert resumed.progress.step == straight.progress.step == 2 * 3
+    start = Trainer(parse_params(dict(tiny, model=dict(tiny["model"], dropout=0.0))),
+                    train_paths(tmp_path / "c", cifar_dir), World(), torch.device("cpu"),
+                    dtype=torch.float64).model.state_dict()
+    assert_same_step(straight.model.state_dict(), resumed.model.state_dict(), start)
+
+
+@pytest.mark.parametrize("share, fitting, tried, chosen", [
+    (128, 128, [128], 128),              # the whole share fits: no accumulation
+    (128, 40, [128, 64, 32], 32),        # the largest power-of-two divisor that fits
+    (96, 40, [96, 32], 32),              # a share that is no power of two: then its divisors
+    (24, 10, [24, 8], 8),
+])
+def test_batch_gpu_auto_probes_down_from_the_share_on_a_gpu(share, fitting, tried, chosen):
+    calls = []
+
+    def fits(images):
+        calls.append(images)
+        return images <= fitting
+
+    assert train.resolve_batch_gpu("auto", share, torch.device("cuda", 0), fits) == chosen
+    assert calls == tried
+    assert train.resolve_batch_gpu("auto", share, torch.device("cpu"), fits) == min(share, 32) \
+        if share % min(share, 32) == 0 else True
+    assert calls == tried  # no probing on a CPU
+    assert train.resolve_batch_gpu(48, share, torch.device("cuda", 0), fits) == min(48, share)
+    with pytest.raises(TrainingError, match="single image"):
+        train.resolve_batch_gpu("auto", share, torch.device("cuda", 0), lambda images: False)
+
+
+def test_the_oom_probe_runs_forward_and_backward_and_leaves_no_trace(tiny, cifar_dir, tmp_path):
+    """The trainer's probe on a network whose forward raises CUDA's OOM above 32 images (faked on
+    the CPU): auto then picks 32 of a share of 128; no gradients and no random draws remain."""
+    raw = copy.deepcopy(tiny)
+    trainer = Trainer(parse_params(raw), train_paths(tmp_path, cifar_dir), World(),
+                      torch.device("cpu"))
+    real_forward, sizes = trainer.model.forward, []
+
+    def forward(x, t):
+        sizes.append(len(x))
+        if len(x) > 32:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return real_forward(x, t)
+
+    trainer.model.forward = forward
+    before = torch.get_rng_state()
+    assert train.resolve_batch_gpu("auto", 128, torch.device("cuda", 0), trainer._fits) == 32
+    assert sizes == [128, 64, 32]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(p.grad is None for p in trainer.model.parameters())

@@ -121,8 +121,9 @@ class Trainer:
     """One training run; `run()` resumes from the last checkpoint if it fits, else starts fresh."""
 
     def __init__(self, params: Params, paths: TrainPaths, world: World, device: torch.device,
-                 images: torch.Tensor | None = None):
-        """images: (N, 3, 32, 32) uint8 to train on instead of paths.cifar (benchmarks)."""
+                 images: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+        """images: (N, 3, 32, 32) uint8 to train on instead of paths.cifar (benchmarks); dtype:
+        of the weights, float64 only to check exactness (tests)."""
         self.p, self.tp, self.paths, self.world, self.device = params, params.train, paths, world, device
         self.precision = resolve_precision(self.tp.precision, device)
         if images is None:
@@ -138,7 +139,7 @@ class Trainer:
                                 "lower train.batch_size")
         self.sched = diffusion.Schedule(**dataclasses.asdict(params.diffusion)).to(device)
         torch.manual_seed(derive_seed(params.seed, "init"))
-        self.model = networks.build(params.model).to(device)
+        self.model = networks.build(params.model).to(device, dtype)
         # NHWC for cuDNN's tensor-core convolutions. Unmeasured for training: at batch 32 an H100
         # waits on kernel launches either way, and NHWC slowed eager sampling there (README).
         if device.type == "cuda":
@@ -185,7 +186,8 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices), autocast(self.precision, self.device):
-                x = torch.randn(images, 3, 32, 32, device=self.device)
+                x = torch.randn(images, 3, 32, 32, device=self.device,
+                                dtype=next(self.model.parameters()).dtype)
                 t = torch.randint(0, self.sched.timesteps, (images,), device=self.device)
                 self.model(x, t).float().square().mean().backward()
             return True
@@ -347,7 +349,8 @@ class Trainer:
         # images/s and its ETA the stage's, previews and checkpoints included.
         total = self.tp.epochs * self.steps_per_epoch * self.batch
         with tqdm(total=total, initial=self.progress.step * self.batch, desc="train", unit="img",
-                  unit_scale=True, disable=not self.world.main, dynamic_ncols=True) as bar:
+                  unit_scale=total >= 100_000, disable=not self.world.main,
+                  dynamic_ncols=True) as bar:
             bar.set_postfix(epoch=f"{self.progress.epoch}/{self.tp.epochs}", refresh=False)
             for epoch in range(self.progress.epoch, self.tp.epochs):
                 try:

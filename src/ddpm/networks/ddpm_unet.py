@@ -221,7 +221,7 @@ class DDPMUNet(nn.Module):
         self.conv_out = zero_init(nn.Conv2d(ch, in_channels, 3, padding=1))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = F.silu(self.time_embed(timestep_embedding(t, self.base)))  # (B, 4 * base)
+        emb = F.silu(self.time_embed(timestep_embedding(t, self.base).to(x_t.dtype)))  # (B, 4 base)
         h = self.conv_in(x_t)
         skips = [h]
         for layer in self.down:

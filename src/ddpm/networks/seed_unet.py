@@ -105,7 +105,7 @@ class SeedUNet(nn.Module):
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = timestep_embedding(t, self.time_dim)                 # (B, time_dim), no MLP
+        emb = timestep_embedding(t, self.time_dim).to(x_t.dtype)   # (B, time_dim), no MLP
         h, skips = x_t, []
         for level, blocks in enumerate(self.encoder):
             for block in blocks:
