@@ -33,7 +33,8 @@ import references  # noqa: E402
 from ddpm.diffusion import Schedule, sample  # noqa: E402
 from ddpm.generate import for_sampling  # noqa: E402
 from ddpm.params import parse_params  # noqa: E402
-from ddpm.runtime import World, autocast, keep_freed_host_memory, resolve_device  # noqa: E402
+from ddpm.runtime import (World, autocast, cpu_has_native_bf16, keep_freed_host_memory,  # noqa: E402
+                          resolve_device)
 from ddpm.train import Trainer, TrainPaths, draw  # noqa: E402
 from ddpm import networks  # noqa: E402
 
@@ -54,7 +55,7 @@ def native_bf16(device: torch.device) -> bool:
     """bf16 with hardware support (CPUs without AVX512-BF16/AMX emulate it ~20x slower)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return cpu_has_native_bf16()
 
 
 def synchronize(device: torch.device) -> None:
