@@ -68,7 +68,7 @@ def measure(net: str, model: dict, mode: str, batch_gpu: int, args, device, imag
     bench.synchronize(device)
     ips = args.batch * args.steps / (time.perf_counter() - start)
     row = {"network": net, "mode": mode, "batch_gpu": batch_gpu, "rounds": trainer.rounds,
-           "precision": trainer.precision, "images_per_second": round(ips, 1),
+           "precision": trainer.precision, "images_per_second": round(ips, 3),
            "first_step_seconds": round(first, 1),
            "hours_600_epochs": round(EPOCHS * STEPS_PER_EPOCH * BATCH / ips / 3600, 2)}
     if device.type == "cuda":
