@@ -38,12 +38,18 @@ def _workers() -> int:
 
 def write_pngs(images: np.ndarray | torch.Tensor, folder: str | Path, start: int = 0,
                progress: bool = False) -> None:
-    """Write (N, H, W, 3) uint8 images as lossless `{start + i}.png` files in `folder`."""
+    """Write (N, H, W, 3) uint8 images as lossless `{start + i}.png` files in `folder`.
+
+    Each file is written under a temporary name (`.{i}.png.tmp`) and renamed, so a file under its
+    final name is always whole, even after a kill: the sample stage keeps such files on resume.
+    """
     folder = Path(folder)
     images = np.asarray(images)
 
     def save(i: int) -> None:
-        Image.fromarray(images[i]).save(folder / f"{start + i}.png", compress_level=1)
+        name = f"{start + i}.png"
+        Image.fromarray(images[i]).save(folder / f".{name}.tmp", format="PNG", compress_level=1)
+        os.replace(folder / f".{name}.tmp", folder / name)
 
     with ThreadPoolExecutor(_workers()) as pool:  # zlib and file I/O release the GIL
         list(tqdm(pool.map(save, range(len(images))), total=len(images), desc="write PNGs",
