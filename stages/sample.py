@@ -8,7 +8,7 @@ import _src  # noqa: F401  (ddpm from this checkout)
 from ddpm.cli import run
 from ddpm.diffusion import Schedule
 from ddpm.files import write_json
-from ddpm.generate import generate_folder, load_ema_model
+from ddpm.generate import generate_folder, identity, load_ema_model
 from ddpm.images import grid, list_pngs, read_png, save_png
 from ddpm.params import load_params_or_exit
 from ddpm.runtime import (keep_freed_host_memory, resolve_compile, resolve_precision,
@@ -28,21 +28,24 @@ def main() -> None:
     precision = resolve_precision(params.train.precision, device)
     model = load_ema_model(args.ema, params, device)
     sched = Schedule(**dataclasses.asdict(params.diffusion)).to(device)
+    wanted = identity(args.ema, params, precision, device, world)  # what kept images must share
     start = time.perf_counter()
-    generate_folder(model, sched, params, precision, args.out, world)
+    kept = generate_folder(model, sched, params, precision, args.out, world, wanted)
     seconds = time.perf_counter() - start
     if world.main:
         first = [read_png(path) for path in list_pngs(args.out)[:64]]
         save_png(grid(first), args.grid)
         sp = params.sample
+        drawn = sp.num_images - kept  # this run's work: its seconds and images/s exclude the kept
         write_json(args.metrics, {
             "num_images": sp.num_images, "seconds": round(seconds, 3),
-            "images_per_second": round(sp.num_images / seconds, 3), "sampler": sp.sampler,
+            "images_per_second": round(drawn / seconds, 3), "sampler": sp.sampler,
             "steps": sp.steps, "precision": precision,
             "compile": resolve_compile(sp.compile, device),
-            "processes": world.size})
-        print(f"sample: {sp.num_images} images ({sp.sampler}, {sp.steps} steps) in {seconds:.1f} s "
-              f"-> {args.out}")
+            "processes": world.size, "kept_images": kept})
+        resumed = f", {kept} kept from an interrupted run" if kept else ""
+        print(f"sample: {sp.num_images} images ({sp.sampler}, {sp.steps} steps{resumed}) in "
+              f"{seconds:.1f} s -> {args.out}")
     world.close()
 
 

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
+import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -10,9 +14,13 @@ from PIL import Image
 
 from ddpm import checkpoint, networks
 from ddpm.diffusion import Schedule
-from ddpm.generate import generate, load_ema_model, shard
+from ddpm.errors import Interrupted
+from ddpm.generate import (MANIFEST, generate, generate_folder, identity, keep_or_clean,
+                           load_ema_model, shard)
 from ddpm.params import parse_params
 from ddpm.runtime import World
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(params=["seed", "ddpm"])
@@ -110,3 +118,131 @@ def test_compiled_sampling_gives_the_eager_images(setup):
     assert outputs[0].std() > 10
     assert np.abs(outputs[0] - outputs[1]).max() <= 1
     assert (outputs[0] == outputs[1]).mean() > 0.99
+
+
+# Resuming: 7 images in batches of 3 ([0, 1, 2], [3, 4, 5], [6]), 8 DDPM steps each.
+RESUME = dict(num_images=7, batch_size=3)
+
+
+@pytest.fixture
+def resume(setup):
+    """(params, root, model, schedule) for 7 images from the seed network's weights."""
+    params, root = setup
+    params = dataclasses.replace(params, sample=dataclasses.replace(params.sample, **RESUME))
+    model = load_ema_model(root / "ema.pt", params, CPU)
+    return params, root, model, Schedule(**dataclasses.asdict(params.diffusion))
+
+
+class Forwards:
+    """The model, counting its forward passes; KeyboardInterrupt (Ctrl-C) at pass `stop`."""
+
+    def __init__(self, model, stop: int | None = None):
+        self.model, self.stop, self.calls = model, stop, 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        if self.calls == self.stop:
+            raise KeyboardInterrupt
+        return self.model(x, t)
+
+
+def files(folder):
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+@pytest.mark.parametrize("setup", ["seed"], indirect=True)
+def test_an_interrupted_run_keeps_its_whole_batches_and_ends_as_an_uninterrupted_one(
+        resume, capsys):
+    params, root, model, sched = resume
+    wanted = identity(root / "ema.pt", params, "fp32", CPU, World())
+    generate_folder(model, sched, params, "fp32", root / "straight", World(), wanted)
+    straight = files(root / "straight")
+    assert sorted(straight, key=lambda name: int(name[:-4])) == [f"{i}.png" for i in range(7)]
+
+    steps = params.sample.steps
+    with pytest.raises(Interrupted, match="kept in .*\\.out\\.partial"):  # in the 2nd batch
+        generate_folder(Forwards(model, stop=steps + 3), sched, params, "fp32", root / "out",
+                        World(), wanted)
+    staging = root / ".out.partial"
+    assert set(files(staging)) == {MANIFEST, "0.png", "1.png", "2.png"}
+    assert json.loads((staging / MANIFEST).read_text()) == wanted
+    (staging / ".4.png.tmp").write_bytes(straight["4.png"][:50])  # torn by a kill
+    (staging / "3.png").write_bytes(straight["3.png"])  # whole, but its batch is not
+    (staging / "6.png").write_bytes(straight["6.png"][:-8])  # torn (not by our writes)
+    capsys.readouterr()
+
+    counting = Forwards(model)
+    assert generate_folder(counting, sched, params, "fp32", root / "out", World(), wanted) == 3
+    assert counting.calls == 2 * steps  # batches [3, 4, 5] and [6] only
+    assert files(root / "out") == straight  # byte for byte, without the manifest
+    assert not staging.exists()
+    err = capsys.readouterr().err
+    assert ("sample: kept 3 of 7 images from an interrupted run (same EMA weights and params); "
+            "drawing 4") in err
+    assert re.search(r"sample:  43%.*\| 3/7 \[", err) and re.search(r"100%.*\| 7/7 \[.*img/s", err)
+
+
+@pytest.mark.parametrize("setup", ["seed"], indirect=True)
+def test_other_weights_or_params_or_no_manifest_start_clean_and_say_why(resume, capsys):
+    params, root, _, _ = resume
+    staging = root / ".out.partial"
+    wanted = identity(root / "ema.pt", params, "fp32", CPU, World())
+    for found, why in [(dict(wanted, **{"sample.steps": 4}), "other sample.steps (4, now 8)"),
+                       (dict(wanted, **{"ema.sha256": "0" * 64}), "other EMA weights"),
+                       (None, "no readable record of the weights and params")]:
+        staging.mkdir()
+        for i in range(3):
+            (staging / f"{i}.png").write_bytes(b"")
+        if found:
+            (staging / MANIFEST).write_text(json.dumps(found))
+        assert keep_or_clean(staging, wanted, params, World()) == 0
+        assert set(files(staging)) == {MANIFEST}
+        assert json.loads((staging / MANIFEST).read_text()) == wanted
+        assert (f"sample: discarding 3 images of an interrupted run in {staging}: {why}"
+                in capsys.readouterr().err)
+        shutil.rmtree(staging)
+
+    trained = root / "trained.pt"
+    checkpoint.save({"ema": {}, "other": 1}, trained)
+    assert identity(trained, params, "fp32", CPU, World())["ema.sha256"] != wanted["ema.sha256"]
+    wider = dataclasses.replace(params, sample=dataclasses.replace(params.sample, batch_size=2))
+    assert identity(root / "ema.pt", wider, "fp32", CPU, World())["sample.batch_size"] == 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ThreadWorld(World):
+    """Processes played by threads: barrier() waits for the others."""
+    gate: threading.Barrier | None = None
+
+    def barrier(self) -> None:
+        self.gate.wait(timeout=60)
+
+
+@pytest.mark.parametrize("setup", ["seed"], indirect=True)
+def test_two_processes_resume_each_its_share(resume):
+    """Shares [0..3] and [4..6] in batches of 3: [0, 1, 2], [3], [4, 5, 6]."""
+    params, root, model, sched = resume
+    wanted = identity(root / "ema.pt", params, "fp32", CPU, World(0, 2))
+
+    def run(out, models):
+        gate = threading.Barrier(2)
+        worlds = [ThreadWorld(rank, 2, gate=gate) for rank in range(2)]
+        threads = [threading.Thread(target=generate_folder, args=(
+            models[rank], sched, params, "fp32", out, worlds[rank], wanted)) for rank in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+
+    run(root / "straight", [model, model])
+    straight = files(root / "straight")
+    assert len(straight) == 7
+    staging = root / ".out.partial"
+    staging.mkdir()
+    (staging / MANIFEST).write_text(json.dumps(wanted))
+    for name in ("0.png", "1.png", "2.png", "4.png", "6.png"):  # rank 1's batch is incomplete
+        (staging / name).write_bytes(straight[name])
+    counting = [Forwards(model), Forwards(model)]
+    run(root / "out", counting)
+    assert [c.calls for c in counting] == [params.sample.steps] * 2  # [3] and [4, 5, 6]
+    assert files(root / "out") == straight

@@ -1,17 +1,33 @@
-"""The sample stage's work: N images from the EMA weights, image i a function of (seed, i) only."""
+"""The sample stage's work: N images from the EMA weights, image i a function of (seed, i) only.
+
+The processes draw into a staging folder beside the output, which is renamed when complete. A
+killed run's images stay there with a manifest of what they were drawn from, and the next run
+with the same weights and params keeps them: it draws only the batches that are missing.
+"""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import itertools
+import json
 import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from ddpm import checkpoint, networks
 from ddpm.diffusion import Schedule, sample, timesteps_for
-from ddpm.images import to_uint8, write_pngs
-from ddpm.params import Params
+from ddpm.errors import Interrupted
+from ddpm.files import write_json
+from ddpm.images import ImageFolderError, read_png, to_uint8, write_pngs
+from ddpm.params import Params, plain
 from ddpm.runtime import World, autocast, derive_seed, resolve_compile
+
+MANIFEST = "manifest.json"  # in the staging folder while it fills; never in the output
+WEIGHTS_KEY = "ema.sha256"
 
 
 def load_ema_model(path: str | Path, params: Params, device: torch.device) -> torch.nn.Module:
@@ -47,42 +63,152 @@ def shard(num_images: int, world: World) -> range:
     return range(min(world.rank * per, num_images), min((world.rank + 1) * per, num_images))
 
 
+def batches(indices: range, batch_size: int) -> list[range]:
+    """The batches `indices` are drawn in. A resumed run draws the very batches an uninterrupted
+    one would: an image drawn in another batch may differ by one level (tests/test_sample.py),
+    and the output must be byte-identical."""
+    return [range(start, min(start + batch_size, indices.stop))
+            for start in range(indices.start, indices.stop, batch_size)]
+
+
+def identity(ema: Path, params: Params, precision: str, device: torch.device,
+             world: World) -> dict[str, Any]:
+    """Everything the bytes of image i depend on, flat, by params.yaml's dotted keys.
+
+    Besides the weights (by content), seed, model.* and diffusion.*: every sample.* key, batch
+    size and compile included (the batch an image is drawn in and a compiled forward can each
+    move a pixel by one level), the resolved precision, the device, the number of processes
+    (the shards decide the batches) and torch's version.
+    """
+    digest = hashlib.sha256()
+    with open(ema, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    flat: dict[str, Any] = {WEIGHTS_KEY: digest.hexdigest(), "seed": params.seed}
+    sample_params = dict(dataclasses.asdict(params.sample),
+                         compile=resolve_compile(params.sample.compile, device))
+    for section, values in (("model", dataclasses.asdict(params.model)),
+                            ("diffusion", dataclasses.asdict(params.diffusion)),
+                            ("sample", sample_params)):
+        flat.update({f"{section}.{key}": value for key, value in values.items()})
+    flat.update({"precision": precision, "processes": world.size, "torch": torch.__version__,
+                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+                 device.type})
+    return json.loads(json.dumps(plain(flat)))  # as the manifest will hold it
+
+
 def generate(model: torch.nn.Module, sched: Schedule, params: Params, precision: str,
              indices: range, folder: Path, progress: bool = True) -> None:
-    """Sample images `indices` in batches of sample.batch_size and write them as {i}.png.
+    """Sample images `indices` in batches of sample.batch_size and write them as {i}.png,
+    skipping the batches whose images are all in `folder` already.
 
-    The progress bar counts denoising steps of whole batches, so it moves within a batch.
+    The bar counts images and advances per denoising step, so it moves within a batch; its
+    images/s and ETA are for the whole share, and kept images count from the start.
     """
     sp, device = params.sample, sched.device
-    batches = range(indices.start, indices.stop, sp.batch_size)
-    with tqdm(total=len(indices) * len(timesteps_for(sched.timesteps, sp.steps)), desc="sample",
-              unit="img-step", unit_scale=True, disable=not progress, dynamic_ncols=True) as bar:
-        for start in batches:
-            ids = range(start, min(start + sp.batch_size, indices.stop))
+    present = {path.name for path in folder.iterdir()}
+    todo = [ids for ids in batches(indices, sp.batch_size)
+            if not all(f"{i}.png" in present for i in ids)]
+    steps = len(timesteps_for(sched.timesteps, sp.steps))
+    with tqdm(total=len(indices), initial=len(indices) - sum(map(len, todo)), desc="sample",
+              unit="img", bar_format="{l_bar}{bar}| {n:,.0f}/{total:,} [{elapsed}<{remaining}, "
+              "{rate_fmt}]", disable=not progress, dynamic_ncols=True) as bar:
+        for ids in todo:
             gens = [torch.Generator(device).manual_seed(derive_seed(params.seed, i, "sample"))
                     for i in ids]
+            # Each step advances the bar by a fraction of the batch, computed from the step count
+            # so that fractions do not add up to 2.9999 images.
+            done, size, step = bar.n, len(ids), itertools.count(1)
             with autocast(precision, device):
-                x = sample(model, sched, (len(ids), 3, 32, 32), sp.sampler, sp.steps, gens,
+                x = sample(model, sched, (size, 3, 32, 32), sp.sampler, sp.steps, gens,
                            eta=sp.eta, variance=sp.variance, clip_denoised=sp.clip_denoised,
-                           progress=lambda: bar.update(len(ids)))
-            write_pngs(to_uint8(x), folder, start=start)
+                           progress=lambda: bar.update(done + size * next(step) / steps - bar.n))
+            write_pngs(to_uint8(x), folder, start=ids.start)
+
+
+def keep_or_clean(staging: Path, wanted: dict[str, Any], params: Params, world: World) -> int:
+    """Main process: keep the staging folder's images if its manifest is `wanted`, in whole
+    batches, else start it afresh; say which, and why. Returns the number of images kept."""
+    n = params.sample.num_images
+    try:
+        found = json.loads((staging / MANIFEST).read_text())
+    except (OSError, ValueError):
+        found = None
+    if found == wanted:
+        kept = _keep_whole_batches(staging, n, [ids for rank in range(world.size) for ids in
+                                                batches(shard(n, World(rank, world.size)),
+                                                        params.sample.batch_size)])
+        if kept:
+            print(f"sample: kept {kept:,} of {n:,} images from an interrupted run (same EMA "
+                  f"weights and params); drawing {n - kept:,}", file=sys.stderr, flush=True)
+        return kept
+    if staging.exists():
+        count = sum(1 for path in staging.glob("*.png"))
+        print(f"sample: discarding {count:,} images of an interrupted run in {staging}: "
+              f"{_why(found, wanted)}; drawing all {n:,}", file=sys.stderr, flush=True)
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    write_json(staging / MANIFEST, wanted)
+    return 0
+
+
+def _why(found: dict[str, Any] | None, wanted: dict[str, Any]) -> str:
+    if found is None:
+        return "no readable record of the weights and params they were drawn with"
+    keys = sorted(key for key in found.keys() | wanted.keys() if found.get(key) != wanted.get(key))
+    return "other " + ", ".join("EMA weights" if key == WEIGHTS_KEY else
+                                f"{key} ({found.get(key)!r}, now {wanted.get(key)!r})"
+                                for key in keys)
+
+
+def _keep_whole_batches(staging: Path, num_images: int, layout: list[range]) -> int:
+    """Remove all but the manifest and the readable images of complete batches (a kill leaves
+    temp files and part of the batch it was writing); return how many images are kept."""
+    names = {f"{i}.png" for i in range(num_images)}
+    readable = set()
+    for path in staging.iterdir():
+        if path.name == MANIFEST:
+            continue
+        try:
+            if path.name in names and read_png(path, pixels=False) is None:
+                readable.add(int(path.stem))
+                continue
+        except ImageFolderError:
+            pass
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    kept = {i for ids in layout if readable.issuperset(ids) for i in ids}
+    for i in readable - kept:
+        (staging / f"{i}.png").unlink()
+    return len(kept)
 
 
 def generate_folder(model: torch.nn.Module, sched: Schedule, params: Params, precision: str,
-                    out: Path, world: World) -> None:
-    """All sample.num_images images into `out`, split across processes; `out` appears complete.
+                    out: Path, world: World, wanted: dict[str, Any]) -> int:
+    """All sample.num_images images into `out`, split across processes; `out` appears complete,
+    without the manifest, as an uninterrupted run's. Returns how many images were kept.
 
-    The processes write into one staging folder beside `out` (the filesystem is shared, as for
-    the checkpoints); the main process renames it once every process has finished.
+    wanted: identity(...) of this run. The processes write into one staging folder beside `out`
+    (the filesystem is shared, as for the checkpoints); the main process decides what of an
+    interrupted run is kept before the others look, and renames the folder once all finished.
     """
     staging = out.parent / f".{out.name}.partial"
-    if world.main:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+    kept = keep_or_clean(staging, wanted, params, world) if world.main else 0
     world.barrier()
-    generate(model, sched, params, precision, shard(params.sample.num_images, world), staging,
-             progress=world.main)
+    try:
+        generate(model, sched, params, precision, shard(params.sample.num_images, world),
+                 staging, progress=world.main)
+    except KeyboardInterrupt:
+        if not world.main:
+            raise SystemExit(130) from None
+        raise Interrupted(f"sample: interrupted; the images drawn so far are kept in {staging} "
+                          "for a run with the same EMA weights and params. Run the same command "
+                          "again to draw the rest") from None
     world.barrier()
     if world.main:
+        (staging / MANIFEST).unlink(missing_ok=True)
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)
+    return kept
