@@ -22,7 +22,8 @@ def main() -> None:
     keep_freed_host_memory(device)  # on CPUs: no page faults on every batch's activations
     mu_real, sigma_real, num_real = load_statistics(args.real_stats, fid.dims)  # fail fast
     mu, sigma, num_generated = folder_statistics(args.images, fid.dims, fid.batch_size,
-                                                 fid.weights, device)
+                                                 fid.weights, device,
+                                                 f"fid: Inception features of {args.images}")
     value = frechet_distance(mu, sigma, mu_real, sigma_real)
     write_json(args.metrics, {"fid": value, "num_generated": num_generated,
                               "num_real": num_real, "dims": fid.dims})

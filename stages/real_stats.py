@@ -17,7 +17,8 @@ def main() -> None:
     fid = params.fid
     device = resolve_device(params.device)
     keep_freed_host_memory(device)  # on CPUs: no page faults on every batch's activations
-    mu, sigma, n = folder_statistics(args.images, fid.dims, fid.batch_size, fid.weights, device)
+    mu, sigma, n = folder_statistics(args.images, fid.dims, fid.batch_size, fid.weights, device,
+                                     f"real_stats: Inception features of {args.images}")
     save_statistics(args.out, mu, sigma, n)
     print(f"real_stats: {fid.dims}-dim Inception statistics of {n} images -> {args.out}")
 

@@ -170,6 +170,10 @@ def test_real_stats_and_fid_stages_match_the_in_process_fid(our_stats, subproces
     np.testing.assert_allclose(mu, our_stats["real"][0], rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(sigma, our_stats["real"][1], rtol=1e-5, atol=1e-8)
     assert fid.returncode == 0, fid.stderr
+    for stage, result in (("real_stats", real_stats), ("fid", fid)):  # bars that say what they do
+        bar = re.search(rf"{stage}: Inception features of \S+: 100%.*\| (\d+)/(\d+) \[.*img/s\]",
+                        result.stderr)
+        assert bar and bar.groups() == (str(NUM_IMAGES),) * 2, result.stderr
     metrics = json.loads((work / "metrics" / "fid.json").read_text())
     assert set(metrics) == {"fid", "num_generated", "num_real", "dims"}
     assert (metrics["num_generated"], metrics["num_real"], metrics["dims"]) == (NUM_IMAGES,

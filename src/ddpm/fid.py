@@ -14,8 +14,10 @@ from unittest import mock
 
 import numpy as np
 import torch
+from pytorch_fid import fid_score
 from pytorch_fid import inception as pf_inception
 from pytorch_fid.fid_score import calculate_activation_statistics
+from tqdm.auto import tqdm
 
 # FidError and WEIGHTS_FILE live in fid_weights (which this imports) and stay ddpm.fid's too.
 from ddpm.fid_weights import ACCEPTED, WEIGHTS_FILE, FidError, not_inception, read_state_dict
@@ -54,15 +56,34 @@ def inception(dims: int, weights: str, device: torch.device) -> torch.nn.Module:
 
 
 def folder_statistics(folder: str | Path, dims: int, batch_size: int, weights: str,
-                      device: torch.device) -> tuple[np.ndarray, np.ndarray, int]:
-    """mu (dims,), sigma (dims, dims) of the Inception features of a folder of 32x32 PNGs; N."""
+                      device: torch.device, desc: str | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, int]:
+    """mu (dims,), sigma (dims, dims) of the Inception features of a folder of 32x32 PNGs; N.
+
+    desc: what the progress bar says it is doing (default: "Inception features of <folder>").
+    """
     files = list_pngs(folder, min_count=2)  # a covariance needs two images
     check_pngs(files)
     model = inception(dims, weights, device)
     workers = min(8, os.cpu_count() or 1)
-    mu, sigma = calculate_activation_statistics([str(f) for f in files], model,
-                                                min(batch_size, len(files)), dims, device, workers)
+    counting = _counting_images(desc or f"Inception features of {folder}")
+    with mock.patch.object(fid_score, "tqdm", counting):
+        mu, sigma = calculate_activation_statistics([str(f) for f in files], model,
+                                                    min(batch_size, len(files)), dims, device,
+                                                    workers)
     return mu, sigma, len(files)
+
+
+def _counting_images(desc: str):
+    """A stand-in for the tqdm that pytorch-fid wraps its DataLoader in, which counts batches
+    without a name: this bar says what it does and counts images, so it shows images/s and the
+    stage's ETA."""
+    def wrap(loader: torch.utils.data.DataLoader):
+        with tqdm(total=len(loader.dataset), desc=desc, unit="img", dynamic_ncols=True) as bar:
+            for batch in loader:
+                yield batch
+                bar.update(len(batch))  # once the model has taken it
+    return wrap
 
 
 def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, num_images: int) -> None:
