@@ -19,8 +19,10 @@ def main() -> None:
                        ("checkpoints", "persistent folder for the finished run's last.pt and grids"),
                        ("runs", "folder (outside DVC) for unfinished runs, one per config"),
                        ("ema", "EMA weights file to write"), ("metrics", "metrics JSON to write"),
-                       ("loss", "loss TSV to write"), ("samples", "folder for preview grids")]:
-        parser.add_argument(f"--{name}", required=True, type=Path, help=what)
+                       ("loss", "loss TSV to write"), ("samples", "folder for preview grids"),
+                       ("real_stats", "real_stats' .npz file (read when train.fid_every > 0)"),
+                       ("fid", "TSV of the FIDs during training to write")]:
+        parser.add_argument(f"--{name.replace('_', '-')}", required=True, type=Path, help=what)
     args = parser.parse_args()
     params = load_params_or_exit()
     world, device = start_processes(params.device, params.train.gpus)

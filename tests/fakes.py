@@ -120,7 +120,8 @@ def train_paths(root: Path, cifar: Path):
     from ddpm.train import TrainPaths
     return TrainPaths(cifar=cifar, checkpoints=root / "checkpoints", runs=root / "runs",
                       ema=root / "ema.pt", metrics=root / "train.json", loss=root / "loss.tsv",
-                      samples=root / "samples")
+                      samples=root / "samples", real_stats=root / "real_stats.npz",
+                      fid=root / "fid.tsv")
 
 
 def run_stage(script: str, cwd: Path, *args: str, **overrides) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ SEED = {
     "model": dict(arch="seed", channels=(96, 192, 384, 384), res_blocks=2,
                   attention_resolutions=(16,), heads=8, dropout=0.1, time_dim=64),
     "diffusion": dict(timesteps=1000, beta_start=1e-4, beta_end=0.02, schedule="linear"),
-    "train": dict(epochs=600, batch_size=128, batch_gpu="auto", lr=2e-4, warmup_steps=0, ema_decay=0.9999,
+    "train": dict(epochs=600, batch_size=128, batch_gpu="auto", fid_every=0, lr=2e-4, warmup_steps=0, ema_decay=0.9999,
                   ema_warmup=False,
                   grad_clip=1.0, precision="auto", gpus=1, checkpoint_every=2, sample_every=5),
     "sample": dict(num_images=5000, batch_size=250, sampler="ddpm", steps=1000,
@@ -53,6 +53,9 @@ def raw(base_params):
                                 "torch.compile mode (default, reduce-overhead, max-autotune"),
     ("train", "compile", 1, "train.compile = 1: expected auto, true, false or a torch.compile mode"),
     ("train", "batch_gpu", 0, "train.batch_gpu = 0: expected auto or a positive integer"),
+    ("train", "fid_every", -1, "train.fid_every = -1: expected 0 (off) or a number of epochs"),
+    ("train", "fid_images", 1, "train.fid_images = 1: expected at least 2"),
+    ("train", "fid_steps", 1001, "train.fid_steps = 1001: expected at most diffusion.timesteps"),
     ("train", "batch_gpu", "max", "train.batch_gpu = 'max': expected auto or an integer"),
     ("train", "batch_gpu", 48, "train.batch_gpu = 48: must divide the 128 images each of 1 "
                                "process(es) takes from train.batch_size = 128"),

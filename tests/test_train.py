@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -411,3 +412,57 @@ def test_the_oom_probe_runs_forward_and_backward_and_leaves_no_trace(tiny, cifar
     assert sizes == [128, 64, 32]
     assert torch.equal(torch.get_rng_state(), before)
     assert all(p.grad is None for p in trainer.model.parameters())
+
+
+# -- FID during training ------------------------------------------------------------------------
+
+def test_fid_during_training_is_the_fid_stage_on_the_same_images(tiny, cifar_dir, tmp_path,
+                                                                 monkeypatch, capsys):
+    """fid_every=1 over 2 epochs: one fid.tsv row per epoch; the metrics hold the last and best;
+    and each value equals what stages/fid.py computes from the very images (kept here as they
+    pass to the Inception network) against the same real statistics."""
+    import json
+    from ddpm.fid import folder_statistics, save_statistics
+    from ddpm.images import write_pngs
+    from fakes import cifar_images, run_stage
+    real = tmp_path / "real_png"
+    real.mkdir()
+    write_pngs(cifar_images("train", per_batch=16)[:48].transpose(0, 2, 3, 1), real)
+    fid = tiny["fid"]
+    save_statistics(tmp_path / "real_stats.npz",
+                    *folder_statistics(real, fid["dims"], fid["batch_size"], fid["weights"],
+                                       torch.device("cpu")))
+    kept, real_statistics = [], train.folder_statistics
+
+    def keeping(folder, *args, **kwargs):
+        kept.append(tmp_path / f"kept{len(kept)}")
+        shutil.copytree(folder, kept[-1])
+        return real_statistics(folder, *args, **kwargs)
+
+    monkeypatch.setattr(train, "folder_statistics", keeping)
+    trainer = run(tiny, tmp_path, cifar_dir, epochs=2, sample_every=0, fid_every=1,
+                  fid_images=6, fid_steps=4)
+    assert "train: epoch 2: FID" in capsys.readouterr().err
+    rows = [r.split("\t") for r in (tmp_path / "fid.tsv").read_text().splitlines()]
+    assert rows[0] == ["epoch", "step", "fid", "seconds"]
+    assert [(int(r[0]), int(r[1])) for r in rows[1:]] == [(1, 3), (2, 6)]
+    assert [len(list(folder.iterdir())) for folder in kept] == [6, 6]
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    values = [row[2] for row in trainer.progress.fid_rows]
+    assert metrics["fid_last"] == values[-1] and metrics["fid_best"] == min(values)
+    assert metrics["fid_best_epoch"] == 1 + values.index(min(values))
+    assert 0 < metrics["fid_seconds"] and metrics["seconds"] > 0
+    for folder, value in zip(kept, values):
+        done = run_stage("fid.py", tmp_path, "--images", str(folder), "--real-stats",
+                         str(tmp_path / "real_stats.npz"), "--metrics", str(folder) + ".json",
+                         device="cpu", fid__dims=fid["dims"], fid__weights=fid["weights"],
+                         fid__batch_size=fid["batch_size"])
+        assert done.returncode == 0, done.stderr
+        assert json.loads(Path(str(folder) + ".json").read_text())["fid"] == pytest.approx(
+            value, rel=1e-12)
+
+
+def test_fid_during_training_needs_the_real_statistics(tiny, cifar_dir, tmp_path):
+    from ddpm.fid import FidError
+    with pytest.raises(FidError, match="real_stats.npz"):
+        run(tiny, tmp_path, cifar_dir, epochs=1, fid_every=1)

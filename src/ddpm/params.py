@@ -205,10 +205,13 @@ class TrainParams:
     preview_images: int
     preview_steps: int
     log_every: int         # optimizer steps per loss.tsv row
+    fid_every: int         # epochs between FIDs of the EMA weights during training; 0 = off
+    fid_images: int        # images per training FID, image i from the sample stage's seed of i
+    fid_steps: int         # deterministic DDIM steps per training FID
 
     def __post_init__(self):
         for key in ("epochs", "batch_size", "gpus", "checkpoint_every", "log_every",
-                    "preview_images", "preview_steps"):
+                    "preview_images", "preview_steps", "fid_steps"):
             _require(getattr(self, key) >= 1, f"train.{key}", "a positive integer",
                      getattr(self, key))
         _require(self.lr > 0, "train.lr", "a positive number", self.lr)
@@ -222,6 +225,10 @@ class TrainParams:
                  self.precision)
         _require(self.sample_every >= 0, "train.sample_every", "0 (off) or a number of epochs",
                  self.sample_every)
+        _require(self.fid_every >= 0, "train.fid_every", "0 (off) or a number of epochs",
+                 self.fid_every)
+        _require(self.fid_images >= 2, "train.fid_images",
+                 "at least 2 (a covariance needs two images)", self.fid_images)
         _require(self.batch_gpu == "auto" or self.batch_gpu >= 1, "train.batch_gpu",
                  "auto or a positive integer", self.batch_gpu)
         split_batch(self.batch_size, self.gpus, self.batch_size if self.batch_gpu == "auto"
@@ -283,6 +290,8 @@ class Params:
                  self.sample.steps)
         _require(self.train.preview_steps <= T, "train.preview_steps",
                  f"at most diffusion.timesteps={T}", self.train.preview_steps)
+        _require(self.train.fid_steps <= T, "train.fid_steps",
+                 f"at most diffusion.timesteps={T}", self.train.fid_steps)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain (JSON/YAML-safe) values, lists for tuples: the resolved config."""

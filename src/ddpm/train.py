@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import hashlib
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,9 @@ from ddpm import checkpoint, diffusion, networks, previews
 from ddpm.data import load_cifar10
 from ddpm.ema import EMA
 from ddpm.errors import Interrupted, PipelineError
+from ddpm.fid import folder_statistics, frechet_distance, load_statistics
 from ddpm.files import write_json, write_tsv
+from ddpm.generate import generate
 from ddpm.images import save_png, to_float
 from ddpm.params import Params, plain, split_batch
 from ddpm.runs import CHECKPOINT, RunFolders, run_id
@@ -40,9 +43,11 @@ from ddpm.runtime import (MemoryMonitor, World, autocast, compile_mode, derive_s
                            resolve_precision)
 
 LOSS_HEADER = ["step", "loss", "images_per_second"]
+FID_HEADER = ["epoch", "step", "fid", "seconds"]
 # train.* keys that do not change the optimisation: a checkpoint resumes across changes to them.
 RESUME_IGNORES = ("epochs", "batch_gpu", "gpus", "compile", "checkpoint_every", "sample_every",
-                  "preview_images", "preview_steps", "log_every")
+                  "preview_images", "preview_steps", "log_every", "fid_every", "fid_images",
+                  "fid_steps")
 CPU_BATCH_GPU = 32  # batch_gpu auto on a CPU: memory is no limit, and larger batches gain nothing
 
 
@@ -59,6 +64,8 @@ class TrainPaths:
     metrics: Path      # metrics/train.json
     loss: Path         # plots/train/loss.tsv
     samples: Path      # plots/samples/: preview grids for dvc plots
+    real_stats: Path   # data/real_stats.npz: the FID reference (read when train.fid_every > 0)
+    fid: Path          # plots/train/fid.tsv: epoch, step, FID, seconds
 
 
 @dataclass
@@ -68,6 +75,7 @@ class Progress:
     seconds: float = 0.0   # time spent in training steps, over all sessions
     loss: float = float("nan")
     rows: list[list[float]] = field(default_factory=list)  # loss.tsv: step, loss, images/s
+    fid_rows: list[list[float]] = field(default_factory=list)  # fid.tsv: epoch, step, FID, s
 
 
 def learning_rate(lr: float, warmup_steps: int, step: int) -> float:
@@ -160,6 +168,9 @@ class Trainer:
         if self.compiled:
             self.net = torch.compile(self.net, mode=self.compile_mode)
         self.memory = MemoryMonitor(device)
+        self.real_stats = None  # (mu, sigma) of the real images, for FIDs during training
+        if self.tp.fid_every and world.main:  # read now: a missing file fails before training
+            self.real_stats = load_statistics(paths.real_stats, params.fid.dims)[:2]
         self.config = self._resume_config()
         self.folders = RunFolders(paths.checkpoints, paths.runs / run_id(self.config))
         self.progress = Progress()
@@ -386,15 +397,49 @@ class Trainer:
             grid = previews.preview_grid(self.ema.model, self.sched, self.tp.preview_images,
                                          self.tp.preview_steps, self.p.seed, self.precision)
             save_png(grid, self.folders.previews / f"epoch_{epoch:04d}.png")
+        if self.tp.fid_every and (epoch % self.tp.fid_every == 0 or last):
+            self.evaluate_fid()
         if epoch % self.tp.checkpoint_every == 0 or last:
             self.save_checkpoint()
         self.write_outputs(final=False)
+
+    def evaluate_fid(self) -> float:
+        """FID of train.fid_images images of the EMA weights (deterministic DDIM, fid_steps;
+        image i from the sample stage's seed of i) against the real statistics: the fid stage's
+        computation on the same PNGs, which pass through a folder in this run's work folder. The
+        seconds it takes are logged and kept out of the training throughput."""
+        tp, start = self.tp, time.perf_counter()
+        folder = self.folders.work / "fid_images"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        sample = dataclasses.replace(self.p.sample, num_images=tp.fid_images, sampler="ddim",
+                                     steps=tp.fid_steps, eta=0.0)
+        self.ema.model.eval()
+        generate(self.ema.model, self.sched, dataclasses.replace(self.p, sample=sample),
+                 self.precision, range(tp.fid_images), folder, progress=False)
+        epoch, fid = self.progress.epoch, self.p.fid
+        mu, sigma, _ = folder_statistics(folder, fid.dims, fid.batch_size, fid.weights,
+                                         self.device, f"train: FID at epoch {epoch}, Inception")
+        shutil.rmtree(folder)
+        value = frechet_distance(mu, sigma, *self.real_stats)
+        seconds = time.perf_counter() - start
+        self.progress.fid_rows.append([epoch, self.progress.step, value, round(seconds, 3)])
+        print(f"train: epoch {epoch}: FID {value:.2f} ({tp.fid_images} images, DDIM-"
+              f"{tp.fid_steps}, vs {self.paths.real_stats}) in {seconds:.0f} s", file=sys.stderr,
+              flush=True)
+        return value
 
     def write_outputs(self, final: bool) -> None:
         """metrics/train.json and loss.tsv every epoch (dvc exp show follows a running run)."""
         pr = self.progress
         self.memory.sample()
         write_tsv(self.paths.loss, LOSS_HEADER, pr.rows)
+        write_tsv(self.paths.fid, FID_HEADER, pr.fid_rows)  # only the header while fid_every = 0
+        fid = {}
+        if pr.fid_rows:
+            best = min(pr.fid_rows, key=lambda row: row[2])
+            fid = {"fid_last": pr.fid_rows[-1][2], "fid_best": best[2], "fid_best_epoch": best[0],
+                   "fid_seconds": round(sum(row[3] for row in pr.fid_rows), 3)}
         write_json(self.paths.metrics, {
             "loss": pr.loss, "epochs": pr.epoch, "steps": pr.step, "seconds": round(pr.seconds, 3),
             "images_per_second": round(pr.step * self.batch / max(pr.seconds, 1e-9), 3),
@@ -403,6 +448,7 @@ class Trainer:
             "effective_batch": self.batch, "batch_gpu": self.micro, "rounds": self.rounds,
             "processes": self.world.size,
             "precision": self.precision, "device": str(self.device.type), "compile": self.compiled,
+            **fid,
         })
         previews.publish(self.folders.previews, self.paths.samples, pr.epoch)
         if final:
