@@ -109,7 +109,8 @@ def tiny_params(base: dict, archive: Path, md5: str, weights: Path) -> dict:
     p["model"].update(channels=[16, 32, 32], res_blocks=1, attention_resolutions=[16], heads=2)
     p["diffusion"].update(timesteps=40)
     p["train"].update(epochs=2, batch_size=16, batch_gpu=8, ema_decay=0.5, checkpoint_every=1,
-                      sample_every=1, preview_images=4, preview_steps=3, log_every=1)
+                      sample_every=1, preview_images=4, preview_steps=3, log_every=1,
+                      fid_images=6, fid_steps=4)
     p["sample"].update(num_images=12, batch_size=5, steps=8)
     p["fid"].update(dims=64, batch_size=8, weights=str(weights))
     return p

@@ -458,8 +458,9 @@ def test_fid_during_training_is_the_fid_stage_on_the_same_images(tiny, cifar_dir
                          device="cpu", fid__dims=fid["dims"], fid__weights=fid["weights"],
                          fid__batch_size=fid["batch_size"])
         assert done.returncode == 0, done.stderr
+        # equal up to float32 rounding in Inception: the stage runs with its own thread count
         assert json.loads(Path(str(folder) + ".json").read_text())["fid"] == pytest.approx(
-            value, rel=1e-12)
+            value, rel=1e-6)
 
 
 def test_fid_during_training_needs_the_real_statistics(tiny, cifar_dir, tmp_path):

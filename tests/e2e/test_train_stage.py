@@ -18,7 +18,7 @@ from dvc_repo import dvc, dvc_killed_when, env, unfinished_epoch
 
 pytestmark = pytest.mark.e2e
 
-TRAIN = dict(epochs=5, checkpoint_every=1, sample_every=2)
+TRAIN = dict(epochs=5, checkpoint_every=1, sample_every=2, fid_every=1)
 
 
 def test_sigkill_at_any_moment_then_repro_gives_the_uninterrupted_weights(new_repo):
@@ -50,6 +50,12 @@ def test_sigkill_at_any_moment_then_repro_gives_the_uninterrupted_weights(new_re
     assert grids == ["epoch_0002.png", "epoch_0004.png", "epoch_0005.png", "progression.png"]
     assert (repo / "plots/samples/epoch_0002.png").read_bytes() == (
         reference / "plots/samples/epoch_0002.png").read_bytes()
+    # one FID row per epoch, continued across the kills: the same rows as the uninterrupted run's
+    fid = [r.split("\t")[:3] for r in (reference / "plots/train/fid.tsv").read_text().splitlines()]
+    assert [row[0] for row in fid] == ["epoch", "1", "2", "3", "4", "5"]
+    assert [r.split("\t")[:3] for r in (repo / "plots/train/fid.tsv").read_text().splitlines()] == fid
+    metrics = json.loads((repo / "metrics/train.json").read_text())
+    assert metrics["fid_last"] == pytest.approx(float(fid[-1][2]), rel=1e-5)
     assert "up to date" in dvc(repo, "status", "train").stdout
 
 
