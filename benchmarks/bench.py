@@ -102,7 +102,8 @@ def ours_step(model: dict, images, batch: int, precision: str, device: torch.dev
     """The pipeline's own optimizer step (Trainer.optimizer_step), on in-memory images: eager,
     or with compile_mode "default" as train.compile runs it, or compiled in another mode."""
     tmp = Path(tempfile.mkdtemp())
-    paths = TrainPaths(tmp, tmp, tmp / "runs", tmp / "ema.pt", tmp / "m.json", tmp / "l.tsv", tmp)
+    paths = TrainPaths(tmp, tmp, tmp / "runs", tmp / "ema.pt", tmp / "m.json", tmp / "l.tsv", tmp,
+                       tmp / "real_stats.npz", tmp / "fid.tsv")
     params = base_params(model, precision, device, batch, accum, compile=compile_mode or False)
     trainer = Trainer(params, paths, World(), device, images)
     gen = torch.Generator(device).manual_seed(0)
@@ -192,6 +193,17 @@ class Table:
         lines = ["| measurement | precision | ours | reference | ours vs reference |",
                  "| --- | --- | --- | --- | --- |"]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in self.rows])
+
+
+def bench_precision(table, args, device, images):
+    """train.precision auto on this device: the seed network's training step in bf16 autocast
+    against fp32 (on CPUs, bf16 is only fast where it is native: AVX512-BF16 or AMX)."""
+    cfg = TINY_SEED if args.quick else references.SEED
+    fns = {p: ours_step(cfg, images, args.batch, p, device)[1] for p in ("fp32", "bf16")}
+    med = interleaved(fns, device, args.rounds, args.steps)
+    native = "native" if native_bf16(device) else "emulated"
+    table.add(f"train step, seed network, batch {args.batch}: bf16 ({native}) vs fp32", "bf16",
+              args.batch / med["bf16"], args.batch / med["fp32"], "fp32", "img/s")
 
 
 def bench_train(table, args, device, precision, images, compile_modes):
@@ -424,7 +436,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
     parser.add_argument("--fid-images", type=int, default=500)
     parser.add_argument("--sampler-steps", type=int, default=4, help="steps per k-step timing")
-    parser.add_argument("--sections", default="networks,train,seed,sampling,memory,fid,peak",
+    parser.add_argument("--sections", default="networks,precision,train,seed,sampling,memory,fid,peak",
                         help="memory: the CPU stages' host allocator setting (CPU only)")
     parser.add_argument("--compile", default="sampling",
                         help="comma list of sampling, train: compiled rows, for the first "
@@ -466,6 +478,8 @@ def main() -> None:
             mm, conv, n = peak_flops(device, precision, args.rounds)
             table.add(f"peak measured: matmul {n}^2 (ours col.) / 3x3 conv 256 ch 16x16 (ref. col.)",
                       precision, mm / 1e9, conv / 1e9, "conv", "GFLOP/s")
+    if "precision" in sections:
+        bench_precision(table, args, device, images)
     if "seed" in sections:
         bench_seed(table, args, device, precisions, images)
     if "memory" in sections and device.type == "cpu":

@@ -43,7 +43,8 @@ def trainer_step(model: dict, images: torch.Tensor, batch: int, batch_gpu: int, 
     """A Trainer built from params.yaml with these overrides, and one optimizer step of it as
     run_epoch takes it (indices and the batch's draws, then Trainer.optimizer_step)."""
     tmp = Path(tempfile.mkdtemp())
-    paths = TrainPaths(tmp, tmp, tmp / "runs", tmp / "ema.pt", tmp / "m.json", tmp / "l.tsv", tmp)
+    paths = TrainPaths(tmp, tmp, tmp / "runs", tmp / "ema.pt", tmp / "m.json", tmp / "l.tsv", tmp,
+                       tmp / "real_stats.npz", tmp / "fid.tsv")
     params = bench.base_params(model, "auto", device, batch_gpu, batch // batch_gpu, compile)
     trainer = Trainer(params, paths, World(), device, images)
     gen = torch.Generator(device).manual_seed(0)

@@ -14,6 +14,7 @@ def test_the_benchmark_runs_every_section():
     for row in ("train step, seed network vs DDPM network", "GFLOP per image, fwd+bwd",
                 "train step, DDPM config", "achieved FLOP/s", "sampling forwards/s",
                 "DDIM-100 vs DDPM-1000", "peak measured", "train step, seed config",
+                "vs fp32",
                 "fid stage", "Frechet distance"):
         assert row in table, row
 
