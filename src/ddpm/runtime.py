@@ -41,8 +41,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles), as torch reports it.
 
-    Only then is bf16 autocast a speed-up: on a Zen 4 with AVX512-BF16 it trained every UNet
-    tried 1.75-2.1x faster than fp32; without it oneDNN emulates bf16, about 20x slower.
+    Only then is bf16 autocast a speed-up: the seed network's training step ran 2.4x faster than
+    fp32 on a Xeon with AMX (docs/benchmarks.md), and issue 16 reports 1.75-2.1x on a Zen 4 with
+    AVX512-BF16 for every UNet tried; without either, oneDNN emulates bf16, about 20x slower.
     """
     cpu = torch.cpu
     return any(getattr(cpu, name, lambda: False)()
