@@ -56,6 +56,9 @@ def test_sigkill_at_any_moment_then_repro_gives_the_uninterrupted_weights(new_re
     assert [r.split("\t")[:3] for r in (repo / "plots/train/fid.tsv").read_text().splitlines()] == fid
     metrics = json.loads((repo / "metrics/train.json").read_text())
     assert metrics["fid_last"] == pytest.approx(float(fid[-1][2]), rel=1e-5)
+    dvc(repo, "plots", "show")  # the fid_during_training plot carries the rows
+    html = (repo / "dvc_plots/index.html").read_text()
+    assert "FID of the EMA weights during training" in html and fid[1][2] in html
     assert "up to date" in dvc(repo, "status", "train").stdout
 
 
