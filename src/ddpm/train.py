@@ -48,7 +48,7 @@ FID_HEADER = ["epoch", "step", "fid", "seconds"]
 RESUME_IGNORES = ("epochs", "batch_gpu", "gpus", "compile", "checkpoint_every", "sample_every",
                   "preview_images", "preview_steps", "log_every", "fid_every", "fid_images",
                   "fid_steps")
-CPU_BATCH_GPU = 32  # batch_gpu auto on a CPU: memory is no limit, and larger batches gain nothing
+CPU_BATCH_GPU = 32  # batch_gpu auto on a CPU, where host memory is no limit to probe for
 
 
 class TrainingError(PipelineError, RuntimeError):
