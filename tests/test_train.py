@@ -177,11 +177,29 @@ def test_the_trainer_steps_adam_with_the_warmup_learning_rate(tiny, cifar_dir, t
 
 
 def test_more_epochs_resume_a_finished_run(tiny, cifar_dir, tmp_path, capsys):
-    """train.epochs is not part of the config a checkpoint must match: 1 -> 2 epochs continues."""
+    """train.epochs is not part of the config a checkpoint must match: 1 -> 2 epochs continues.
+    The bar counts the whole stage's images, resumed ones included (48 of 96, then 96 of 96,
+    with images/s), and the epochs out of train.epochs."""
     run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0)
     capsys.readouterr()
     run(tiny, tmp_path, cifar_dir, epochs=2, sample_every=0)
-    assert "resuming" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resuming" in err
+    assert "48/96 [" in err and "96/96 [" in err and "img/s" in err and "epoch=2/2" in err
+
+
+def test_the_hardware_keys_are_not_part_of_the_run(tiny, cifar_dir, tmp_path):
+    """train.gpus, batch_gpu and compile leave the resume config and the run folder's id alone."""
+    configs = []
+    for overrides in ({}, dict(gpus=2, batch_gpu=4, compile=True)):
+        raw = copy.deepcopy(tiny)
+        raw["train"].update(overrides)
+        trainer = Trainer(parse_params(raw), train_paths(tmp_path, cifar_dir), World(),
+                          torch.device("cpu"))
+        configs.append((trainer.config, trainer.folders.work))
+    assert configs[0] == configs[1]
+    assert not {"gpus", "batch_gpu", "compile"} & configs[0][0]["train"].keys()
+    assert "world_size" not in configs[0][0]
 
 
 def test_a_corrupt_checkpoint_is_named_and_training_starts_fresh(tiny, cifar_dir, tmp_path, capsys):
