@@ -1,7 +1,6 @@
 """CIFAR-10 python version: download, verify, extract safely, load as uint8 arrays."""
 from __future__ import annotations
 
-import hashlib
 import pickle
 import shutil
 import tarfile
@@ -15,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ddpm.errors import PipelineError
-from ddpm.files import atomic_dir
+from ddpm.files import atomic_dir, file_digest
 
 ARCHIVE_FOLDER = "cifar-10-batches-py"
 SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
@@ -24,14 +23,6 @@ CIFAR_FILES = (*SPLITS["train"], *SPLITS["test"], "batches.meta")
 
 class DataError(PipelineError, RuntimeError):
     """A download, archive or batch file that cannot be used; the message names it."""
-
-
-def md5sum(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def local_path(url: str) -> Path | None:
@@ -101,7 +92,7 @@ def download_cifar10(url: str, md5: str, out_dir: str | Path) -> None:
         elif not archive.is_file():
             raise DataError(f"data.url = {url!r}: no such file. Put cifar-10-python.tar.gz there "
                             f"or set data.url to its path or URL")
-        got = md5sum(archive)
+        got = file_digest(archive, "md5")
         if got != md5:
             raise DataError(f"{url}: md5 {got} does not match data.md5 {md5}: the file is "
                             "corrupt, incomplete, or not cifar-10-python.tar.gz")

@@ -7,7 +7,6 @@ with the same weights and params keeps them: it draws only the batches that are 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import shutil
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 from ddpm import checkpoint, networks
 from ddpm.diffusion import Schedule, sample, timesteps_for
 from ddpm.errors import Interrupted
-from ddpm.files import write_json
+from ddpm.files import file_digest, write_json
 from ddpm.images import ImageFolderError, read_png, to_uint8, write_pngs
 from ddpm.params import Params, plain
 from ddpm.runtime import World, autocast, derive_seed, resolve_compile
@@ -80,11 +79,7 @@ def identity(ema: Path, params: Params, precision: str, device: torch.device,
     move a pixel by one level), the resolved precision, the device, the number of processes
     (the shards decide the batches) and torch's version.
     """
-    digest = hashlib.sha256()
-    with open(ema, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    flat: dict[str, Any] = {WEIGHTS_KEY: digest.hexdigest(), "seed": params.seed}
+    flat: dict[str, Any] = {WEIGHTS_KEY: file_digest(ema, "sha256"), "seed": params.seed}
     sample_params = dict(dataclasses.asdict(params.sample),
                          compile=resolve_compile(params.sample.compile, device))
     for section, values in (("model", dataclasses.asdict(params.model)),
