@@ -35,7 +35,8 @@ from ddpm.generate import for_sampling  # noqa: E402
 from ddpm.params import parse_params  # noqa: E402
 from ddpm.runtime import (World, autocast, cpu_has_native_bf16, keep_freed_host_memory,  # noqa: E402
                           resolve_device)
-from ddpm.train import Trainer, TrainPaths, draw  # noqa: E402
+from ddpm.batches import draw  # noqa: E402
+from ddpm.train import Trainer, TrainPaths  # noqa: E402
 from ddpm import networks  # noqa: E402
 
 TINY = dict(arch="ddpm", channels=[16, 32], res_blocks=1, attention_resolutions=[16], heads=2,

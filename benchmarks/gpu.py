@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench  # noqa: E402  (also puts src/ on the path)
 import references  # noqa: E402
 from ddpm.runtime import World, resolve_device, resolve_precision  # noqa: E402
-from ddpm.train import Trainer, TrainPaths, draw  # noqa: E402
+from ddpm.batches import draw  # noqa: E402
+from ddpm.train import Trainer, TrainPaths  # noqa: E402
 
 BATCH = 128              # the seed's optimizer batch (32 x 4)
 EPOCHS, STEPS_PER_EPOCH = 600, 50_000 // BATCH

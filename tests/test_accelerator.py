@@ -24,7 +24,8 @@ from ddpm.generate import for_sampling, generate
 from ddpm.images import write_pngs
 from ddpm.params import parse_params
 from ddpm.runtime import MemoryMonitor, World, autocast
-from ddpm.train import Trainer, draw
+from ddpm.batches import draw
+from ddpm.train import Trainer
 from fakes import cifar_images, run_stage, train_paths
 
 DEVICE = torch.device(os.environ.get("DDPM_TEST_DEVICE", "cuda"))

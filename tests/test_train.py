@@ -13,7 +13,7 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from ddpm import checkpoint, train
+from ddpm import batches, checkpoint, evaluate, train
 from ddpm.ema import EMA
 from ddpm.params import parse_params
 from ddpm.runtime import World
@@ -400,14 +400,14 @@ def test_batch_gpu_auto_probes_down_from_the_share_on_a_gpu(share, fitting, trie
         calls.append(images)
         return images <= fitting
 
-    assert train.resolve_batch_gpu("auto", share, torch.device("cuda", 0), fits) == chosen
+    assert batches.resolve_batch_gpu("auto", share, torch.device("cuda", 0), fits) == chosen
     assert calls == tried
-    assert train.resolve_batch_gpu("auto", share, torch.device("cpu"), fits) == min(share, 32) \
+    assert batches.resolve_batch_gpu("auto", share, torch.device("cpu"), fits) == min(share, 32) \
         if share % min(share, 32) == 0 else True
     assert calls == tried  # no probing on a CPU
-    assert train.resolve_batch_gpu(48, share, torch.device("cuda", 0), fits) == min(48, share)
+    assert batches.resolve_batch_gpu(48, share, torch.device("cuda", 0), fits) == min(48, share)
     with pytest.raises(TrainingError, match="single image"):
-        train.resolve_batch_gpu("auto", share, torch.device("cuda", 0), lambda images: False)
+        batches.resolve_batch_gpu("auto", share, torch.device("cuda", 0), lambda images: False)
 
 
 def test_the_oom_probe_runs_forward_and_backward_and_leaves_no_trace(tiny, cifar_dir, tmp_path):
@@ -426,7 +426,7 @@ def test_the_oom_probe_runs_forward_and_backward_and_leaves_no_trace(tiny, cifar
 
     trainer.model.forward = forward
     before = torch.get_rng_state()
-    assert train.resolve_batch_gpu("auto", 128, torch.device("cuda", 0), trainer._fits) == 32
+    assert batches.resolve_batch_gpu("auto", 128, torch.device("cuda", 0), trainer._fits) == 32
     assert sizes == [128, 64, 32]
     assert torch.equal(torch.get_rng_state(), before)
     assert all(p.grad is None for p in trainer.model.parameters())
@@ -450,14 +450,14 @@ def test_fid_during_training_is_the_fid_stage_on_the_same_images(tiny, cifar_dir
     save_statistics(tmp_path / "real_stats.npz",
                     *folder_statistics(real, fid["dims"], fid["batch_size"], fid["weights"],
                                        torch.device("cpu")))
-    kept, real_statistics = [], train.folder_statistics
+    kept, real_statistics = [], evaluate.folder_statistics
 
     def keeping(folder, *args, **kwargs):
         kept.append(tmp_path / f"kept{len(kept)}")
         shutil.copytree(folder, kept[-1])
         return real_statistics(folder, *args, **kwargs)
 
-    monkeypatch.setattr(train, "folder_statistics", keeping)
+    monkeypatch.setattr(evaluate, "folder_statistics", keeping)
     trainer = run(tiny, tmp_path, cifar_dir, epochs=2, sample_every=0, fid_every=1,
                   fid_images=6, fid_steps=4)
     assert "train: epoch 2: FID" in capsys.readouterr().err

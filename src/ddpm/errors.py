@@ -7,3 +7,7 @@ class PipelineError(Exception):
 
 class Interrupted(PipelineError):
     """Ctrl-C: the message says where the stage stopped and how to go on (exit code 130)."""
+
+
+class TrainingError(PipelineError, RuntimeError):
+    """Training cannot go on (a non-finite loss, out of memory); says what to change."""

@@ -30,7 +30,7 @@ VARIANCES = ("beta", "beta_tilde")
 FID_DIMS = (64, 192, 768, 2048)
 # auto (decided per device by ddpm.runtime.resolve_compile), true or false
 AutoBool = Union[bool, Literal["auto"]]
-# auto (found at start-up by ddpm.train.resolve_batch_gpu) or a number of images
+# auto (found at start-up by ddpm.batches.resolve_batch_gpu) or a number of images
 AutoInt = Union[int, Literal["auto"]]
 # torch.compile modes train.compile accepts besides auto/true/false (true = "default")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

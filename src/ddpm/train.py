@@ -18,12 +18,10 @@ import contextlib
 import dataclasses
 import hashlib
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -32,11 +30,12 @@ from tqdm.auto import tqdm
 from ddpm import checkpoint, diffusion, networks, previews
 from ddpm.data import load_cifar10
 from ddpm.ema import EMA
-from ddpm.errors import Interrupted, PipelineError
-from ddpm.fid import folder_statistics, frechet_distance, load_statistics
+from ddpm.batches import augment, draw, resolve_batch_gpu
+from ddpm.errors import Interrupted, TrainingError
+from ddpm.evaluate import ema_fid
+from ddpm.fid import load_statistics
 from ddpm.files import write_json, write_tsv
-from ddpm.generate import generate
-from ddpm.images import save_png, to_float
+from ddpm.images import save_png
 from ddpm.params import Params, plain, split_batch
 from ddpm.runs import CHECKPOINT, RunFolders, run_id
 from ddpm.runtime import (MemoryMonitor, World, autocast, compile_mode, derive_seed,
@@ -48,11 +47,6 @@ FID_HEADER = ["epoch", "step", "fid", "seconds"]
 RESUME_IGNORES = ("epochs", "batch_gpu", "gpus", "compile", "checkpoint_every", "sample_every",
                   "preview_images", "preview_steps", "log_every", "fid_every", "fid_images",
                   "fid_steps")
-CPU_BATCH_GPU = 32  # batch_gpu auto on a CPU, where host memory is no limit to probe for
-
-
-class TrainingError(PipelineError, RuntimeError):
-    """Training cannot go on (a non-finite loss, out of memory); says what to change."""
 
 
 @dataclass(frozen=True)
@@ -82,47 +76,6 @@ def learning_rate(lr: float, warmup_steps: int, step: int) -> float:
     """The learning rate of optimizer step `step` (0 = the first): linear warmup from 0 over
     warmup_steps steps, as in Ho et al.'s code (lr * min(step / warmup, 1)); then constant."""
     return lr * min(step / warmup_steps, 1.0) if warmup_steps else lr
-
-
-def draw(generator: torch.Generator, batch: int, timesteps: int
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The randomness of one optimizer step, per image k of its batch: a left-right flip
-    (probability 1/2), t ~ U{0..T-1} and eps ~ N(0, I), (B,), (B,) and (B, 3, 32, 32). Every
-    process draws the whole batch's and takes its share, so image k's draws never depend on how
-    the batch is split."""
-    device = generator.device
-    flip = torch.rand(batch, device=device, generator=generator) < 0.5
-    t = torch.randint(0, timesteps, (batch,), device=device, generator=generator)
-    noise = torch.randn((batch, 3, 32, 32), device=device, generator=generator)
-    return flip, t, noise
-
-
-def augment(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) on the device -> float [-1, 1], image i flipped left-right if flip[i]."""
-    x = to_float(images)
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
-
-
-def resolve_batch_gpu(setting: int | str, share: int, device: torch.device,
-                      fits: Callable[[int], bool]) -> int:
-    """train.batch_gpu -> the images per micro-batch, a divisor of the process's share.
-
-    A number is a cap (EDM's --batch-gpu). auto takes the whole share if it fits, else the
-    largest power-of-two divisor of it that does, trying from the largest down (`fits` runs one
-    forward+backward and says whether it ran out of memory); on a CPU it is 32 or less, without
-    trying, since host memory is no limit there."""
-    if setting != "auto":
-        return min(int(setting), share)
-    candidates = [share] + [2**k for k in range(share.bit_length() - 1, -1, -1)
-                            if 2**k < share and share % 2**k == 0]
-    if device.type != "cuda":
-        return next(c for c in candidates if c <= CPU_BATCH_GPU)
-    for candidate in candidates:
-        if fits(candidate):
-            return candidate
-    raise TrainingError(f"out of memory with a single image per forward pass on {device}: the "
-                        "network does not fit this GPU (try train.precision=bf16 or a smaller "
-                        "model.channels)")
 
 
 class Trainer:
@@ -408,20 +361,10 @@ class Trainer:
         image i from the sample stage's seed of i) against the real statistics: the fid stage's
         computation on the same PNGs, which pass through a folder in this run's work folder. The
         seconds it takes are logged and kept out of the training throughput."""
-        tp, start = self.tp, time.perf_counter()
-        folder = self.folders.work / "fid_images"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        sample = dataclasses.replace(self.p.sample, num_images=tp.fid_images, sampler="ddim",
-                                     steps=tp.fid_steps, eta=0.0)
+        tp, epoch, start = self.tp, self.progress.epoch, time.perf_counter()
         self.ema.model.eval()
-        generate(self.ema.model, self.sched, dataclasses.replace(self.p, sample=sample),
-                 self.precision, range(tp.fid_images), folder, progress=False)
-        epoch, fid = self.progress.epoch, self.p.fid
-        mu, sigma, _ = folder_statistics(folder, fid.dims, fid.batch_size, fid.weights,
-                                         self.device, f"train: FID at epoch {epoch}, Inception")
-        shutil.rmtree(folder)
-        value = frechet_distance(mu, sigma, *self.real_stats)
+        value = ema_fid(self.ema.model, self.sched, self.p, self.precision, self.real_stats,
+                        self.folders.work / "fid_images", f"train: FID at epoch {epoch}, Inception")
         seconds = time.perf_counter() - start
         self.progress.fid_rows.append([epoch, self.progress.step, value, round(seconds, 3)])
         print(f"train: epoch {epoch}: FID {value:.2f} ({tp.fid_images} images, DDIM-"
