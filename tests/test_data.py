@@ -220,9 +220,10 @@ def test_export_real_stage_writes_the_archive_pixels(downloaded, tmp_path):
 
 
 def test_export_real_stage_limit_and_test_split(downloaded, tmp_path):
-    """data.real_split=test and data.limit=10: the first 10 test images."""
+    """data.real_split=test and data.limit=10: the first 10 test images (a limit that valid params
+    allow only with a batch that fits it)."""
     result = run_stage("export_real.py", tmp_path, "--cifar", str(downloaded), "--out", "real",
-                       data__real_split="test", data__limit=10)
+                       data__real_split="test", data__limit=10, train__batch_size=10)
     assert result.returncode == 0, result.stderr
     assert np.array_equal(read_folder(tmp_path / "real"),
                           fakes.cifar_images("test", PER_BATCH)[:10])

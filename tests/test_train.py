@@ -248,10 +248,16 @@ def test_outputs_hold_the_metrics_loss_log_and_previews(tiny, cifar_dir, tmp_pat
 
 
 def test_too_few_images_for_one_step_is_a_clear_error(tiny, cifar_dir, tmp_path):
+    """check_params refuses a data.limit below the batch; a data set that is itself smaller than
+    one batch (10 images for 16) stops the trainer with the keys to change."""
     raw = copy.deepcopy(tiny)
-    raw["data"]["limit"] = 10
-    with pytest.raises(TrainingError, match="data.limit"):
-        Trainer(parse_params(raw), train_paths(tmp_path, cifar_dir), World(), torch.device("cpu"))
+    raw["data"]["limit"] = 0
+    images = torch.zeros(10, 3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(TrainingError, match="10 training images cannot fill one optimizer step of "
+                                            "16 images .* raise data.limit or lower "
+                                            "train.batch_size"):
+        Trainer(parse_params(raw), train_paths(tmp_path, cifar_dir), World(), torch.device("cpu"),
+                images=images)
 
 
 def test_two_processes_end_with_identical_weights(tiny, cifar_dir, tmp_path):

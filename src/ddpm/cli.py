@@ -5,8 +5,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from ddpm.errors import Interrupted, PipelineError
-from ddpm.params import ParamsError
+from ddpm.errors import Interrupted, ParamsError, PipelineError
 
 
 def run(main: Callable[[], None]) -> None:

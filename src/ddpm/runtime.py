@@ -16,26 +16,38 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ddpm.errors import PipelineError
-
-class DeviceError(PipelineError, RuntimeError):
-    """The requested device or precision is not available here."""
-
+from ddpm.errors import ParamsError
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """params `device` -> torch.device; auto = cuda if available, else cpu."""
+    """params `device` -> torch.device; auto = cuda if available, else cpu. A device this machine
+    lacks is a ParamsError: the stages stop before any work, check_params before DVC deletes."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device = {name}, but PyTorch sees no CUDA GPU: set device: auto "
-                               "or cpu in params.yaml (or -S device=cpu)")
-        if name == "cuda":
-            return torch.device("cuda", local_rank)
-    return torch.device(name)
+    if not name.startswith("cuda"):
+        return torch.device(name)
+    if not torch.cuda.is_available():
+        raise ParamsError(f"device = {name}, but PyTorch sees no CUDA GPU: set device: auto "
+                          "or cpu in params.yaml (or -S device=cpu)")
+    device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    count = torch.cuda.device_count()
+    if device.index >= count:
+        raise ParamsError(f"device = {name}, but this machine has {count} CUDA device(s): "
+                          f"cuda:0 ... cuda:{count - 1}, or cuda (one per process)")
+    return device
+
+
+def check_hardware(device_name: str, precision: str, gpus: int) -> str:
+    """What check_params can know about this machine before any stage runs: the device, its
+    precision and the number of GPU processes exist here. Returns a line that says what it found."""
+    device = resolve_device(device_name)
+    resolved = resolve_precision(precision, device)
+    if device.type == "cuda" and gpus > torch.cuda.device_count():
+        raise ParamsError(f"train.gpus = {gpus}, but this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s)")
+    return f"{device.type}, {resolved}"
 
 
 def cpu_has_native_bf16() -> bool:
@@ -58,8 +70,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise DeviceError("train.precision = bf16, but this GPU has no bf16 support: use fp16 "
-                           "or auto")
+        raise ParamsError("train.precision = bf16, but this GPU has no bf16 support: use fp16 "
+                          "or auto")
     return precision
 
 
@@ -182,8 +194,8 @@ def init_world(device_name: str, gpus: int) -> tuple[World, torch.device]:
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise DeviceError(f"train.gpus = {gpus}, but only {torch.cuda.device_count()} CUDA "
-                               "devices are visible on this node")
+            raise ParamsError(f"train.gpus = {gpus}, but only {torch.cuda.device_count()} CUDA "
+                              "devices are visible on this node")
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         if device.type == "cuda":
