@@ -97,6 +97,16 @@ def test_anything_but_a_batch_is_one_line_saying_what(tmp_path, content, problem
     assert message.startswith(f"{path}: not a CIFAR-10 batch file") and problem in message
 
 
+def test_a_batch_file_over_64_mb_is_refused_unread(tmp_path):
+    """From a remote a batch can have any size: one over the archive's bound is not read."""
+    path = tmp_path / "data_batch_1"
+    with open(path, "wb") as f:
+        f.truncate(MAX_MEMBER + 1)  # sparse: no disk, and unread zeros would be a bad pickle
+    with pytest.raises(DataError) as error:
+        load_batch(path)
+    assert one_line(error).startswith(f"{path}: {MAX_MEMBER + 1:,} bytes, over the ")
+
+
 # --- archives -----------------------------------------------------------------------------------
 
 def assert_nothing_extracted(folder: Path, before: set[str]) -> None:

@@ -5,6 +5,7 @@ here, so they are read by an unpickler that can build only what a batch holds (d
 """
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 import tarfile
@@ -162,11 +163,16 @@ def load_batch(path: Path) -> np.ndarray:
     """One CIFAR-10 batch file -> (N, 3, 32, 32) uint8 in the archive's order."""
     try:
         with open(path, "rb") as f:
+            if (size := os.fstat(f.fileno()).st_size) > MAX_MEMBER:  # read whole by pickle
+                raise DataError(f"{path}: {size:,} bytes, over the {MAX_MEMBER:,} any CIFAR-10 "
+                                f"file needs: not a CIFAR-10 batch file; {REDO}")
             batch = BatchUnpickler(f, encoding="latin1").load()  # Python 2 pickles
     except FileNotFoundError:
         raise DataError(f"{path}: missing; run the download stage (dvc repro download)") from None
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e})") from None
+    except DataError:
+        raise
     except Exception as e:  # the bytes are untrusted: whatever they make numpy or pickle raise
         message = (str(e).splitlines() or [""])[0][:200]
         raise DataError(f"{path}: not a CIFAR-10 batch file ({type(e).__name__}: {message}); "
