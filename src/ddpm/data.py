@@ -10,21 +10,20 @@ import pickle
 import shutil
 import tarfile
 import tempfile
-import urllib.error
 import urllib.request
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ddpm.errors import PipelineError
-from ddpm.files import atomic_dir, file_digest
+from ddpm.files import atomic_dir, download, file_digest
 
 ARCHIVE_FOLDER = "cifar-10-batches-py"
 SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 CIFAR_FILES = (*SPLITS["train"], *SPLITS["test"], "batches.meta")
 MAX_MEMBER = 64 << 20  # bytes; an official batch file is 31 MB
+MAX_ARCHIVE = 512 << 20  # bytes; the official archive is 170,498,071
 PIXELS = 3 * 32 * 32
 NUM_CLASSES = 10
 REDO = "extract it again from the md5-checked archive: dvc repro --force download"
@@ -47,13 +46,8 @@ def local_path(url: str) -> Path | None:
 def fetch(url: str, dest: Path) -> None:
     """Download an http(s) URL to dest, with a progress bar; the error says what to do offline."""
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as f:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {url}") as bar:
-                while block := response.read(1 << 20):
-                    f.write(block)
-                    bar.update(len(block))
-    except (urllib.error.URLError, OSError) as e:
+        download(url, dest, MAX_ARCHIVE)
+    except OSError as e:
         raise DataError(
             f"could not download {url} ({e}). Without a network, fetch cifar-10-python.tar.gz "
             "on another machine, put it anywhere here and point data.url at it: "

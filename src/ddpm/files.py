@@ -7,8 +7,11 @@ import json
 import os
 import shutil
 import tempfile
+import urllib.request
 from pathlib import Path
 from typing import Iterator
+
+from tqdm.auto import tqdm
 
 
 def file_digest(path: str | Path, algorithm: str, chunk: int = 1 << 20) -> str:
@@ -18,6 +21,18 @@ def file_digest(path: str | Path, algorithm: str, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def download(url: str, dest: Path, limit: int) -> None:
+    """An http(s) URL to `dest`, with a progress bar, at most `limit` bytes (a wrong or hostile
+    server cannot fill the disk). Raises OSError (urllib's URLError is one) for the caller to say
+    what to do offline."""
+    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as f:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {url}") as bar:
+            while f.tell() < limit and (block := response.read(min(1 << 20, limit - f.tell()))):
+                f.write(block)
+                bar.update(len(block))
 
 
 def umask() -> int:
