@@ -331,12 +331,14 @@ def test_check_params_says_what_the_run_will_hold(tmp_path):
 
 def test_the_json_schema_for_editors_is_the_one_the_code_checks():
     """params.schema.json (for editors: completion and checks of params.yaml) is generated from the
-    classes that validate; regenerate it with `python -m ddpm.params > params.schema.json`."""
+    classes that validate; regenerate it with `python -m ddpm.params schema > params.schema.json`."""
     import json
     from ddpm.params import json_schema
     committed = json.loads((ROOT / "params.schema.json").read_text())
     assert committed == json_schema()
-    train = committed["$defs"]["TrainParams"]
+    train = committed["properties"]["train"]
     assert train["additionalProperties"] is False and "lr" in train["required"]
-    assert train["properties"]["epochs"] == {"maximum": 100000, "minimum": 1, "title": "Epochs",
-                                             "type": "integer"}
+    assert train["properties"]["epochs"] == {"description": "passes over the training images",
+                                             "type": "integer", "minimum": 1, "maximum": 100000}
+    assert train["properties"]["lr"]["exclusiveMinimum"] == 0
+    assert committed["properties"]["fid"]["properties"]["dims"]["enum"] == [64, 192, 768, 2048]

