@@ -28,7 +28,8 @@ def test_the_gpu_benchmark_runs_on_the_cpu_as_a_dry_run(tmp_path):
     """benchmarks/gpu.py --quick: every network and batch_gpu row, with the projected hours."""
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu.py"), "--device", "cpu",
                           "--quick", "--json", str(tmp_path / "gpu.json")],
-                         check=True, capture_output=True, text=True, timeout=300).stdout
+                         check=True, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1")).stdout  # as one_thread
     assert "| network | mode | batch_gpu | rounds | images_per_second" in out
     rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
     assert [(r["network"], r["batch_gpu"], r["rounds"]) for r in rows] == [
