@@ -14,6 +14,7 @@ Compilation happens in the first step, reported apart; the timed steps come afte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import platform
@@ -39,14 +40,17 @@ NETS = {"seed": references.SEED, "ddpm": references.DDPM_CIFAR10}
 QUICK_NETS = {"seed": bench.TINY_SEED, "ddpm": bench.TINY}
 
 
-def trainer_step(model: dict, images: torch.Tensor, batch: int, batch_gpu: int, compile,
+def trainer_step(model: dict, images: torch.Tensor, batch: int, batch_gpu: int | str, compile,
                  device: torch.device):
-    """A Trainer built from params.yaml with these overrides, and one optimizer step of it as
-    run_epoch takes it (indices and the batch's draws, then Trainer.optimizer_step)."""
+    """A Trainer built from params.yaml with these overrides (batch_gpu a number or "auto"), and
+    one optimizer step of it as run_epoch takes it (indices and the batch's draws, then
+    Trainer.optimizer_step)."""
     tmp = Path(tempfile.mkdtemp())
     paths = TrainPaths(tmp, tmp, tmp / "runs", tmp / "ema.pt", tmp / "m.json", tmp / "l.tsv", tmp,
                        tmp / "real_stats.npz", tmp / "fid.tsv")
-    params = bench.base_params(model, "auto", device, batch_gpu, batch // batch_gpu, compile)
+    params = bench.base_params(model, "auto", device, batch, 1, compile)
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train,
+                                                                   batch_gpu=batch_gpu))
     trainer = Trainer(params, paths, World(), device, images)
     gen = torch.Generator(device).manual_seed(0)
 
@@ -56,7 +60,10 @@ def trainer_step(model: dict, images: torch.Tensor, batch: int, batch_gpu: int, 
     return trainer, step
 
 
-def measure(net: str, model: dict, mode: str, batch_gpu: int, args, device, images) -> dict:
+def measure(net: str, model: dict, mode: str, batch_gpu: int | str, args, device,
+            images) -> dict:
+    """One row: `net` in `mode` at train.batch_gpu `batch_gpu` (the row holds the images per
+    forward pass it resolved to); args: batch, steps, warmup, busy_steps."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trainer, step = trainer_step(model, images, args.batch, batch_gpu, MODES[mode], device)
@@ -69,7 +76,7 @@ def measure(net: str, model: dict, mode: str, batch_gpu: int, args, device, imag
         step()
     bench.synchronize(device)
     ips = args.batch * args.steps / (time.perf_counter() - start)
-    row = {"network": net, "mode": mode, "batch_gpu": batch_gpu, "rounds": trainer.rounds,
+    row = {"network": net, "mode": mode, "batch_gpu": trainer.micro, "rounds": trainer.rounds,
            "precision": trainer.precision, "images_per_second": round(ips, 3),
            "first_step_seconds": round(first, 1),
            "hours_600_epochs": round(EPOCHS * STEPS_PER_EPOCH * BATCH / ips / 3600, 2)}
@@ -91,7 +98,8 @@ def main() -> None:
     parser.add_argument("--nets", default="seed,ddpm")
     parser.add_argument("--modes", default="eager,compiled,graphs",
                         help="eager | compiled (train.compile=true) | graphs (reduce-overhead)")
-    parser.add_argument("--batch-gpu", default="32,128", help="comma list of train.batch_gpu")
+    parser.add_argument("--batch-gpu", default="32,128",
+                        help="comma list of train.batch_gpu (numbers or auto)")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per row")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
     parser.add_argument("--busy-steps", type=int, default=5, help="profiled steps (GPU busy)")
@@ -101,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     args.batch = BATCH
     nets = QUICK_NETS if args.quick else NETS
-    batch_gpus = [int(b) for b in args.batch_gpu.split(",")]
+    batch_gpus = [b if b == "auto" else int(b) for b in args.batch_gpu.split(",")]
     modes = args.modes.split(",")
     if args.quick:
         args.batch, args.steps, args.warmup, args.busy_steps = 8, 2, 1, 2

@@ -4,6 +4,9 @@ Activations come from pytorch-fid itself (its InceptionV3, preprocessing and bat
 statistics are the ones `python -m pytorch_fid` computes; the Frechet distance is evaluated
 through symmetric eigendecompositions, which is exact and several times faster than scipy's
 sqrtm of the non-symmetric product.
+
+pytorch-fid is imported where the Inception network is needed, so that training (which imports
+this module) runs on a GPU node without it (benchmarks/gpu_check.py).
 """
 from __future__ import annotations
 
@@ -13,9 +16,6 @@ from unittest import mock
 
 import numpy as np
 import torch
-from pytorch_fid import fid_score
-from pytorch_fid import inception as pf_inception
-from pytorch_fid.fid_score import calculate_activation_statistics
 from tqdm.auto import tqdm
 
 # FidError and WEIGHTS_FILE live in fid_weights (which this imports) and stay ddpm.fid's too.
@@ -34,6 +34,7 @@ def inception(dims: int, weights: str, device: torch.device) -> torch.nn.Module:
     pytorch-fid's loader is handed the state_dict read here while the model is built, so it
     never unpickles a file itself.
     """
+    from pytorch_fid import inception as pf_inception
     block = pf_inception.InceptionV3.BLOCK_INDEX_BY_DIM[dims]
     if weights:
         path = Path(weights).expanduser()
@@ -62,6 +63,8 @@ def folder_statistics(folder: str | Path, dims: int, batch_size: int, weights: s
     model = inception(dims, weights, device)
     workers = min(8, os.cpu_count() or 1)
     counting = _counting_images(desc or f"Inception features of {folder}")
+    from pytorch_fid import fid_score
+    from pytorch_fid.fid_score import calculate_activation_statistics
     with mock.patch.object(fid_score, "tqdm", counting):
         mu, sigma = calculate_activation_statistics([str(f) for f in files], model,
                                                     min(batch_size, len(files)), dims, device,

@@ -27,14 +27,15 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-import torchvision
-from pytorch_fid import inception as pf_inception
-from torchvision.models.inception import BasicConv2d
 
 from ddpm.errors import PipelineError
 from ddpm.files import atomic_file, download as fetch
 
-WEIGHTS_URL = pf_inception.FID_WEIGHTS_URL
+# pytorch_fid.inception.FID_WEIGHTS_URL (tests/test_bench.py compares), written out so that
+# importing this module needs neither pytorch-fid nor torchvision: training imports it, and runs
+# on GPU nodes that have neither (benchmarks/gpu_check.py).
+WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               "pt_inception-2015-12-05-6726825d.pth")
 WEIGHTS_FILE = Path(WEIGHTS_URL).name  # pt_inception-2015-12-05-6726825d.pth
 # torch.hub's names carry the first 8 hex digits of the file's sha256 (6726825d); the full
 # digest and size are those that other FID code pins for this URL, in several unrelated
@@ -192,6 +193,8 @@ def fid_inception_network() -> torch.nn.Module:
     left as initialised: pytorch-fid builds it only together with its download. Like
     ddpm.fid.inception it patches pytorch-fid's and torchvision's modules while it builds, so
     never call it from two threads at once."""
+    import torchvision
+    from pytorch_fid import inception as pf_inception
     with mock.patch.object(pf_inception, "load_state_dict_from_url", return_value={}), \
             mock.patch.object(torchvision.models.Inception3, "load_state_dict"):
         return pf_inception.fid_inception_v3()
@@ -204,6 +207,7 @@ def convert(script: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:
     without scale, eps 1e-3 as pytorch-fid's); both networks list them in the same order, which
     the shapes check here and the tests check by comparing the two networks' outputs.
     """
+    from torchvision.models.inception import BasicConv2d
     params = dict(script.named_parameters())
     layers = [name[:-len(".weight")] for name in params if name.endswith(".weight")]
     network = fid_inception_network()
