@@ -15,7 +15,7 @@
 
 gpu_check_fid.py (on any machine with pytorch-fid and the FID weights) adds the FID of the
 samples, by the fid stage's code, to gpu_check.json. This command imports neither pytorch-fid
-nor dvc nor torchvision, so it runs on a bare GPU node; ddpm.params needs pydantic.
+nor dvc nor torchvision, so it runs on a bare GPU node.
 """
 from __future__ import annotations
 
@@ -33,15 +33,9 @@ from importlib.util import find_spec
 from pathlib import Path
 from types import SimpleNamespace
 
-try:
-    import pydantic  # noqa: F401  (ddpm.params validates with it)
-except ImportError:
-    sys.exit("gpu_check: ddpm.params needs pydantic, which is not installed here: pip install "
-             "pydantic, or carry its wheels to an offline node (docs/gpu.md)")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import numpy as np
+import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gpu  # noqa: E402  (puts src/ on the path)

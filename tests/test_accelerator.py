@@ -192,7 +192,7 @@ def test_pynvml_reads_this_gpus_memory():
     del block
 
 
-def test_the_stages_run_on_the_device(tiny, tmp_path):
+def test_the_stages_run_on_the_device(tiny, tmp_path, inception_weights):
     """download -> export_real -> real_stats -> train -> sample -> fid with device set, precision
     and compile auto: bf16 and torch.compile where the GPU has them, memory from pynvml."""
     over = {"device": DEVICE.type, "train__precision": "auto", "train__compile": "auto",
@@ -207,8 +207,9 @@ def test_the_stages_run_on_the_device(tiny, tmp_path):
               "--ema", "ema.pt",
               "--metrics", "train.json", "--loss", "loss.tsv", "--samples", "previews"),
              ("sample.py", "--ema", "ema.pt", "--out", "samples", "--metrics", "sample.json",
-              "--grid", "grid.png"),
-             ("fid.py", "--images", "samples", "--real-stats", "real.npz", "--metrics", "fid.json")]
+              "--report", "sample_report.json", "--grid", "grid.png"),
+             ("fid.py", "--images", "samples", "--real-stats", "real.npz", "--metrics", "fid.json",
+              "--report", "fid_report.json")]
     for script, *args in steps:
         result = run_stage(script, tmp_path, *args, **over)
         assert result.returncode == 0, f"{script}:\n{result.stderr[-3000:]}"
@@ -220,6 +221,6 @@ def test_the_stages_run_on_the_device(tiny, tmp_path):
     train = json.loads((tmp_path / "train.json").read_text())
     assert train["device"] == DEVICE.type and train["precision"] == expected
     assert train["peak_memory_mb"] > 0 and train["compile"] == compiled
-    sample = json.loads((tmp_path / "sample.json").read_text())
+    sample = json.loads((tmp_path / "sample_report.json").read_text())
     assert sample["precision"] == expected and sample["compile"] == compiled
     assert np.isfinite(json.loads((tmp_path / "fid.json").read_text())["fid"])
