@@ -53,25 +53,26 @@ def test_outputs_get_the_modes_the_umask_gives_any_file(tmp_path, umask):
 
 # -- durable, swept, and a full disk in one line ---------------------------------------------
 
-def test_a_durable_write_fsyncs_the_file_before_and_the_folder_after_the_renames(tmp_path,
-                                                                                monkeypatch):
-    """The order a power loss needs: the new file's data on disk before any rename, the old file
-    moved to `keep` (it survives until the new one is there), then the folder's entries."""
+def test_a_durable_write_fsyncs_the_file_before_and_the_folder_after_the_rename(tmp_path,
+                                                                               monkeypatch):
+    """The order a power loss needs: the new file's data on disk before the rename, the old file
+    kept under a second name (so that it survives until the new one is there, and the file's
+    name is never missing, whenever a Ctrl-C comes), then the folder's entries."""
     from ddpm import files
     dest, keep = tmp_path / "last.pt", tmp_path / "previous.pt"
     dest.write_bytes(b"old")
     calls = []
-    real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", os.readlink(
-        f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
-    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append(("replace", str(a), str(b))),
-                                                     real_replace(a, b))[1])
+    for name in ("fsync", "replace", "link"):
+        def record(*args, real=getattr(os, name), name=name):
+            calls.append((name, *[os.readlink(f"/proc/self/fd/{a}") if name == "fsync" else
+                                  str(a) for a in args]))
+            return real(*args)
+        monkeypatch.setattr(os, name, record)
     with files.atomic_file(dest, durable=True, keep=keep) as tmp:
         tmp.write_bytes(b"new")
-    (_, synced), (_, old, kept), (_, new, replaced), last = calls
-    assert synced == new and Path(new).parent == tmp_path and Path(new).name.endswith(".tmp")
-    assert (old, kept) == (str(dest), str(keep)) and replaced == str(dest)
-    assert last == ("fsync", str(tmp_path))
+    assert calls == [("fsync", str(tmp)), ("link", str(dest), str(keep)),
+                     ("replace", str(tmp), str(dest)), ("fsync", str(tmp_path))]
+    assert tmp.parent == tmp_path and tmp.name.endswith(".tmp") and not tmp.exists()
     assert dest.read_bytes() == b"new" and keep.read_bytes() == b"old"
     calls.clear()
     with files.atomic_file(tmp_path / "metrics.json") as tmp:  # not durable: no fsync at all

@@ -78,7 +78,7 @@ def atomic_file(dest: str | Path, durable: bool = False, keep: Path | None = Non
             fsync(Path(tmp))
         as_created(Path(tmp))
         if keep is not None and dest.exists():
-            os.replace(dest, keep)
+            keep_a_link(dest, keep)
         os.replace(tmp, dest)
         if durable:
             fsync(dest.parent)
@@ -89,6 +89,17 @@ def atomic_file(dest: str | Path, durable: bool = False, keep: Path | None = Non
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def keep_a_link(path: Path, keep: Path) -> None:
+    """Make `keep` a second name of `path`'s file: a Ctrl-C at any point between here and the
+    rename over `path` leaves `path` in place (a rename of `path` to `keep` would not)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(keep)
+    try:
+        os.link(path, keep)
+    except OSError:  # a filesystem without hard links
+        os.replace(path, keep)
 
 
 def fsync(path: Path) -> None:

@@ -170,18 +170,17 @@ def launched() -> bool:
 # stops it quietly with 128 + the signal's number once its workers (which it passes the signal
 # on to, and which say where they stopped) have ended, instead of a traceback.
 LAUNCHER = """\
-import ctypes, logging, signal, sys
+import ctypes, logging, runpy, signal, sys
 try:
     ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)
 except (OSError, AttributeError):
     pass
 from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.run import main
 for name, said in [("torch.distributed.elastic.agent.server.api", "Received %s death signal"),
                    ("torch.distributed.elastic.multiprocessing.api", "Sending process %s closing")]:
     logging.getLogger(name).addFilter(lambda r, said=said: not str(r.msg).startswith(said))
 try:
-    main(sys.argv[1:])
+    runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
 except SignalException as e:
     sys.exit(128 + e.sigval)
 """
