@@ -512,10 +512,11 @@ def wait_for(condition, proc: subprocess.Popen, what: str, limit: float = 300) -
 
 
 def test_sigterm_stops_training_in_one_line_and_a_second_trainer_meets_the_lock(
-        tiny, cifar_dir, tmp_path):
+        tiny, cifar_dir, tmp_path, capsys, monkeypatch):
     """A trainer of the run holds models/runs/<id>: a second one started by hand stops in one
     line naming the first one's pid and changes nothing. SIGTERM then stops the first as Ctrl-C
-    does: one line naming the checkpoint kept, exit code 143, no temporary file left."""
+    does: one line naming the checkpoint kept, exit code 143, no temporary file left. The next
+    start resumes there and sweeps what killed writers left (not what a live one writes)."""
     first = start_train_stage(tmp_path, tiny, cifar_dir, epochs=10_000, sample_every=1)
     try:
         wait_for(lambda: list(tmp_path.glob("runs/*/last.pt")), first, "a checkpoint")
@@ -536,6 +537,25 @@ def test_sigterm_stops_training_in_one_line_and_a_second_trainer_meets_the_lock(
     assert len(stop) == 1 and stop[0].startswith("train: interrupted in epoch ")
     assert f"its last checkpoint, {work}/last.pt (epoch " in stop[0]
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+    epoch = checkpoint.load(work / "last.pt")["progress"]["epoch"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = [tmp_path / f".ema.pt.{dead}.x1.tmp", work / f".last.pt.{dead}.x2.tmp",
+             work / "previews" / f".epoch_0003.png.{dead}.x3.tmp"]
+    live = tmp_path / f".loss.tsv.{os.getpid()}.x4.tmp"
+    for path in [*stale, live]:
+        path.write_bytes(b"half")
+    capsys.readouterr()
+
+    def stop(self, epoch, bar):  # Ctrl-C in the first epoch: the run folder stays
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "run_epoch", stop)
+    with pytest.raises(train.Interrupted):
+        run(tiny, tmp_path, cifar_dir, epochs=10_000, sample_every=1)
+    assert f"resuming from {work}/last.pt at epoch {epoch}" in capsys.readouterr().err
+    assert not any(path.exists() for path in stale) and live.exists()
 
 
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tiny, cifar_dir, tmp_path,

@@ -65,7 +65,7 @@ def atomic_file(dest: str | Path, durable: bool = False, keep: Path | None = Non
 
     durable: fsync the file before the rename and the folder after it, so that a power loss
     leaves the old or the new file, whole (for checkpoints; thousands of PNGs need not pay).
-    keep: where the file `dest` held moves, so that it survives until the new one is on disk.
+    keep: a second name for the file `dest` held, so that it survives the new one's writing.
     A full disk is a DiskFullError naming `dest`, which keeps its old content.
     """
     dest = Path(dest)

@@ -69,7 +69,7 @@ class RunFolders:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "unknown"
+            holder = handle.read(32).strip() or "unknown"
             handle.close()
             raise RunInUse(f"{self.work} is in use by another trainer of the same run (pid "
                            f"{holder}): wait for it to finish, or stop it, then run this again")
