@@ -180,3 +180,30 @@ def test_enospc_inside_torch_save_is_found_behind_its_runtime_error(tmp_path, mo
         checkpoint.save({"w": torch.zeros(1000)}, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["direct.pt", "ema.pt"]
+
+
+def test_sigterm_inside_torch_save_is_the_stop_not_torchs_error(tmp_path, monkeypatch):
+    """SIGTERM's Terminated raised inside torch.save's write (a Python file's write runs the
+    signal handler) makes torch raise a RuntimeError of its own on closing the zip; the stop,
+    not that error, comes out, so the stage says where it stopped. The old file stays."""
+    from ddpm.errors import Terminated
+
+    class Stopped(io.FileIO):
+        def write(self, data) -> int:
+            if self.tell() > 1000:
+                raise Terminated
+            return super().write(data)
+
+    path = tmp_path / "last.pt"
+    checkpoint.save({"w": torch.zeros(10)}, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(checkpoint, "open", lambda file, mode: Stopped(file, mode),
+                        raising=False)
+    with pytest.raises(RuntimeError, match="inline_container") as info:
+        with Stopped(tmp_path / "direct.pt", "wb") as f:
+            torch.save({"w": torch.zeros(1000)}, f)  # what torch itself raises
+    assert isinstance(info.value.__context__, Terminated)
+    with pytest.raises(Terminated):
+        checkpoint.save({"w": torch.zeros(1000)}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["direct.pt", "last.pt"]

@@ -83,6 +83,10 @@ def atomic_file(dest: str | Path, durable: bool = False, keep: Path | None = Non
         if durable:
             fsync(dest.parent)
     except (OSError, RuntimeError) as e:
+        if (interrupt := in_chain(e, KeyboardInterrupt)) is not None:
+            # Ctrl-C or SIGTERM inside torch.save's write of a Python file: torch then raises
+            # a RuntimeError of its own on closing it; the stop is what happened.
+            raise interrupt from None
         if no_space(e):
             raise disk_full(dest) from None
         raise
@@ -114,16 +118,22 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+def in_chain(error: BaseException | None, kind: type, test=lambda e: True
+             ) -> BaseException | None:
+    """The first error of type `kind` (and passing `test`) among `error` and the errors it was
+    raised from or while handling."""
+    for _ in range(8):
+        if error is None or isinstance(error, kind) and test(error):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def no_space(error: BaseException) -> bool:
     """Whether an error comes from a full disk or quota. torch.save into a Python file reports
     a failed write as RuntimeError("[enforce fail at inline_container.cc...]") raised while
     handling the OSError, so the chain of errors is searched."""
-    seen = 0
-    while error is not None and seen < 8:
-        if isinstance(error, OSError) and error.errno in NO_SPACE:
-            return True
-        error, seen = error.__cause__ or error.__context__, seen + 1
-    return False
+    return in_chain(error, OSError, lambda e: e.errno in NO_SPACE) is not None
 
 
 def disk_full(path: Path) -> DiskFullError:

@@ -10,11 +10,11 @@ run is still checked key by key, and another config never meets this folder.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -22,6 +22,11 @@ from typing import TextIO
 from ddpm.errors import PipelineError
 from ddpm.files import fsync
 from ddpm.params import plain
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
 
 CHECKPOINT = "last.pt"
 PREVIOUS = "previous.pt"  # the checkpoint before last.pt, kept while this run is unfinished
@@ -65,6 +70,8 @@ class RunFolders:
         no kill leaves a stale one. Keep the returned file open while training."""
         self.work.mkdir(parents=True, exist_ok=True)
         handle = open(self.work / LOCK, "a+")  # noqa: SIM115  (held while training)
+        if fcntl is None:
+            return handle
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -73,6 +80,9 @@ class RunFolders:
             handle.close()
             raise RunInUse(f"{self.work} is in use by another trainer of the same run (pid "
                            f"{holder}): wait for it to finish, or stop it, then run this again")
+        except OSError as e:  # a filesystem without locks (some FUSE mounts): train unlocked
+            print(f"train: cannot lock {self.work} ({e.strerror}): make sure that no other "
+                  "trainer of this run is running", file=sys.stderr)
         handle.truncate(0)
         handle.write(f"{os.getpid()}\n")
         handle.flush()

@@ -173,7 +173,7 @@ LAUNCHER = """\
 import ctypes, logging, runpy, signal, sys
 try:
     ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)
-except (OSError, AttributeError):
+except (OSError, AttributeError, TypeError):
     pass
 from torch.distributed.elastic.multiprocessing.api import SignalException
 for name, said in [("torch.distributed.elastic.agent.server.api", "Received %s death signal"),
