@@ -8,13 +8,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's ddpm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from tqdm import tqdm
 
-from ddpm.params import load_params  # noqa: E402
-from ddpm.runtime import init_world  # noqa: E402
-from ddpm.train import Trainer  # noqa: E402
-from fakes import record_draws, train_paths  # noqa: E402
+from ddpm.params import load_params
+from ddpm.runtime import init_world
+from ddpm.train import Trainer
+from fakes import record_draws, train_paths
 
 params_file, cifar, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 one_step = sys.argv[4:] == ["one-step"]

@@ -7,7 +7,6 @@ import os
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,12 +60,12 @@ def test_a_durable_write_fsyncs_the_file_before_and_the_folder_after_the_rename(
     from ddpm import files
     dest, keep = tmp_path / "last.pt", tmp_path / "previous.pt"
     dest.write_bytes(b"old")
-    calls = []
-    for name in ("fsync", "replace", "link"):
-        def record(*args, real=getattr(os, name), name=name):
+    calls, real = [], {name: getattr(os, name) for name in ("fsync", "replace", "link")}
+    for name, function in real.items():
+        def record(*args, name=name, function=function):
             calls.append((name, *[os.readlink(f"/proc/self/fd/{a}") if name == "fsync" else
                                   str(a) for a in args]))
-            return real(*args)
+            return function(*args)
         monkeypatch.setattr(os, name, record)
     with files.atomic_file(dest, durable=True, keep=keep) as tmp:
         tmp.write_bytes(b"new")
@@ -173,9 +172,9 @@ def test_enospc_inside_torch_save_is_found_behind_its_runtime_error(tmp_path, mo
     before = path.read_bytes()
     monkeypatch.setattr(checkpoint, "open", lambda file, mode: FullDisk(file, mode),
                         raising=False)
-    with pytest.raises(RuntimeError, match="inline_container"):
-        with FullDisk(tmp_path / "direct.pt", "wb") as f:
-            torch.save({"w": torch.zeros(1000)}, f)  # what torch itself raises
+    with pytest.raises(RuntimeError, match="inline_container"), \
+            FullDisk(tmp_path / "direct.pt", "wb") as f:
+        torch.save({"w": torch.zeros(1000)}, f)  # what torch itself raises
     with pytest.raises(DiskFullError, match=f"^the disk is full: {path} was not written"):
         checkpoint.save({"w": torch.zeros(1000)}, path)
     assert path.read_bytes() == before
@@ -199,9 +198,9 @@ def test_sigterm_inside_torch_save_is_the_stop_not_torchs_error(tmp_path, monkey
     before = path.read_bytes()
     monkeypatch.setattr(checkpoint, "open", lambda file, mode: Stopped(file, mode),
                         raising=False)
-    with pytest.raises(RuntimeError, match="inline_container") as info:
-        with Stopped(tmp_path / "direct.pt", "wb") as f:
-            torch.save({"w": torch.zeros(1000)}, f)  # what torch itself raises
+    with pytest.raises(RuntimeError, match="inline_container") as info, \
+            Stopped(tmp_path / "direct.pt", "wb") as f:
+        torch.save({"w": torch.zeros(1000)}, f)  # what torch itself raises
     assert isinstance(info.value.__context__, Terminated)
     with pytest.raises(Terminated):
         checkpoint.save({"w": torch.zeros(1000)}, path)

@@ -298,7 +298,7 @@ def test_sigterm_while_sampling_is_the_interrupted_line_with_exit_code_143(resum
     """generate_folder turns SIGTERM (Terminated) into the same one line as Ctrl-C, whose exit
     code (ddpm.cli) is 143 instead of 130."""
     from ddpm.errors import Terminated
-    params, root, model, sched = resume
+    params, root, _, sched = resume
     wanted = identity(root / "ema.pt", params, "fp32", CPU, World())
     for interrupt, code in ((Terminated, 143), (KeyboardInterrupt, 130)):
         def stop(x, t, interrupt=interrupt):

@@ -104,7 +104,7 @@ def test_sigterm_to_dvc_stops_every_process_of_a_two_process_stage_and_repro_res
     dvc(repo, "repro", "download")
     for group in (False, True):
         before = unfinished_epoch(repo)
-        out = dvc_killed_when(repo, ("repro", "train"), lambda: unfinished_epoch(repo) > before,
+        out = dvc_killed_when(repo, ("repro", "train"), lambda before=before: unfinished_epoch(repo) > before,
                               sig=signal.SIGTERM, group=group)
         stopped = [line for line in out.splitlines() if "train: interrupted" in line]
         assert len(stopped) == 1 and "Traceback" not in out, out
