@@ -7,7 +7,7 @@ from pathlib import Path
 import _src  # noqa: F401  (ddpm from this checkout)
 from ddpm.cli import run
 from ddpm.diffusion import Schedule
-from ddpm.files import write_json
+from ddpm.files import sweep_temporaries, write_json
 from ddpm.generate import generate_folder, identity, load_ema_model
 from ddpm.images import grid, list_pngs, read_png, save_png
 from ddpm.params import load_params_or_exit
@@ -24,6 +24,8 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params_or_exit()
     world, device = start_processes(params.device, params.train.gpus)
+    if world.main:  # what a killed run's writes left behind (the staging folder sorts its own)
+        sweep_temporaries(args.out.parent, args.metrics.parent, args.grid.parent)
     keep_freed_host_memory(device)  # on CPUs: no page faults on every step's activations
     precision = resolve_precision(params.train.precision, device)
     model = load_ema_model(args.ema, params, device)

@@ -68,3 +68,27 @@ def cifar_dir(tmp_path_factory, cifar_archive) -> Path:
     out = tmp_path_factory.mktemp("data") / "cifar10"
     download_cifar10(str(cifar_archive[0]), cifar_archive[1], out)
     return out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A factory: small_disk(kib) -> a folder on a tmpfs of that size, where writes beyond it
+    fail with ENOSPC as on a full disk. Skipped where mounting is not allowed (not root, or a
+    container without CAP_SYS_ADMIN); the ENOSPC tests that inject the error run anyway."""
+    import shutil
+    import subprocess
+    mounts = []
+
+    def make(kib: int) -> Path:
+        folder = tmp_path / f"disk{len(mounts)}"
+        folder.mkdir()
+        if shutil.which("mount") is None or subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)],
+                capture_output=True, check=False).returncode != 0:
+            pytest.skip("cannot mount a small tmpfs here")
+        mounts.append(folder)
+        return folder
+
+    yield make
+    for folder in mounts:
+        subprocess.run(["umount", str(folder)], capture_output=True, check=False)

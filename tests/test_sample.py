@@ -246,3 +246,64 @@ def test_two_processes_resume_each_its_share(resume):
     run(root / "out", counting)
     assert [c.calls for c in counting] == [params.sample.steps] * 2  # [3] and [4, 5, 6]
     assert files(root / "out") == straight
+
+
+class Diverging(Forwards):
+    """The model, whose eps of image `bad` (in its batch) is NaN from forward pass `at` on."""
+
+    def __init__(self, model, bad: int, at: int):
+        super().__init__(model)
+        self.bad, self.at = bad, at
+
+    def __call__(self, x, t):
+        eps = super().__call__(x, t)
+        if self.calls >= self.at:
+            eps = eps.clone()
+            eps[self.bad] = float("nan")
+        return eps
+
+
+@pytest.mark.parametrize("setup", ["seed"], indirect=True)
+def test_non_finite_images_are_refused_not_written_black(resume):
+    """to_uint8(NaN) is 0: without the check, a NaN image would be a black PNG. The batch with
+    one (the 2nd: images 3-5, by its last step) stops the stage in one line naming its images;
+    the first batch's images stay for the next run, and no PNG of the bad batch is written."""
+    from ddpm.generate import NonFiniteImages
+    from ddpm.images import to_uint8
+    params, root, model, sched = resume
+    assert to_uint8(torch.full((1, 3, 2, 2), float("nan"))).max() == 0  # the silent failure
+    steps = params.sample.steps
+    with pytest.raises(NonFiniteImages) as info:
+        generate(Diverging(model, bad=1, at=2 * steps), sched, params, "fp32", range(7),
+                 root, progress=False)
+    assert str(info.value).startswith("images 3-5 came out NaN or infinite (fp32, ddpm, 8 steps)"
+                                      " and were not written")
+    assert sorted(p.name for p in root.glob("*.png")) == ["0.png", "1.png", "2.png"]
+
+
+@pytest.mark.parametrize("setup", ["seed"], indirect=True)
+def test_an_ema_file_with_non_finite_weights_is_refused(setup):
+    params, root = setup
+    state = checkpoint.load(root / "ema.pt")
+    name = next(iter(state["ema"]))
+    state["ema"][name] = state["ema"][name].clone().fill_(float("inf"))
+    checkpoint.save(state, root / "bad.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=f"bad.pt: its EMA weights hold NaN or "
+                       f"infinite values \\({re.escape(name)}\\): retrain"):
+        load_ema_model(root / "bad.pt", params, CPU)
+
+
+@pytest.mark.parametrize("setup", ["seed"], indirect=True)
+def test_sigterm_while_sampling_is_the_interrupted_line_with_exit_code_143(resume):
+    """generate_folder turns SIGTERM (Terminated) into the same one line as Ctrl-C, whose exit
+    code (ddpm.cli) is 143 instead of 130."""
+    from ddpm.errors import Terminated
+    params, root, _, sched = resume
+    wanted = identity(root / "ema.pt", params, "fp32", CPU, World())
+    for interrupt, code in ((Terminated, 143), (KeyboardInterrupt, 130)):
+        def stop(x, t, interrupt=interrupt):
+            raise interrupt
+        with pytest.raises(Interrupted, match="^sample: interrupted; the images drawn so far "
+                           "are kept in") as info:
+            generate_folder(stop, sched, params, "fp32", root / "out", World(), wanted)
+        assert info.value.code == code

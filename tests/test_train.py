@@ -491,3 +491,173 @@ def test_fid_during_training_needs_the_real_statistics(tiny, cifar_dir, tmp_path
     from ddpm.fid import FidError
     with pytest.raises(FidError, match="real_stats.npz"):
         run(tiny, tmp_path, cifar_dir, epochs=1, fid_every=1)
+
+
+# -- stops, locks, fallbacks and non-finite values ---------------------------------------------
+
+def start_train_stage(root: Path, tiny: dict, cifar: Path, **train_overrides) -> subprocess.Popen:
+    """stages/train.py in `root` (params.yaml written there), its outputs under root."""
+    import yaml
+    raw = copy.deepcopy(tiny)
+    raw["train"].update(train_overrides)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    paths = train_paths(root, cifar)
+    args = [f"--{key.replace('_', '-')}={value}" for key, value in vars(paths).items()]
+    return subprocess.Popen([sys.executable, str(ROOT / "stages" / "train.py"), *args], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, limit: float = 300) -> None:
+    import time
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert proc.poll() is None, f"{what}: the stage ended first: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"{what}: not reached"
+        time.sleep(0.05)
+
+
+def test_sigterm_stops_training_in_one_line_and_a_second_trainer_meets_the_lock(
+        tiny, cifar_dir, tmp_path, capsys, monkeypatch):
+    """A trainer of the run holds models/runs/<id>: a second one started by hand stops in one
+    line naming the first one's pid and changes nothing. SIGTERM then stops the first as Ctrl-C
+    does: one line naming the checkpoint kept, exit code 143, no temporary file left. The next
+    start resumes there and sweeps what killed writers left (not what a live one writes)."""
+    first = start_train_stage(tmp_path, tiny, cifar_dir, epochs=10_000, sample_every=1)
+    try:
+        wait_for(lambda: list(tmp_path.glob("runs/*/last.pt")), first, "a checkpoint")
+        work = next(tmp_path.glob("runs/*"))
+        second = start_train_stage(tmp_path, tiny, cifar_dir, epochs=10_000, sample_every=1)
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == 1
+        assert err.splitlines()[-1] == (
+            f"error: {work} is in use by another trainer of the same run "
+            f"(pid {first.pid}): wait for it to finish, or stop it, then run this again")
+        assert first.poll() is None
+        first.terminate()  # SIGTERM
+        _, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 143 and "Traceback" not in err
+    stop = [line for line in err.replace("\r", "\n").splitlines() if "interrupted" in line]
+    assert len(stop) == 1 and stop[0].startswith("train: interrupted in epoch ")
+    assert f"its last checkpoint, {work}/last.pt (epoch " in stop[0]
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+    epoch = checkpoint.load(work / "last.pt")["progress"]["epoch"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = [tmp_path / f".ema.pt.{dead}.x1.tmp", work / f".last.pt.{dead}.x2.tmp",
+             work / "previews" / f".epoch_0003.png.{dead}.x3.tmp"]
+    live = tmp_path / f".loss.tsv.{os.getpid()}.x4.tmp"
+    for path in [*stale, live]:
+        path.write_bytes(b"half")
+    capsys.readouterr()
+
+    def stop(self, epoch, bar):  # Ctrl-C in the first epoch: the run folder stays
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "run_epoch", stop)
+    with pytest.raises(train.Interrupted):
+        run(tiny, tmp_path, cifar_dir, epochs=10_000, sample_every=1)
+    assert f"resuming from {work}/last.pt at epoch {epoch}" in capsys.readouterr().err
+    assert not any(path.exists() for path in stale) and live.exists()
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tiny, cifar_dir, tmp_path,
+                                                                 monkeypatch, capsys):
+    """Stopped in epoch 3, the run folder holds last.pt (epoch 2) and previous.pt (epoch 1).
+    With last.pt truncated (a disk that lied about fsync), the run resumes from previous.pt,
+    says why, and ends bitwise where an uninterrupted run does."""
+    straight = run(tiny, tmp_path / "a", cifar_dir, epochs=3, sample_every=0)
+    real_epoch = Trainer.run_epoch
+
+    def interrupted_in_epoch_3(self, epoch, bar):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(self, epoch, bar)
+
+    monkeypatch.setattr(Trainer, "run_epoch", interrupted_in_epoch_3)
+    with pytest.raises(train.Interrupted):
+        run(tiny, tmp_path / "b", cifar_dir, epochs=3, sample_every=0)
+    monkeypatch.undo()
+    work = next((tmp_path / "b" / "runs").iterdir())
+    assert checkpoint.load(work / "previous.pt")["progress"]["epoch"] == 1
+    last = work / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    capsys.readouterr()
+    resumed = run(tiny, tmp_path / "b", cifar_dir, epochs=3, sample_every=0)
+    err = capsys.readouterr().err
+    assert f"{last}: not a readable checkpoint" in err
+    assert f"resuming from {work / 'previous.pt'} at epoch 1" in err
+    assert_same_weights(straight.ema.state_dict(), resumed.ema.state_dict())
+    assert not work.exists()  # finished: previous.pt went with the work folder
+
+
+def test_non_finite_weights_are_never_checkpointed_or_published(tiny, cifar_dir, tmp_path,
+                                                                monkeypatch):
+    """A NaN from the last update of epoch 2 (step 6): that step's loss, computed before the
+    update, is finite, so only the weights show it. Training stops naming the step; the
+    checkpoint of epoch 1 stays; no models/ema.pt."""
+    real_step = Trainer.optimizer_step
+
+    def step_that_breaks_a_weight(self, *args):
+        loss = real_step(self, *args)
+        if self.progress.step == 5:  # steps taken before this one
+            with torch.no_grad():
+                next(self.model.parameters()).view(-1)[0] = float("nan")
+        return loss
+
+    monkeypatch.setattr(Trainer, "optimizer_step", step_that_breaks_a_weight)
+    with pytest.raises(TrainingError) as info:
+        run(tiny, tmp_path, cifar_dir, epochs=4, sample_every=0)
+    message = str(info.value)
+    assert message.startswith("the model weights became non-finite (") and "\n" not in message
+    assert "at optimizer step 6: training stopped and the last good checkpoint" in message
+    unfinished, = (tmp_path / "runs").glob("*/last.pt")
+    assert f"{unfinished} (epoch 1), is kept" in message
+    state = checkpoint.load(unfinished)
+    assert state["progress"]["epoch"] == 1 and state["progress"]["step"] == 3
+    assert not checkpoint.non_finite(state["model"]) and not checkpoint.non_finite(state["ema"])
+    assert not (tmp_path / "ema.pt").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_missing_inception_file_fails_before_the_first_epoch(tiny, cifar_dir, tmp_path):
+    """train.fid_every > 0: the FID network loads when the trainer is built, so a wrong
+    fid.weights stops the stage at once instead of after fid_every epochs."""
+    import numpy as np
+
+    from ddpm.fid import FidError, save_statistics
+    dims = tiny["fid"]["dims"]
+    save_statistics(tmp_path / "real_stats.npz", np.zeros(dims), np.eye(dims), 2)
+    raw = copy.deepcopy(tiny)
+    raw["train"].update(fid_every=5, epochs=10)
+    raw["fid"]["weights"] = str(tmp_path / "missing.pth")
+    with pytest.raises(FidError, match=r"fid.weights = .*missing.pth.: no such file"):
+        Trainer(parse_params(raw), train_paths(tmp_path, cifar_dir), World(), torch.device("cpu"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_two_processes_wait_out_a_training_fid_longer_than_the_collective_timeout(
+        tiny, cifar_dir, tmp_path):
+    """gloo with a 5 s process-group timeout, and a training FID on rank 0 that takes 15 s
+    while rank 1 waits: the run completes, both ranks with the same weights."""
+    import numpy as np
+    import yaml
+
+    from ddpm.fid import save_statistics
+    raw = copy.deepcopy(tiny)
+    raw["train"].update(gpus=2, batch_size=16, batch_gpu=8, sample_every=0, epochs=1,
+                        fid_every=1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    dims = tiny["fid"]["dims"]
+    save_statistics(tmp_path / "real_stats.npz", np.zeros(dims), np.eye(dims), 2)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc-per-node=2", str(ROOT / "tests" / "ddp_worker.py"),
+                    str(tmp_path / "params.yaml"), str(cifar_dir), str(tmp_path), "slow-fid"],
+                   check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["steps"] == rank1["steps"] == 3
+    assert_same_weights(rank0["ema"], rank1["ema"])
+    rows = (tmp_path / "fid.tsv").read_text().splitlines()
+    assert rows[0] == "epoch\tstep\tfid\tseconds" and float(rows[1].split("\t")[3]) >= 15

@@ -16,8 +16,10 @@ from ddpm.params import Params
 
 
 def ema_fid(model: torch.nn.Module, sched: Schedule, params: Params, precision: str,
-            real_stats: tuple[np.ndarray, np.ndarray], folder: Path, desc: str) -> float:
+            real_stats: tuple[np.ndarray, np.ndarray], folder: Path, desc: str,
+            inception: torch.nn.Module | None = None) -> float:
     """FID of train.fid_images images of `model` (eval mode) against real_stats (mu, sigma).
+    inception: ddpm.fid.inception of fid.*, loaded once by the caller (else on every call).
 
     Image i comes from the sample stage's seed of i, through generate() with sample.* but DDIM,
     eta 0 and train.fid_steps; the PNGs pass through `folder` (created, then removed) so that
@@ -32,6 +34,6 @@ def ema_fid(model: torch.nn.Module, sched: Schedule, params: Params, precision: 
              range(tp.fid_images), folder, progress=False)
     fid = params.fid
     mu, sigma, _ = folder_statistics(folder, fid.dims, fid.batch_size, fid.weights,
-                                     sched.device, desc)
+                                     sched.device, desc, model=inception)
     shutil.rmtree(folder)
     return frechet_distance(mu, sigma, *real_stats)

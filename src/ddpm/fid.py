@@ -52,15 +52,16 @@ def inception(dims: int, weights: str, device: torch.device) -> torch.nn.Module:
 
 
 def folder_statistics(folder: str | Path, dims: int, batch_size: int, weights: str,
-                      device: torch.device, desc: str | None = None
-                      ) -> tuple[np.ndarray, np.ndarray, int]:
+                      device: torch.device, desc: str | None = None,
+                      model: torch.nn.Module | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """mu (dims,), sigma (dims, dims) of the Inception features of a folder of 32x32 PNGs; N.
 
     desc: what the progress bar says it is doing (default: "Inception features of <folder>").
+    model: inception(dims, weights, device), if the caller has it already.
     """
     files = list_pngs(folder, min_count=2)  # a covariance needs two images
     check_pngs(files)
-    model = inception(dims, weights, device)
+    model = model if model is not None else inception(dims, weights, device)
     workers = min(8, os.cpu_count() or 1)
     counting = _counting_images(desc or f"Inception features of {folder}")
     from pytorch_fid import fid_score

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ddpm import checkpoint, networks
 from ddpm.diffusion import Schedule, sample, timesteps_for
-from ddpm.errors import Interrupted
+from ddpm.errors import Interrupted, PipelineError, exit_code
 from ddpm.files import file_digest, write_json
 from ddpm.images import ImageFolderError, read_png, to_uint8, write_pngs
 from ddpm.params import Params, plain
@@ -29,11 +29,18 @@ MANIFEST = "manifest.json"  # in the staging folder while it fills; never in the
 WEIGHTS_KEY = "ema.sha256"
 
 
+class NonFiniteImages(PipelineError):
+    """Sampling produced NaN or infinite pixels, which would be written as black ones."""
+
+
 def load_ema_model(path: str | Path, params: Params, device: torch.device) -> torch.nn.Module:
     """The network of params.model with the EMA weights of models/ema.pt, ready to sample."""
     state = checkpoint.load(path, "EMA weights file")
     if "ema" not in state:
         raise checkpoint.CheckpointError(f"{path}: no 'ema' weights in it (keys: {sorted(state)})")
+    if bad := checkpoint.non_finite(state["ema"]):
+        raise checkpoint.CheckpointError(f"{path}: its EMA weights hold NaN or infinite values "
+                                         f"({', '.join(bad[:3])}): retrain (dvc repro train)")
     model = networks.build(params.model)
     checkpoint.load_weights(model, state["ema"], state.get("config", {}).get("model"),
                             params.model, path)
@@ -118,6 +125,11 @@ def generate(model: torch.nn.Module, sched: Schedule, params: Params, precision:
                 x = sample(model, sched, (size, 3, 32, 32), sp.sampler, sp.steps, gens,
                            eta=sp.eta, variance=sp.variance, clip_denoised=sp.clip_denoised,
                            progress=lambda: bar.update(done + size * next(step) / steps - bar.n))
+            if not bool(torch.isfinite(x).all()):  # to_uint8 would make them black, silently
+                raise NonFiniteImages(
+                    f"images {ids.start}-{ids.stop - 1} came out NaN or infinite ({precision}, "
+                    f"{sp.sampler}, {sp.steps} steps) and were not written: with fp16 try "
+                    "train.precision=bf16 or fp32; else the EMA weights are bad (retrain)")
             write_pngs(to_uint8(x), folder, start=ids.start)
 
 
@@ -195,12 +207,12 @@ def generate_folder(model: torch.nn.Module, sched: Schedule, params: Params, pre
     try:
         generate(model, sched, params, precision, shard(params.sample.num_images, world),
                  staging, progress=world.main)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (ddpm.cli)
         if not world.main:
-            raise SystemExit(130) from None
+            raise SystemExit(exit_code(e)) from None
         raise Interrupted(f"sample: interrupted; the images drawn so far are kept in {staging} "
                           "for a run with the same EMA weights and params. Run the same command "
-                          "again to draw the rest") from None
+                          "again to draw the rest", e) from None
     world.barrier()
     if world.main:
         (staging / MANIFEST).unlink(missing_ok=True)

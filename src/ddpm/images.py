@@ -12,6 +12,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ddpm.errors import PipelineError
+from ddpm.files import atomic_file, disk_full, no_space
 
 
 class ImageFolderError(PipelineError, ValueError):
@@ -48,7 +49,13 @@ def write_pngs(images: np.ndarray | torch.Tensor, folder: str | Path, start: int
 
     def save(i: int) -> None:
         name = f"{start + i}.png"
-        Image.fromarray(images[i]).save(folder / f".{name}.tmp", format="PNG", compress_level=1)
+        try:
+            Image.fromarray(images[i]).save(folder / f".{name}.tmp", format="PNG",
+                                            compress_level=1)
+        except OSError as e:
+            if no_space(e):
+                raise disk_full(folder / name) from None
+            raise
         os.replace(folder / f".{name}.tmp", folder / name)
 
     with ThreadPoolExecutor(_workers()) as pool:  # zlib and file I/O release the GIL
@@ -109,5 +116,6 @@ def grid(images: np.ndarray | torch.Tensor, nrow: int | None = None, pad: int = 
 
 
 def save_png(image: np.ndarray, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(image)).save(path)
+    """One (H, W, 3) uint8 image, replacing `path` whole (a full disk leaves the old file)."""
+    with atomic_file(path) as tmp:
+        Image.fromarray(np.asarray(image)).save(tmp, format="PNG")

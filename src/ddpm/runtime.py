@@ -9,14 +9,16 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from ddpm.errors import ParamsError
+from ddpm.errors import ParamsError, Terminated
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -138,20 +140,31 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+# How long the other processes wait at a barrier while the main one works alone: previews,
+# the training FID (train.fid_images), checkpoints to a slow disk, the sample stage's check of
+# kept images. A hung main process is not what it guards against (torchrun ends the others
+# when one fails); a watchdog that kills a multi-day run because one FID was long is.
+WAIT_TIMEOUT = timedelta(hours=24)
+
+
 @dataclass(frozen=True)
 class World:
     """This process's place among the data-parallel processes (torchrun's environment)."""
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    waiting: object = field(default=None, compare=False, repr=False)  # barrier()'s gloo group
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def barrier(self) -> None:
+        """Wait for every process. On a gloo group of its own, whose timeout is WAIT_TIMEOUT:
+        the process group's (NCCL: 10 minutes) is sized for the collectives of training steps,
+        not for what the main process does alone while the others wait here."""
         if self.size > 1:
-            dist.barrier()
+            dist.barrier(group=self.waiting)
 
     def close(self) -> None:
         if self.size > 1 and dist.is_initialized():
@@ -163,19 +176,45 @@ def launched() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+# torchrun, as `python -c LAUNCHER <torchrun's arguments>`: it ends when the stage's process
+# does (PR_SET_PDEATHSIG, so a kill -9 of the stage still stops the workers), and a signal
+# stops it quietly with 128 + the signal's number once its workers (which it passes the signal
+# on to, and which say where they stopped) have ended, instead of a traceback.
+LAUNCHER = """\
+import ctypes, logging, runpy, signal, sys
+try:
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)
+except (OSError, AttributeError, TypeError):
+    pass
+from torch.distributed.elastic.multiprocessing.api import SignalException
+for name, said in [("torch.distributed.elastic.agent.server.api", "Received %s death signal"),
+                   ("torch.distributed.elastic.multiprocessing.api", "Sending process %s closing")]:
+    logging.getLogger(name).addFilter(lambda r, said=said: not str(r.msg).startswith(said))
+try:
+    runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
+except SignalException as e:
+    sys.exit(128 + e.sigval)
+"""
+
+
 def relaunch_under_torchrun(nproc: int) -> int:
     """Run this very script again as `nproc` processes on this node; returns their exit code.
 
     For several nodes, start torchrun yourself on each (see the README); then this is skipped.
+    The launcher runs in a session of its own, so a signal to this stage's process group (Ctrl-C
+    in a terminal, `timeout`) reaches it once, passed on from here, and never twice.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", sys.argv[0], *sys.argv[1:]]
-    print(f"launching {nproc} processes: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    with subprocess.Popen(cmd) as launcher:
+    args = ["--standalone", f"--nproc-per-node={nproc}", sys.argv[0], *sys.argv[1:]]
+    print(f"launching {nproc} processes: torchrun {' '.join(args)}", file=sys.stderr, flush=True)
+    with subprocess.Popen([sys.executable, "-c", LAUNCHER, *args],
+                          start_new_session=True) as launcher:
         try:
-            return launcher.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached the processes too: they say where they stopped
-            return launcher.wait()
+            code = launcher.wait()
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated): the workers stop
+            launcher.send_signal(signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # while they say where they stopped
+            code = launcher.wait()
+    return code if code >= 0 else 128 - code  # killed by a signal: as a shell reports it
 
 
 def start_processes(device_name: str, gpus: int) -> tuple[World, torch.device]:
@@ -186,8 +225,12 @@ def start_processes(device_name: str, gpus: int) -> tuple[World, torch.device]:
     return init_world(device_name, gpus)
 
 
-def init_world(device_name: str, gpus: int) -> tuple[World, torch.device]:
-    """Join the process group if launched (NCCL on GPUs, gloo on the CPU); pick the device."""
+def init_world(device_name: str, gpus: int, timeout: timedelta | None = None
+               ) -> tuple[World, torch.device]:
+    """Join the process group if launched (NCCL on GPUs, gloo on the CPU); pick the device.
+
+    timeout: of the process group's collectives (None: torch's default); World.barrier() has
+    its own, WAIT_TIMEOUT."""
     if not launched() or int(os.environ["WORLD_SIZE"]) == 1:
         return World(), resolve_device(device_name)
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -198,11 +241,13 @@ def init_world(device_name: str, gpus: int) -> tuple[World, torch.device]:
                               "devices are visible on this node")
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        options = {} if timeout is None else {"timeout": timeout}
         if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, **options)
         else:
-            dist.init_process_group("gloo")
-    return World(dist.get_rank(), dist.get_world_size(), local_rank), device
+            dist.init_process_group("gloo", **options)
+    waiting = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, waiting), device
 
 
 class MemoryMonitor:

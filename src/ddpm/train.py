@@ -31,13 +31,13 @@ from ddpm import checkpoint, diffusion, networks, previews
 from ddpm.data import load_cifar10
 from ddpm.ema import EMA
 from ddpm.batches import augment, draw, resolve_batch_gpu
-from ddpm.errors import Interrupted, TrainingError
+from ddpm.errors import Interrupted, TrainingError, exit_code
 from ddpm.evaluate import ema_fid
-from ddpm.fid import load_statistics
-from ddpm.files import write_json, write_tsv
+from ddpm.fid import inception, load_statistics
+from ddpm.files import sweep_temporaries, write_json, write_tsv
 from ddpm.images import save_png
 from ddpm.params import Params, plain, split_batch
-from ddpm.runs import CHECKPOINT, RunFolders, run_id
+from ddpm.runs import CHECKPOINT, PREVIOUS, RunFolders, run_id
 from ddpm.runtime import (MemoryMonitor, World, autocast, compile_mode, derive_seed,
                            resolve_precision)
 
@@ -122,8 +122,10 @@ class Trainer:
             self.net = torch.compile(self.net, mode=self.compile_mode)
         self.memory = MemoryMonitor(device)
         self.real_stats = None  # (mu, sigma) of the real images, for FIDs during training
-        if self.tp.fid_every and world.main:  # read now: a missing file fails before training
+        self.inception = None   # the FID network, loaded once
+        if self.tp.fid_every and world.main:  # loaded now: a missing file fails before training
             self.real_stats = load_statistics(paths.real_stats, params.fid.dims)[:2]
+            self.inception = inception(params.fid.dims, params.fid.weights, device)
         self.config = self._resume_config()
         self.folders = RunFolders(paths.checkpoints, paths.runs / run_id(self.config))
         self.progress = Progress()
@@ -174,15 +176,16 @@ class Trainer:
 
     def resume(self) -> str:
         """Load the most advanced checkpoint that belongs to this run (this config's unfinished
-        one, or the published one of a finished run); return what happened, in words."""
-        found, notes = None, []
+        one, the one before it if that does not load, or the published one of a finished run);
+        return what happened, in words."""
+        found, notes, unreadable = None, [], []
         for path in self.folders.checkpoints():
             if not path.exists():
                 continue
             try:
                 state = checkpoint.load(path)
             except checkpoint.CheckpointError as e:
-                notes.append(f"{e}: not resumed")
+                unreadable.append(f"{e}: not resumed")
                 continue
             differs = checkpoint.differences(state.get("resume_config", {}), self.config)
             if differs:
@@ -192,6 +195,7 @@ class Trainer:
                              "train.epochs")
             elif found is None or state["progress"]["step"] > found[1]["progress"]["step"]:
                 found = path, state
+        notes = unreadable + notes
         if found is None:
             return "; ".join(notes + ["starting at epoch 0" if not notes else "starting fresh"])
         path, state = found
@@ -203,16 +207,20 @@ class Trainer:
         self.resumable = path, self.progress.epoch
         if self.world.main:
             self.folders.adopt_previews(path)
-        return f"resuming from {path} at epoch {self.progress.epoch}"
+        return "; ".join(unreadable + [f"resuming from {path} at epoch {self.progress.epoch}"])
 
     def save_checkpoint(self) -> None:
+        """Write last.pt; the last.pt before it, if this run wrote or resumed it (and so knows
+        it good), becomes previous.pt, which resume() falls back to if last.pt does not load."""
+        last = self.folders.work / CHECKPOINT
+        known_good = self.resumable is not None and self.resumable[0] == last
         checkpoint.save({
             "model": self.model.state_dict(), "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "progress": dataclasses.asdict(self.progress), "resume_config": self.config,
             "config": self.p.to_dict(),
-        }, self.folders.work / CHECKPOINT)
-        self.resumable = self.folders.work / CHECKPOINT, self.progress.epoch
+        }, last, keep=self.folders.work / PREVIOUS if known_good else None)
+        self.resumable = last, self.progress.epoch
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -289,15 +297,35 @@ class Trainer:
         self.progress.seconds += time.perf_counter() - start
         self.progress.epoch = epoch + 1
         self._check_finite(self.progress.loss)
+        # The loss of the last step is finite even when that step's update was not.
+        for name, weights in (("model", self.model), ("EMA", self.ema.model)):
+            if bad := checkpoint.non_finite(weights.state_dict()):
+                self._stop(f"the {name} weights became non-finite ({', '.join(bad[:3])})")
 
     def _check_finite(self, loss: float) -> None:
         if not math.isfinite(loss):
-            raise TrainingError(
-                f"the loss became {loss} at optimizer step {self.progress.step}: training stopped "
-                f"and the last good checkpoint is kept in {self.folders.work}. Lower "
-                f"train.lr (now {self.tp.lr}) or use train.precision=fp32 or bf16")
+            self._stop(f"the loss became {loss}")
+
+    def _stop(self, what: str) -> None:
+        """A non-finite value: stop before it reaches a checkpoint or models/ema.pt."""
+        kept = (f"the last good checkpoint, {self.resumable[0]} (epoch {self.resumable[1]}), is "
+                "kept" if self.resumable else "no checkpoint was written")
+        raise TrainingError(f"{what} at optimizer step {self.progress.step}: training stopped and "
+                            f"{kept}. Lower train.lr (now {self.tp.lr}) or use "
+                            "train.precision=fp32 or bf16")
 
     def run(self) -> Progress:
+        """Train to train.epochs from the last checkpoint that fits; the main process holds
+        the run folder's lock meanwhile, and first sweeps what killed writers left."""
+        with self.folders.lock() if self.world.main else contextlib.nullcontext():
+            if self.world.main:
+                p = self.paths
+                sweep_temporaries(self.folders.work, self.folders.previews, self.folders.published,
+                                  p.ema.parent, p.metrics.parent, p.loss.parent, p.fid.parent,
+                                  p.samples)
+            return self._run()
+
+    def _run(self) -> Progress:
         message = self.resume()
         if self.world.main:
             for folder, size in self.folders.others():
@@ -309,6 +337,7 @@ class Trainer:
                   f"{self.precision} on {self.device}", file=sys.stderr, flush=True)
         if self.progress.epoch == 0 and self.world.main:
             previews.clear(self.folders.previews)
+        self.world.barrier()  # the main process's start-up work (above, and Inception) is done
         # In images over the whole stage (all epochs, resumed ones included): tqdm's rate is then
         # images/s and its ETA the stage's, previews and checkpoints included.
         total = self.tp.epochs * self.steps_per_epoch * self.batch
@@ -321,25 +350,26 @@ class Trainer:
                     self.run_epoch(epoch, bar)
                     if self.world.main:
                         self.end_of_epoch()
+                    self.world.barrier()
                 except torch.cuda.OutOfMemoryError:
                     raise TrainingError(self._oom_advice()) from None
-                except KeyboardInterrupt:
-                    raise self._interrupted(epoch) from None
-                self.world.barrier()
+                except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (ddpm.cli)
+                    raise self._interrupted(epoch, e) from None
         if self.world.main:
             self.write_outputs(final=True)
             self.folders.finish()
         return self.progress
 
-    def _interrupted(self, epoch: int) -> BaseException:
-        """Ctrl-C: one line saying where it stopped and how to go on (other ranks stay quiet)."""
+    def _interrupted(self, epoch: int, interrupt: KeyboardInterrupt) -> BaseException:
+        """Ctrl-C or SIGTERM: one line saying where it stopped and how to go on (other ranks
+        stay quiet)."""
         if not self.world.main:
-            return SystemExit(130)
+            return SystemExit(exit_code(interrupt))
         kept = (f"its last checkpoint, {self.resumable[0]} (epoch {self.resumable[1]}), is kept"
                 if self.resumable else "no checkpoint was written yet")
         return Interrupted(f"train: interrupted in epoch {epoch + 1} of {self.tp.epochs}; {kept}."
                            " Run the same command again (dvc repro, or dvc exp run with the same"
-                           " -S values) to resume")
+                           " -S values) to resume", interrupt)
 
     def end_of_epoch(self) -> None:
         """Preview, then checkpoint: a kill in between only redoes this epoch's identical preview."""
@@ -364,7 +394,8 @@ class Trainer:
         tp, epoch, start = self.tp, self.progress.epoch, time.perf_counter()
         self.ema.model.eval()
         value = ema_fid(self.ema.model, self.sched, self.p, self.precision, self.real_stats,
-                        self.folders.work / "fid_images", f"train: FID at epoch {epoch}, Inception")
+                        self.folders.work / "fid_images", f"train: FID at epoch {epoch}, Inception",
+                        self.inception)
         seconds = time.perf_counter() - start
         self.progress.fid_rows.append([epoch, self.progress.step, value, round(seconds, 3)])
         print(f"train: epoch {epoch}: FID {value:.2f} ({tp.fid_images} images, DDIM-"

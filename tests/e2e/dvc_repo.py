@@ -79,9 +79,12 @@ def unfinished_epoch(repo: Path) -> int:
 
 def dvc_killed_when(repo: Path, args: Sequence[str], ready: Callable[[], bool],
                     extra_delay: float = 0.0, sig: int = signal.SIGKILL,
-                    timeout: float = 180) -> str:
+                    timeout: float = 180, group: bool = True) -> str:
     """Start `dvc *args`, wait until ready() is true, then send `sig` to dvc and its children (as
-    Ctrl-C in a terminal reaches the whole foreground process group); return what it printed."""
+    Ctrl-C in a terminal reaches the whole foreground process group), or with group=False to
+    dvc's process alone (`kill <pid>`); return what it printed once every process that dvc had
+    started has ended (an assertion fails if one outlives it by a minute)."""
+    import psutil
     log = repo / f".dvc-{time.monotonic_ns()}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=env(),
@@ -94,8 +97,12 @@ def dvc_killed_when(repo: Path, args: Sequence[str], ready: Callable[[], bool],
                 assert time.monotonic() < deadline, "kill point not reached"
                 time.sleep(0.02)
             time.sleep(extra_delay)
-            os.killpg(proc.pid, sig)
+            started = psutil.Process(proc.pid).children(recursive=True)
+            os.killpg(proc.pid, sig) if group else os.kill(proc.pid, sig)
             proc.wait(timeout=120)
+            _, alive = psutil.wait_procs(started, timeout=60)
+            survivors = [p for p in alive if running(p)]
+            assert not survivors, f"outlived dvc: {survivors}\n{log.read_text()}"
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -104,6 +111,15 @@ def dvc_killed_when(repo: Path, args: Sequence[str], ready: Callable[[], bool],
     text = log.read_text()
     log.unlink()
     return text
+
+
+def running(process) -> bool:
+    """Alive and not a zombie (an orphan whose exit a container's PID 1 may never collect)."""
+    import psutil
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def default_sigint() -> None:
