@@ -405,7 +405,8 @@ def bench_fid(table, args, device):
     py = sys.executable
     run(py, str(ROOT / "stages/real_stats.py"), "--images", "real", "--out", "real.npz")
     start = time.perf_counter()
-    run(py, str(ROOT / "stages/fid.py"), "--images", "gen", "--real-stats", "real.npz", "--metrics", "fid.json")
+    run(py, str(ROOT / "stages/fid.py"), "--images", "gen", "--real-stats", "real.npz",
+        "--metrics", "fid.json", "--report", "fid_report.json")
     ours = time.perf_counter() - start
     start = time.perf_counter()
     run(py, str(ROOT / "tests" / "pytorch_fid_compat.py"), "real", "gen", "--dims", str(dims),

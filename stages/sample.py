@@ -20,6 +20,7 @@ def main() -> None:
     parser.add_argument("--ema", required=True, type=Path, help="EMA weights file (train's)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
     parser.add_argument("--metrics", required=True, type=Path, help="metrics JSON to write")
+    parser.add_argument("--report", required=True, type=Path, help="JSON of the run's facts")
     parser.add_argument("--grid", required=True, type=Path, help="PNG grid of the first 64")
     args = parser.parse_args()
     params = load_params_or_exit()
@@ -39,12 +40,12 @@ def main() -> None:
         save_png(grid(first), args.grid)
         sp = params.sample
         drawn = sp.num_images - kept  # this run's work: its seconds and images/s exclude the kept
-        write_json(args.metrics, {
-            "num_images": sp.num_images, "seconds": round(seconds, 3),
-            "images_per_second": round(drawn / seconds, 3), "sampler": sp.sampler,
+        write_json(args.metrics, {"seconds": round(seconds, 3),
+                                  "images_per_second": round(drawn / seconds, 3)})
+        write_json(args.report, {
+            "num_images": sp.num_images, "kept_images": kept, "sampler": sp.sampler,
             "steps": sp.steps, "precision": precision,
-            "compile": resolve_compile(sp.compile, device),
-            "processes": world.size, "kept_images": kept})
+            "compile": resolve_compile(sp.compile, device), "processes": world.size})
         resumed = f", {kept} kept from an interrupted run" if kept else ""
         print(f"sample: {sp.num_images} images ({sp.sampler}, {sp.steps} steps{resumed}) in "
               f"{seconds:.1f} s -> {args.out}")

@@ -479,6 +479,7 @@ def test_fid_during_training_is_the_fid_stage_on_the_same_images(tiny, cifar_dir
     for folder, value in zip(kept, values):
         done = run_stage("fid.py", tmp_path, "--images", str(folder), "--real-stats",
                          str(tmp_path / "real_stats.npz"), "--metrics", str(folder) + ".json",
+                         "--report", str(folder) + ".report.json",
                          device="cpu", fid__dims=fid["dims"], fid__weights=fid["weights"],
                          fid__batch_size=fid["batch_size"])
         assert done.returncode == 0, done.stderr

@@ -82,13 +82,14 @@ def test_two_processes_train_and_sample_through_dvc(two_processes):
     metrics = json.loads((repo / "metrics/train.json").read_text())
     assert metrics["processes"] == 2 and metrics["effective_batch"] == 4 * 2 * 2
     assert metrics["steps"] == TWO["epochs"] * (48 // 16)
-    assert json.loads((repo / "metrics/sample.json").read_text())["processes"] == 2
+    assert json.loads((repo / "reports/sample.json").read_text())["processes"] == 2
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["gpus"] = 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     subprocess.run([sys.executable, "stages/sample.py", "--ema", "models/ema.pt", "--out", "one",
-                    "--metrics", "one.json", "--grid", "one.png"], cwd=repo, env=env(), check=True)
+                    "--metrics", "one.json", "--report", "one_report.json", "--grid", "one.png"],
+                   cwd=repo, env=env(), check=True)
     for path in (repo / "data/samples").iterdir():
         two, one = (np.asarray(Image.open(p), dtype=int) for p in (path, repo / "one" / path.name))
         assert np.abs(two - one).max() <= 1, path.name  # the same image, up to rounding
