@@ -42,7 +42,8 @@ import gpu  # noqa: E402  (puts src/ on the path)
 from bench import ROOT, synchronize  # noqa: E402
 from gpu_check_report import (failed, junit_counts, one_line, row_line, setup,  # noqa: E402
                               summary, timing_rows)
-from ddpm.data import DataError, download_cifar10, load_cifar10  # noqa: E402
+from ddpm.errors import PipelineError
+from ddpm.data import download_cifar10, load_cifar10  # noqa: E402
 from ddpm.diffusion import Schedule  # noqa: E402
 from ddpm.files import file_digest, write_json  # noqa: E402
 from ddpm.generate import generate, load_ema_model  # noqa: E402
@@ -244,12 +245,12 @@ def resolve_md5(args) -> None:
     if args.md5 is not None:
         return
     if not args.data.is_file():
-        raise DataError(f"--data {args.data}: no such file. Pass the real CIFAR-10 subset "
+        raise PipelineError(f"--data {args.data}: no such file. Pass the real CIFAR-10 subset "
                         f"(../{SUBSET.relative_to(ROOT.parent)}) or cifar-10-python.tar.gz")
     known = (SUBSET_MD5, yaml.safe_load((ROOT / "params.yaml").read_text())["data"]["md5"])
     args.md5 = file_digest(args.data, "md5")
     if args.md5 not in known:
-        raise DataError(f"--data {args.data}: md5 {args.md5} is neither the real subset's nor the "
+        raise PipelineError(f"--data {args.data}: md5 {args.md5} is neither the real subset's nor the "
                         "official archive's; pass --md5 with the md5 of the archive you trust")
 
 

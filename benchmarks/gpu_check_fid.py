@@ -22,8 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gpu_check  # noqa: E402  (puts src/ on the path)
+from ddpm.errors import PipelineError
 from ddpm.data import download_cifar10, load_cifar10  # noqa: E402
-from ddpm.fid import FidError, folder_statistics, frechet_distance  # noqa: E402
+from ddpm.fid import folder_statistics, frechet_distance  # noqa: E402
 from ddpm.files import write_json  # noqa: E402
 from ddpm.images import write_pngs  # noqa: E402
 from ddpm.params import load_params  # noqa: E402
@@ -36,10 +37,10 @@ def load_samples(path: Path) -> np.ndarray:
         with np.load(path) as f:  # allow_pickle is off: plain arrays only
             images = f["images"]
     except (OSError, KeyError, ValueError) as e:
-        raise FidError(f"{path}: not a gpu_check samples file ({e}); run "
+        raise PipelineError(f"{path}: not a gpu_check samples file ({e}); run "
                        "benchmarks/gpu_check.py OUT_DIR first") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
-        raise FidError(f"{path}: {images.dtype} images of shape {images.shape}, expected "
+        raise PipelineError(f"{path}: {images.dtype} images of shape {images.shape}, expected "
                        "(N, 32, 32, 3) uint8")
     return images
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         report = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise FidError(f"{path}: no gpu_check report ({e}); run benchmarks/gpu_check.py "
+        raise PipelineError(f"{path}: no gpu_check report ({e}); run benchmarks/gpu_check.py "
                        "OUT_DIR first") from None
     report["fid"] = score(args)
     write_json(path, report)

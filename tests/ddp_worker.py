@@ -23,27 +23,27 @@ if sys.argv[4:] == ["slow-fid"]:  # rank 0's FID outlasts the process group's ti
     import time
     from datetime import timedelta
 
-    from ddpm import train
+    from ddpm.evaluate import TrainingFid
     timeout = timedelta(seconds=5)
-    real_fid = train.ema_fid
+    real_fid = TrainingFid.__call__
 
     def slow_fid(*args, **kwargs):
         time.sleep(3 * timeout.total_seconds())
         return real_fid(*args, **kwargs)
 
-    train.ema_fid = slow_fid
+    TrainingFid.__call__ = slow_fid
     world, device = init_world(params.device, params.train.gpus, timeout)
 else:
     world, device = init_world(params.device, params.train.gpus)
 trainer = Trainer(params, train_paths(out, cifar), world, device,
                   dtype=torch.float64 if one_step else torch.float32)
-init = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+init = {k: v.clone() for k, v in trainer.state.model.state_dict().items()}
 if one_step:
     seen = record_draws(trainer)
-    trainer.run_epoch(0, tqdm(disable=True))
-    steps = trainer.progress.step
+    trainer.epoch(0, tqdm(disable=True))
+    steps = trainer.state.progress.step
 else:
     seen, steps = None, trainer.run().step
-torch.save({"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(), "init": init,
-            "steps": steps, "seen": seen}, out / f"rank{world.rank}.pt")
+torch.save({"model": trainer.state.model.state_dict(), "ema": trainer.state.ema.state_dict(),
+            "init": init, "steps": steps, "seen": seen}, out / f"rank{world.rank}.pt")
 world.close()

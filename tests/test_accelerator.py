@@ -91,7 +91,7 @@ def test_training_runs_at_each_precision(tiny, cifar_dir, tmp_path, precision):
     assert metrics["peak_memory_mb"] > 0
     assert (tmp_path / "samples" / "epoch_0002.png").exists()
     if ON_GPU:  # NHWC weights for the tensor cores, kept through the optimizer and EMA
-        for module in (t.model, t.ema.model):
+        for module in (t.state.model, t.state.ema.model):
             first_conv = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))
             assert first_conv.weight.is_contiguous(memory_format=torch.channels_last)
     scaler = checkpoint.load(tmp_path / "checkpoints" / "last.pt")["scaler"]
@@ -116,7 +116,7 @@ def test_resume_on_the_device_replays_the_uninterrupted_run(tiny, cifar_dir, tmp
         return np.array([[float(v) for v in row.split("\t")[:2]]
                          for row in (folder / "loss.tsv").read_text().splitlines()[1:]])
     np.testing.assert_allclose(rows(tmp_path / "b"), rows(tmp_path / "a"), rtol=1e-4)
-    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+    for a, b in zip(straight.state.model.state_dict().values(), resumed.state.model.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
@@ -137,9 +137,9 @@ def test_compiled_training_follows_eager(tiny, cifar_dir, tmp_path, mode):
         assert t.rounds == 2
         gen = torch.Generator(DEVICE).manual_seed(1)
         x0 = torch.rand(16, 3, 32, 32, device=DEVICE) * 2 - 1
-        diffusion.loss(t.net, t.sched, x0, torch.Generator(DEVICE).manual_seed(0)).backward()
-        grad = torch.cat([p.grad.flatten() for p in t.model.parameters()])
-        t.optimizer.zero_grad(set_to_none=True)
+        diffusion.loss(t.state.net, t.sched, x0, torch.Generator(DEVICE).manual_seed(0)).backward()
+        grad = torch.cat([p.grad.flatten() for p in t.state.model.parameters()])
+        t.state.optimizer.zero_grad(set_to_none=True)
         idx = torch.arange(32, device=DEVICE)
         results.append(([t.optimizer_step(idx, *draw(gen, 32, t.sched.timesteps)).item()
                          for _ in range(3)], grad))

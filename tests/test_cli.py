@@ -15,7 +15,7 @@ from fakes import ROOT
 STAGE = """
 import errno, sys, time
 sys.path.insert(0, sys.argv[1])
-from ddpm.cli import run
+from ddpm.cli import on_interrupt, run
 from ddpm.files import disk_full
 from pathlib import Path
 
@@ -24,6 +24,9 @@ def main():
         raise disk_full(Path("models/ema.pt"))
     if sys.argv[2] == "enospc":
         raise OSError(errno.ENOSPC, "No space left on device")
+    if sys.argv[2] in ("where", "quiet"):  # what the train and sample stages register
+        on_interrupt(lambda: " in epoch 2 of 3; its last checkpoint is kept" if sys.argv[2] ==
+                     "where" else None)
     print("ready", flush=True)
     time.sleep(120)
 
@@ -53,6 +56,20 @@ def test_sigterm_stops_a_stage_as_ctrl_c_does(sig, code):
                                 "this stage"]
 
 
+@pytest.mark.parametrize("kind, line", [
+    ("where", "sample: interrupted in epoch 2 of 3; its last checkpoint is kept"),
+    ("quiet", None)])
+def test_a_stage_says_where_it_was_interrupted_or_nothing_on_other_ranks(kind, line):
+    """ddpm.cli.on_interrupt: the one place that turns an interrupt into the stage's line, with
+    what the stage registered; None keeps a process quiet (the ranks other than the main one)."""
+    proc = stage(kind)
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert err.splitlines() == ([line] if line else [])
+
+
 @pytest.mark.parametrize("kind", ["disk-full", "enospc"])
 def test_a_full_disk_is_one_line(kind):
     """Named by ddpm.files where it writes; any other write's ENOSPC still one line."""
@@ -79,13 +96,13 @@ time.sleep(120)
 def test_the_run_folder_lock_names_its_holder_and_dies_with_it(tmp_path):
     """flock(2): a second taker fails at once, naming the holder's pid; after a kill -9 of the
     holder nothing stale is left, and the folder can be taken again."""
-    from ddpm.runs import RunFolders, RunInUse
+    from ddpm.runs import RunFolders, PipelineError
     holder = subprocess.Popen([sys.executable, "-c", LOCK, str(ROOT / "src"), str(tmp_path)],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
         folders = RunFolders(tmp_path / "checkpoints", tmp_path / "runs" / "abc")
-        with pytest.raises(RunInUse) as info:
+        with pytest.raises(PipelineError) as info:
             folders.lock()
         assert str(info.value) == (
             f"{tmp_path}/runs/abc is in use by another trainer of the same run (pid "

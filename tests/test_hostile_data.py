@@ -15,7 +15,8 @@ import pytest
 
 import fakes
 import hostile
-from ddpm.data import MAX_MEMBER, DataError, download_cifar10, load_batch, load_cifar10
+from ddpm.errors import PipelineError
+from ddpm.data import MAX_MEMBER, download_cifar10, load_batch, load_cifar10
 from fakes import PER_BATCH, run_stage
 from test_data import BATCH_FILES, md5, real_members, tree
 
@@ -37,7 +38,7 @@ def test_a_batch_that_would_create_a_file_is_refused_and_creates_nothing(tmp_pat
     marker.unlink()
     path = tmp_path / "data_batch_1"
     path.write_bytes(crafted)
-    with pytest.raises(DataError) as error:
+    with pytest.raises(PipelineError) as error:
         load_batch(path)
     assert not marker.exists()
     message = one_line(error)
@@ -91,7 +92,7 @@ def batch(n: int = 3, **changes) -> dict:
 def test_anything_but_a_batch_is_one_line_saying_what(tmp_path, content, problem):
     path = tmp_path / "data_batch_1"
     path.write_bytes(content)
-    with pytest.raises(DataError) as error:
+    with pytest.raises(PipelineError) as error:
         load_batch(path)
     message = one_line(error)
     assert message.startswith(f"{path}: not a CIFAR-10 batch file") and problem in message
@@ -102,7 +103,7 @@ def test_a_batch_file_over_64_mb_is_refused_unread(tmp_path):
     path = tmp_path / "data_batch_1"
     with open(path, "wb") as f:
         f.truncate(MAX_MEMBER + 1)  # sparse: no disk, and unread zeros would be a bad pickle
-    with pytest.raises(DataError) as error:
+    with pytest.raises(PipelineError) as error:
         load_batch(path)
     assert one_line(error).startswith(f"{path}: {MAX_MEMBER + 1:,} bytes, over the ")
 
@@ -122,7 +123,7 @@ def test_a_member_over_64_mb_is_refused_before_it_is_read(cifar_archive, tmp_pat
     archive = hostile.tar_gz(tmp_path / "bomb.tar.gz", list(members.items()))
     assert archive.stat().st_size < MAX_MEMBER // 100  # the fake batches are most of it
     before = tree(tmp_path)
-    with pytest.raises(DataError) as error:
+    with pytest.raises(PipelineError) as error:
         download_cifar10(str(archive), md5(archive), tmp_path / "out")
     message = one_line(error)
     assert message.startswith(f"{archive}: member {name} holds {MAX_MEMBER + 1:,} bytes")
@@ -138,7 +139,7 @@ def test_a_file_that_comes_twice_is_refused(cifar_archive, tmp_path, second):
     other = pickle.dumps(batch(PER_BATCH), protocol=2)
     archive = hostile.tar_gz(tmp_path / "twice.tar.gz", [*members, (second, other)])
     before = tree(tmp_path)
-    with pytest.raises(DataError) as error:
+    with pytest.raises(PipelineError) as error:
         download_cifar10(str(archive), md5(archive), tmp_path / "out")
     assert one_line(error) == (f"{archive}: member {second} comes twice: not the CIFAR-10 "
                                "python archive")
@@ -153,7 +154,7 @@ def test_the_refusals_keep_an_earlier_download(cifar_archive, tmp_path):
     members = real_members(cifar_archive[0])
     members["cifar-10-batches-py/test_batch"] = MAX_MEMBER + 1
     archive = hostile.tar_gz(tmp_path / "bomb.tar.gz", list(members.items()))
-    with pytest.raises(DataError, match=re.escape("member cifar-10-batches-py/test_batch")):
+    with pytest.raises(PipelineError, match=re.escape("member cifar-10-batches-py/test_batch")):
         download_cifar10(str(archive), md5(archive), out)
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
     assert np.array_equal(load_cifar10(out, "test"), fakes.cifar_images("test", PER_BATCH))

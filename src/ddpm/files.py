@@ -15,7 +15,7 @@ from typing import Iterator
 
 from tqdm.auto import tqdm
 
-from ddpm.errors import DiskFullError
+from ddpm.errors import PipelineError
 
 
 def file_digest(path: str | Path, algorithm: str, chunk: int = 1 << 20) -> str:
@@ -81,7 +81,7 @@ def atomic_file(dest: str | Path, durable: bool = False, keep: Path | None = Non
     durable: fsync the file before the rename and the folder after it, so that a power loss
     leaves the old or the new file, whole (for checkpoints; thousands of PNGs need not pay).
     keep: a second name for the file `dest` held, so that it survives the new one's writing.
-    A full disk is a DiskFullError naming `dest`, which keeps its old content.
+    A full disk is a PipelineError naming `dest`, which keeps its old content.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +151,7 @@ def no_space(error: BaseException) -> bool:
     return in_chain(error, OSError, lambda e: e.errno in NO_SPACE) is not None
 
 
-def disk_full(path: Path) -> DiskFullError:
+def disk_full(path: Path) -> PipelineError:
     """The one-line error for a file that a full disk kept from being written."""
     try:
         stat = os.statvfs(path.parent)
@@ -159,7 +159,7 @@ def disk_full(path: Path) -> DiskFullError:
     except OSError:
         free = "no free space"
     old = "its previous version is intact" if path.exists() else "nothing was written"
-    return DiskFullError(f"the disk is full: {path} was not written ({free}; {old}). Free some "
+    return PipelineError(f"the disk is full: {path} was not written ({free}; {old}). Free some "
                          "space and run the same command again")
 
 

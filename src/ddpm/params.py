@@ -19,7 +19,7 @@ import yaml
 
 from ddpm import schema
 from ddpm.errors import ParamsError
-from ddpm.schema import Accepts, Doc, Float, Int, Length, Pattern, accepted, short
+from ddpm.schema import Accepts, Doc, Float, Int, Length, Pattern, Resumable, accepted, short
 
 ARCHS = ("seed", "ddpm")
 # The model.* keys each network reads (the rest of model.* is the other network's).
@@ -44,6 +44,7 @@ REMOVED = {
 
 Compile = Annotated[Union[bool, Literal[("auto", *COMPILE_MODES)]],
                     Accepts(f"auto, true, false or a torch.compile mode ({', '.join(COMPILE_MODES)})")]
+RESUMABLE = Resumable()
 section = dataclass(frozen=True)
 
 
@@ -88,12 +89,12 @@ class DiffusionParams:
 
 @section
 class TrainParams:
-    epochs: Int(1, 100_000, "passes over the training images")
+    epochs: Int(1, 100_000, "passes over the training images", RESUMABLE)
     batch_size: Int(1, 65_536, "the optimizer's batch over all GPUs: defines the run (the seed's "
                                "32 x 4)")
     batch_gpu: Annotated[Union[Literal["auto"], Int(1, 65_536, "images")], Doc(
         "most images per GPU per forward+backward, only to fit memory: auto (the whole share if "
-        "it fits, else found by trying; 32 on a CPU) | N")]
+        "it fits, else found by trying; 32 on a CPU) | N"), RESUMABLE]
     lr: Float("Adam's learning rate", gt=0, le=1)
     warmup_steps: Int(0, 100_000_000, "linear lr warmup over N optimizer steps (Ho et al.: "
                                       "5000); 0 = the seed")
@@ -103,17 +104,21 @@ class TrainParams:
     grad_clip: Float("max global gradient norm; 0 = no clipping", ge=0)
     precision: Annotated[Literal[PRECISIONS], Doc(
         "auto (CUDA: bf16, else fp16; CPU: bf16 where native, else fp32) | fp32 | fp16 | bf16")]
-    gpus: Int(1, 1024, "data-parallel processes (torchrun); on a CPU, processes")
+    gpus: Int(1, 1024, "data-parallel processes (torchrun); on a CPU, processes", RESUMABLE)
     compile: Annotated[Compile, Doc("torch.compile the UNet: auto = on CUDA GPUs, off on CPUs; "
-                                    "reduce-overhead = CUDA graphs")]
-    checkpoint_every: Int(1, 100_000, "epochs between checkpoints")
-    sample_every: Int(0, 100_000, "epochs between preview grids in plots/samples/; 0 = none")
-    preview_images: Int(1, 1024, "images per preview grid, from the EMA weights and fixed noise")
-    preview_steps: Int(1, 100_000, "deterministic DDIM steps per preview grid")
-    log_every: Int(1, 1_000_000, "optimizer steps averaged into one row of plots/train/loss.tsv")
-    fid_every: Int(0, 100_000, "epochs between FIDs of the EMA weights during training; 0 = off")
-    fid_images: Int(2, 100_000, "images per training FID, against data/real_stats.npz")
-    fid_steps: Int(1, 100_000, "deterministic sampler steps per training FID image")
+                                    "reduce-overhead = CUDA graphs"), RESUMABLE]
+    checkpoint_every: Int(1, 100_000, "epochs between checkpoints", RESUMABLE)
+    sample_every: Int(0, 100_000, "epochs between preview grids in plots/samples/; 0 = none",
+                      RESUMABLE)
+    preview_images: Int(1, 1024, "images per preview grid, from the EMA weights and fixed noise",
+                        RESUMABLE)
+    preview_steps: Int(1, 100_000, "deterministic DDIM steps per preview grid", RESUMABLE)
+    log_every: Int(1, 1_000_000, "optimizer steps averaged into one row of plots/train/loss.tsv",
+                   RESUMABLE)
+    fid_every: Int(0, 100_000, "epochs between FIDs of the EMA weights during training; 0 = off",
+                   RESUMABLE)
+    fid_images: Int(2, 100_000, "images per training FID, against data/real_stats.npz", RESUMABLE)
+    fid_steps: Int(1, 100_000, "deterministic sampler steps per training FID image", RESUMABLE)
 
 
 @section
@@ -165,6 +170,22 @@ def plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     return value
+
+
+def run_config(params: Params) -> dict[str, Any]:
+    """Everything the weights of a training run depend on, as plain values: seed, data.limit,
+    model.*, diffusion.* and train.* but its Resumable keys (length, hardware, side outputs).
+    A checkpoint resumes only a run of the same run_config; models/ema.pt records it."""
+    keys = [key for key, annotation in fields(Params)
+            if key in ("seed", "data.limit") or key.split(".")[0] in ("model", "diffusion", "train")
+            and schema.find(schema.unwrap(annotation)[1], Resumable) is None]
+    config = params.to_dict()
+    out: dict[str, Any] = {}
+    for key in keys:
+        section, _, name = key.rpartition(".")
+        (out.setdefault(section, {}) if section else out)[name] = (
+            config[section][name] if section else config[name])
+    return out
 
 
 def json_schema() -> dict[str, Any]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from ddpm import checkpoint
 from ddpm.errors import PipelineError
 from ddpm.files import fsync
 from ddpm.params import plain
@@ -32,10 +33,6 @@ CHECKPOINT = "last.pt"
 PREVIOUS = "previous.pt"  # the checkpoint before last.pt, kept while this run is unfinished
 PREVIEWS = "previews"
 LOCK = "lock"  # holds the pid of the trainer that has the run folder
-
-
-class RunInUse(PipelineError):
-    """Another trainer has this run's folder; the message names its pid."""
 
 
 def run_id(resume_config: dict) -> str:
@@ -63,6 +60,27 @@ class RunFolders:
         load, the one before it still does."""
         return [self.work / CHECKPOINT, self.work / PREVIOUS, self.published / CHECKPOINT]
 
+    def resumable(self, config: dict, epochs: int) -> tuple[tuple[Path, dict] | None, list[str]]:
+        """The most advanced checkpoint of the run `config` (checkpoint["config"]) with at most
+        `epochs` epochs, and its state; and what else was found, in words."""
+        found, notes = None, []
+        for path in self.checkpoints():
+            if not path.exists():
+                continue
+            try:
+                state = checkpoint.load(path)
+            except checkpoint.CheckpointError as e:
+                notes.append(f"{e}: not resumed")
+                continue
+            epoch = state.get("progress", {}).get("epoch", 0)
+            if differs := checkpoint.differences(state.get("config", {}), config):
+                notes.append(f"{path} is from another run ({', '.join(differs)} differ)")
+            elif epoch > epochs:
+                notes.append(f"{path} is at epoch {epoch}, beyond train.epochs")
+            elif found is None or state["progress"]["step"] > found[1]["progress"]["step"]:
+                found = path, state
+        return found, notes
+
     def lock(self) -> TextIO:
         """Take the run folder for this process: a second trainer of the same run (started by
         hand, or in a clone sharing models/ on a network disk) stops here in one line naming
@@ -78,7 +96,7 @@ class RunFolders:
             handle.seek(0)
             holder = handle.read(32).strip() or "unknown"
             handle.close()
-            raise RunInUse(f"{self.work} is in use by another trainer of the same run (pid "
+            raise PipelineError(f"{self.work} is in use by another trainer of the same run (pid "
                            f"{holder}): wait for it to finish, or stop it, then run this again")
         except OSError as e:  # a filesystem without locks (some FUSE mounts): train unlocked
             print(f"train: cannot lock {self.work} ({e.strerror}): make sure that no other "

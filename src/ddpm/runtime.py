@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -53,12 +54,8 @@ def check_hardware(device_name: str, precision: str, gpus: int) -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles), as torch reports it.
-
-    Only then is bf16 autocast a speed-up: the seed network's training step ran 2.4x faster than
-    fp32 on a Xeon with AMX (docs/benchmarks.md), and issue 16 reports 1.75-2.1x on a Zen 4 with
-    AVX512-BF16 for every UNet tried; without either, oneDNN emulates bf16, about 20x slower.
-    """
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles), as torch reports
+    it: only then is bf16 autocast a speed-up there, not an emulation (docs/benchmarks.md)."""
     cpu = torch.cpu
     return any(getattr(cpu, name, lambda: False)()
                for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
@@ -85,13 +82,9 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 
 def compile_mode(setting: bool | str, device: torch.device) -> str | None:
-    """train.compile / sample.compile -> the torch.compile mode, or None for eager.
-
-    auto -> "default" on CUDA GPUs that have Triton, eager elsewhere. Measured on an H100
-    (benchmarks/bench.py, README): a bf16 training step 1.39x faster after 67 s of compiling, the
-    sampling forward 2.1x after 28 s; on CPUs it gave no reliable gain. true = "default"; a mode
-    name (reduce-overhead: CUDA graphs; max-autotune) is passed on as it is.
-    """
+    """train.compile / sample.compile -> the torch.compile mode, or None for eager: auto is
+    "default" on CUDA GPUs that have Triton (where it pays: docs/benchmarks.md) and eager
+    elsewhere; true is "default"; a mode name (reduce-overhead: CUDA graphs) is passed on."""
     if setting == "auto":
         if device.type != "cuda":
             return None
@@ -102,28 +95,15 @@ def compile_mode(setting: bool | str, device: torch.device) -> str | None:
     return setting
 
 
-def resolve_compile(setting: bool | str, device: torch.device) -> bool:
-    """Whether compile_mode compiles at all."""
-    return compile_mode(setting, device) is not None
-
-
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
 def keep_freed_host_memory(device: torch.device) -> bool:
     """For runs on a CPU: let glibc's malloc keep freed memory for the next allocation instead of
-    returning it to the kernel. Returns whether it took (False on other devices, whose memory has
-    its own caching allocator, and where the C library is not glibc).
-
-    PyTorch's CPU allocator has no cache of its own, and glibc serves blocks above its mmap
-    threshold (at most 32 MiB) with fresh mappings and trims the heap's free top, so every CPU
-    training step faults in and zero-fills its activations again: 450,000 page faults and about
-    1.6 s of system time per DDPM-config step at batch 32 on a 2-core EPYC. With mmap and trimming
-    off, the heap stays at its high-water mark, which a training or sampling run reaches on every
-    step anyway, and the next step reuses it. The fid stage's Inception batches fault the same
-    way: 17M faults and about 60 s of system time for 500 images.
-    """
+    returning it to the kernel, which would fault in and zero-fill every step's activations
+    again (PyTorch's CPU allocator has no cache of its own; docs/benchmarks.md measures it).
+    Returns whether it took: not on other devices, nor where the C library is not glibc."""
     if device.type != "cpu" or not sys.platform.startswith("linux"):
         return False
     try:
@@ -132,6 +112,13 @@ def keep_freed_host_memory(device: torch.device) -> bool:
         return False
     # M_TRIM_THRESHOLD = -1 disables trimming (mallopt(3)).
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name (NVIDIA H200, ...), or the CPU's as the platform knows it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or device.type
 
 
 def derive_seed(*parts: object) -> int:

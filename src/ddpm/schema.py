@@ -54,13 +54,19 @@ class Doc:
 
 
 @dataclasses.dataclass(frozen=True)
+class Resumable:
+    """A key that does not change the optimisation (length, hardware, cadence of side outputs):
+    a checkpoint resumes across a change of it, so it is not part of a run's identity."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Accepts:
     """What a field accepts, in words, where its type does not say it well."""
     text: str
 
 
-def Int(ge: int, le: int, doc: str) -> Any:
-    return Annotated[int, Range(ge=ge, le=le), Doc(doc)]
+def Int(ge: int, le: int, doc: str, *more: Any) -> Any:
+    return Annotated[(int, Range(ge=ge, le=le), Doc(doc), *more)]
 
 
 def Float(doc: str, **bounds: float) -> Any:
