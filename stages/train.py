@@ -21,7 +21,8 @@ def main() -> None:
                        ("ema", "EMA weights file to write"), ("metrics", "metrics JSON to write"),
                        ("loss", "loss TSV to write"), ("samples", "folder for preview grids"),
                        ("real_stats", "real_stats' .npz file (read when train.fid_every > 0)"),
-                       ("fid", "TSV of the FIDs during training to write")]:
+                       ("fid", "TSV of the FIDs during training to write"),
+                       ("curves", "folder for the loss and FID curves as PNGs")]:
         parser.add_argument(f"--{name.replace('_', '-')}", required=True, type=Path, help=what)
     args = parser.parse_args()
     params = load_params_or_exit()

@@ -26,8 +26,10 @@ def ema_fid(model: torch.nn.Module, sched: Schedule, params: Params, precision: 
     tp = params.train
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    # DDIM has no variance choice: "beta" only passes sample()'s check, so sample.variance is
+    # not read (the train stage does not depend on it)
     sample = dataclasses.replace(params.sample, num_images=tp.fid_images, sampler="ddim",
-                                 steps=tp.fid_steps, eta=0.0)
+                                 steps=tp.fid_steps, eta=0.0, variance="beta")
     generate(model, sched, dataclasses.replace(params, sample=sample), precision,
              range(tp.fid_images), folder, progress=False)
     fid = params.fid

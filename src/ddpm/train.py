@@ -27,7 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ddpm import checkpoint, diffusion, networks, previews
+from ddpm import checkpoint, curves, diffusion, networks, previews
 from ddpm.data import load_cifar10
 from ddpm.ema import EMA
 from ddpm.batches import augment, draw, resolve_batch_gpu
@@ -49,6 +49,15 @@ RESUME_IGNORES = ("epochs", "batch_gpu", "gpus", "compile", "checkpoint_every", 
                   "fid_steps")
 
 
+def weights_config(params: Params) -> dict:
+    """The params that models/ema.pt records: those its weights depend on. Not fid.*, sample.* or
+    RESUME_IGNORES, so a finished run re-run after a change of them rewrites the same bytes."""
+    p = params.to_dict()
+    return {"seed": p["seed"], "device": p["device"], "data": {"limit": p["data"]["limit"]},
+            "model": p["model"], "diffusion": p["diffusion"],
+            "train": {k: v for k, v in p["train"].items() if k not in RESUME_IGNORES}}
+
+
 @dataclass(frozen=True)
 class TrainPaths:
     cifar: Path        # extracted CIFAR-10 batches (input)
@@ -60,6 +69,7 @@ class TrainPaths:
     samples: Path      # plots/samples/: preview grids for dvc plots
     real_stats: Path   # data/real_stats.npz: the FID reference (read when train.fid_every > 0)
     fid: Path          # plots/train/fid.tsv: epoch, step, FID, seconds
+    curves: Path | None = None  # plots/curves/: the loss and FID curves as PNGs (ddpm.curves)
 
 
 @dataclass
@@ -378,6 +388,8 @@ class Trainer:
         self.memory.sample()
         write_tsv(self.paths.loss, LOSS_HEADER, pr.rows)
         write_tsv(self.paths.fid, FID_HEADER, pr.fid_rows)  # only the header while fid_every = 0
+        if self.paths.curves is not None:
+            curves.write(self.paths.curves, pr.rows, pr.fid_rows)
         fid = {}
         if pr.fid_rows:
             best = min(pr.fid_rows, key=lambda row: row[2])
@@ -395,7 +407,7 @@ class Trainer:
         })
         previews.publish(self.folders.previews, self.paths.samples, pr.epoch)
         if final:
-            checkpoint.save({"ema": self.ema.state_dict(), "config": self.p.to_dict(),
+            checkpoint.save({"ema": self.ema.state_dict(), "config": weights_config(self.p),
                              "epochs": pr.epoch, "steps": pr.step}, self.paths.ema)
             print(f"train: {pr.epoch} epochs, {pr.step} steps, loss {pr.loss:.4f}, "
                   f"{pr.step * self.batch / max(pr.seconds, 1e-9):.1f} images/s, peak "
