@@ -39,3 +39,16 @@ def test_outputs_get_the_modes_the_umask_gives_any_file(tmp_path, umask):
     for name in ("metrics", "models", "pngs"):
         assert mode(tmp_path / name) == 0o777 & ~umask, name
     assert not [p.name for p in tmp_path.rglob(".*")]  # no temporary left behind
+
+
+def test_equal_checkpoints_are_equal_bytes_wherever_they_are_written(tmp_path):
+    """The bytes of a checkpoint depend on its state alone, not on the (temporary) file name, so
+    that DVC sees a re-run that ends at once as no change (tests/e2e/test_fid_change.py)."""
+    import torch
+
+    from ddpm import checkpoint
+    state = {"ema": {"w": torch.arange(6.0).reshape(2, 3)}, "config": {"seed": 0}, "epochs": 2}
+    checkpoint.save(state, tmp_path / "a" / "ema.pt")
+    checkpoint.save(state, tmp_path / "b" / "other.pt")
+    assert (tmp_path / "a/ema.pt").read_bytes() == (tmp_path / "b/other.pt").read_bytes()
+    assert torch.equal(checkpoint.load(tmp_path / "b/other.pt")["ema"]["w"], state["ema"]["w"])

@@ -16,9 +16,14 @@ class CheckpointError(PipelineError, RuntimeError):
 
 
 def save(state: dict[str, Any], path: str | Path) -> None:
-    """torch.save to a temporary file, then rename: a kill never leaves half a checkpoint."""
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
+    """torch.save to a temporary file, then rename: a kill never leaves half a checkpoint.
+
+    Equal states give equal bytes: torch.save names the archive's folder after the file it is
+    given by name (here a random temporary name), so it gets an open file instead. A finished
+    run re-run at its end then rewrites models/ema.pt as it was, and DVC skips sample.
+    """
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def load(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
