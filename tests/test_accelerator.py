@@ -205,7 +205,8 @@ def test_the_stages_run_on_the_device(tiny, tmp_path):
              ("real_stats.py", "--images", "real", "--out", "real.npz"),
              ("train.py", "--cifar", "cifar", "--checkpoints", "ckpt", "--runs", "runs",
               "--ema", "ema.pt",
-              "--metrics", "train.json", "--loss", "loss.tsv", "--samples", "previews"),
+              "--metrics", "train.json", "--loss", "loss.tsv", "--samples", "previews",
+              "--real-stats", "real.npz", "--fid", "fid.tsv", "--curves", "curves"),
              ("sample.py", "--ema", "ema.pt", "--out", "samples", "--metrics", "sample.json",
               "--grid", "grid.png"),
              ("fid.py", "--images", "samples", "--real-stats", "real.npz", "--metrics", "fid.json")]
