@@ -447,6 +447,7 @@ def main() -> None:
                         help="torch.compile modes for the compiled train rows (default is what "
                              "train.compile does; reduce-overhead adds CUDA graphs)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run of every section")
+    parser.add_argument("--json", type=Path, help="also write the table and the machine here")
     parser.add_argument("--host-memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -490,6 +491,11 @@ def main() -> None:
         bench_fid(table, args, device)
     print()
     print(table.markdown())
+    if args.json:
+        import record
+        columns = ["measurement", "precision", "ours", "reference", "ours_vs_reference"]
+        record.write(args.json, {**record.machine(device), "argv": sys.argv[1:],
+                                 "rows": [dict(zip(columns, row)) for row in table.rows]})
 
 
 if __name__ == "__main__":

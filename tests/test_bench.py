@@ -12,10 +12,16 @@ from PIL import Image
 from fakes import ROOT, cifar_images, make_cifar_archive
 
 
-def test_the_benchmark_runs_every_section():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench.py"), "--quick"],
+def test_the_benchmark_runs_every_section(tmp_path):
+    import json
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench.py"), "--quick", "--json",
+                          str(tmp_path / "bench.json")],
                          check=True, capture_output=True, text=True, timeout=600).stdout
     table = out[out.index("| measurement"):]
+    recorded = json.loads((tmp_path / "bench.json").read_text())
+    assert recorded["argv"] == ["--quick", "--json", str(tmp_path / "bench.json")]
+    assert ["| " + " | ".join(row.values()) + " |" for row in recorded["rows"]] == \
+        table.splitlines()[2:2 + len(recorded["rows"])]  # the printed table, row by row
     for row in ("train step, seed network vs DDPM network", "GFLOP per image, fwd+bwd",
                 "train step, DDPM config", "achieved FLOP/s", "sampling forwards/s",
                 "DDIM-100 vs DDPM-1000", "peak measured", "train step, seed config",

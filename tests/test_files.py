@@ -206,3 +206,16 @@ def test_sigterm_inside_torch_save_is_the_stop_not_torchs_error(tmp_path, monkey
         checkpoint.save({"w": torch.zeros(1000)}, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["direct.pt", "last.pt"]
+
+
+def test_equal_checkpoints_are_equal_bytes_wherever_they_are_written(tmp_path):
+    """The bytes of a checkpoint depend on its state alone, not on the (temporary) file name, so
+    that DVC sees a re-run that ends at once as no change (tests/e2e/test_fid_change.py)."""
+    import torch
+
+    from ddpm import checkpoint
+    state = {"ema": {"w": torch.arange(6.0).reshape(2, 3)}, "config": {"seed": 0}, "epochs": 2}
+    checkpoint.save(state, tmp_path / "a" / "ema.pt")
+    checkpoint.save(state, tmp_path / "b" / "other.pt")
+    assert (tmp_path / "a/ema.pt").read_bytes() == (tmp_path / "b/other.pt").read_bytes()
+    assert torch.equal(checkpoint.load(tmp_path / "b/other.pt")["ema"]["w"], state["ema"]["w"])

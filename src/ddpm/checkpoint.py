@@ -20,7 +20,9 @@ def save(state: dict[str, Any], path: str | Path, keep: Path | None = None) -> N
     leaves half a checkpoint, and a full disk is one line (ddpm.files.atomic_file). keep: where
     the file `path` held moves, so that it survives the new one being written."""
     # Through a Python file: a failed write then surfaces as the OSError (ENOSPC) it is, which
-    # torch.save(state, path) would report only as "[enforce fail at inline_container.cc]".
+    # torch.save(state, path) would report only as "[enforce fail at inline_container.cc]"; and
+    # equal states give equal bytes (given a name, torch.save names the archive's folder after
+    # the random temporary one), so a finished run re-run rewrites models/ema.pt as it was.
     with atomic_file(path, durable=True, keep=keep) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
 
