@@ -39,7 +39,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gpu  # noqa: E402  (puts src/ on the path)
-from bench import ROOT, synchronize  # noqa: E402
+from timing import ROOT, synchronize  # noqa: E402
 from gpu_check_report import (failed, junit_counts, one_line, row_line, setup,  # noqa: E402
                               summary, timing_rows)
 from ddpm.errors import PipelineError
@@ -63,12 +63,12 @@ FULL = SimpleNamespace(batch=gpu.BATCH, steps=20, warmup=3, busy_steps=5, nets=g
                        modes=list(gpu.MODES), limit=0, samples=SAMPLES, sampler_steps=SAMPLER_STEPS)
 DRY = SimpleNamespace(batch=8, steps=1, warmup=0, busy_steps=1, nets=gpu.QUICK_NETS,
                       modes=["eager"], limit=32, samples=16, sampler_steps=4,
-                      model=gpu.bench.TINY_SEED)  # data.limit 32: 4 steps per epoch
+                      model=gpu.timing.TINY_SEED)  # data.limit 32: 4 steps per epoch
 
 
 def run_tests(out: Path, work: Path, timeout: float) -> dict:
     """CUDA_TESTS through pytest in a subprocess: counts from its JUnit report, log in out."""
-    env = {k: v for k, v in os.environ.items() if k != "DDPM_TEST_DEVICE"}  # CUDA, not the CPU
+    env = dict(os.environ, DDPM_TEST_DEVICE="cuda")  # the GPU's tests, all skipped without one
     xml, start, code = work / "tests.xml", time.perf_counter(), None
     with open(out / "tests.log", "w") as log:
         try:
@@ -134,11 +134,13 @@ def train(params: Params, cifar: Path, work: Path, device: torch.device
     """The train stage's run of `params` (Trainer.run) on the extracted batches in `cifar`:
     its metrics/train.json, its loss rows (step, loss, images/s) and its EMA weights file."""
     paths = TrainPaths(cifar=cifar, checkpoints=work / "checkpoints", runs=work / "runs",
-                       ema=work / "ema.pt", metrics=work / "train.json", loss=work / "loss.tsv",
+                       ema=work / "ema.pt", metrics=work / "train.json",
+                       report=work / "report.json", loss=work / "loss.tsv",
                        samples=work / "previews", real_stats=work / "real_stats.npz",
-                       fid=work / "fid.tsv")
+                       fid=work / "fid.tsv", curves=work / "curves")
     progress = Trainer(params, paths, World(), device).run()
-    return json.loads(paths.metrics.read_text()), progress.rows, paths.ema
+    facts = json.loads(paths.report.read_text())
+    return {**json.loads(paths.metrics.read_text()), **facts}, progress.rows, paths.ema
 
 
 def draw(params: Params, ema: Path, work: Path, device: torch.device) -> tuple[np.ndarray, float]:

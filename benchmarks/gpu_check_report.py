@@ -87,7 +87,7 @@ def summary(report: dict, out: Path) -> str:
         lines.append(f"training and sampling: {tr.get('error') or sa.get('error')}")
     elif tr:
         lines += [f"training: {tr['arch']} ({tr['parameters']:,} parameters), {tr['mode']}, "
-                  f"{tr['precision']}, batch {tr['effective_batch']} = {tr['rounds']} x "
+                  f"{tr['precision']}, batch {tr['batch_size']} = {tr['rounds']} x "
                   f"{tr['batch_gpu']}: {tr['epochs']} epochs of {tr['images']:,} images, "
                   f"{tr['steps']} steps in {tr['seconds']} s ({tr['steady_images_per_second']} "
                   f"img/s after the first), loss {tr['loss_first']:.4f} -> {tr['loss']:.4f}",

@@ -91,13 +91,13 @@ def test_the_gpu_check_dry_run_runs_every_part_on_a_bare_node_and_is_scored(
     report = json.loads((out / "gpu_check.json").read_text())
     tests = report["tests"]
     assert (tests["passed"], tests["failed"], tests["errors"]) == (0, 0, 0) and tests["skipped"]
-    assert list(tests["skip_reasons"]) == ["no CUDA GPU here (DDPM_TEST_DEVICE=cpu for a dry run)"]
+    assert list(tests["skip_reasons"]) == ["no CUDA GPU here (DDPM_TEST_DEVICE=cuda)"]
     assert {"pytorch_fid", "dvc", "torchvision", "scipy"} <= set(tests["missing_modules"])
     # batch_gpu auto on a CPU: the whole batch of 8 (ddpm.batches.CPU_BATCH_GPU is 32)
     assert [(r["network"], r["mode"], r["batch_gpu"], r["rounds"]) for r in report["timing"]] == [
         ("seed", "eager", 8, 1), ("ddpm", "eager", 8, 1)]
     training, sampling = report["training"], report["sampling"]
-    assert (training["arch"], training["images"], training["effective_batch"]) == ("seed", 25, 8)
+    assert (training["arch"], training["images"], training["batch_size"]) == ("seed", 25, 8)
     assert training["steps"] == training["epochs"] * (25 // 8) and np.isfinite(training["loss"])
     assert (sampling["num_images"], sampling["sampler"], sampling["steps"]) == (16, "ddim", 4)
     with np.load(out / "samples.npz") as f:

@@ -252,7 +252,8 @@ def test_outputs_hold_the_metrics_report_loss_log_and_previews(tiny, cifar_dir, 
     parameters = sum(p.numel() for p in trainer.state.model.parameters())
     assert report == {"arch": "seed", "parameters": parameters, "steps": 2 * trainer.steps_per_epoch,
                       "batch_size": 16, "batch_gpu": 8, "rounds": 2, "processes": 1,
-                      "precision": "fp32", "device": report["device"], "compile": "eager",
+                      "precision": "fp32", "device": "cpu", "device_name": report["device_name"],
+                      "compile": "eager",
                       "fid_seconds": 0}
     rows = (tmp_path / "loss.tsv").read_text().splitlines()
     assert rows[0] == "step\tloss\timages_per_second"

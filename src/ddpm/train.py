@@ -249,7 +249,7 @@ class Trainer:
             "parameters": networks.parameter_count(self.state.model), "steps": progress.step,
             "batch_size": batch, "batch_gpu": self.micro, "rounds": self.rounds,
             "processes": self.world.size, "precision": self.precision,
-            "device": device_name(self.device),
+            "device": self.device.type, "device_name": device_name(self.device),
             "compile": compile_mode(self.params.train.compile, self.device) or "eager",
             "fid_seconds": round(sum(row[3] for row in progress.fid_rows), 3)})
         previews.publish(self.folders.previews, self.paths.samples, progress.epoch)
