@@ -5,6 +5,7 @@ Both start from one repository where `dvc repro` ran and its results were commit
 from __future__ import annotations
 
 import json
+import shlex
 import time
 
 import pytest
@@ -74,19 +75,30 @@ def readme_commands(start: str) -> list[list[str]]:
     return [shlex.split(line.split("  #")[0]) for line in lines]
 
 
-def test_the_readme_comparison_commands_fit_100_columns(baseline):
-    """The README's `dvc exp show ...` and `dvc metrics diff <exp-a> <exp-b>`, as written, over
-    the two queued experiments: every line within 100 characters, the params that differ and the
-    FID in them."""
+def test_the_readme_comparison_commands_fit_120_columns(baseline):
+    """The README's `dvc exp show ...`, `dvc params diff` and `dvc metrics diff`, as written, over
+    the quick sweep next to the committed default: every line within 120 characters, with the
+    FIDs, the best training FID, the loss and the learning rates (about 20 params differ from
+    the default, which the README's table leaves to `dvc params diff`)."""
     rows = json.loads(dvc(baseline, "exp", "show", "--json").stdout)
     names = [e["name"] for row in rows for e in (row.get("experiments") or [])]
     assert len(names) >= 2, rows
-    for show in readme_commands("dvc exp show --only-changed"):
-        out = dvc(baseline, *show[1:]).stdout
-        assert max(map(len, out.splitlines())) <= 100, out
-        assert "fid" in out and "train.lr" in out and all(name in out for name in names[:2]), out
-    diff, = readme_commands("dvc metrics diff <exp-a> <exp-b>")
-    out = dvc(baseline, *[{"<exp-a>": names[0], "<exp-b>": names[1]}.get(a, a)
-                          for a in diff[1:]]).stdout
-    assert max(map(len, out.splitlines())) <= 100, out
-    assert "metrics/fid.json" in out and names[0] in out and names[1] in out, out
+    show, = readme_commands("dvc exp show")
+    out = dvc(baseline, *show[1:]).stdout
+    assert max(map(len, out.splitlines())) <= 120, out
+    header = out.splitlines()[1].split()
+    assert header == ["Experiment", "loss", "epochs", "fid_last", "fid_best", "fid_best_epoch",
+                      "fid", "train.lr"], out
+    assert all(name in out for name in names[:2]) and "0.0001" in out and "0.0003" in out, out
+    for command, expected in (("dvc params diff <exp-a> <exp-b>", "train.lr"),
+                              ("dvc metrics diff <exp-a> <exp-b>", "metrics/fid.json")):
+        diff, = readme_commands(command)
+        out = dvc(baseline, *[{"<exp-a>": names[0], "<exp-b>": names[1]}.get(a, a)
+                              for a in diff[1:]]).stdout
+        assert max(map(len, out.splitlines())) <= 120, out
+        assert expected in out and names[0] in out and names[1] in out, out
+    apply, = readme_commands("dvc exp apply <name>")  # then commit it, as the README says
+    sh(baseline, "bash", "-c", shlex.join(apply).replace("'<name>'", names[0]).replace("'&&'",
+                                                                                         "&&"))
+    assert "up to date" in dvc(baseline, "status").stdout
+    assert sh(baseline, "git", "status", "--porcelain").stdout == ""
