@@ -71,7 +71,8 @@ def test_two_nodes_train_one_run_and_dvc_commit_records_it(reproduced, tiny):
     assert "(train.lr differ); starting fresh" in logs[0] + logs[1]  # not the old run resumed
     assert "(2 process(es) x 1 round(s) x 8)" in logs[0] + logs[1]
     metrics = json.loads((repo / "metrics/train.json").read_text())
-    assert metrics["processes"] == 2 and metrics["epochs"] == tiny["train"]["epochs"]
+    report = json.loads((repo / "reports/train.json").read_text())
+    assert report["processes"] == 2 and metrics["epochs"] == tiny["train"]["epochs"]
     sh(repo, *shlex.split(commit))
     assert "up to date" in dvc(repo, "status", "train").stdout
     out = dvc(repo, "repro").stdout

@@ -79,9 +79,9 @@ def test_two_processes_train_and_sample_through_dvc(two_processes):
     """gpus=2 on the CPU: torchrun with gloo; samples equal those of one process."""
     repo, out = two_processes
     assert out.count("launching 2 processes") == 2  # train and sample
-    metrics = json.loads((repo / "metrics/train.json").read_text())
-    assert metrics["processes"] == 2 and metrics["effective_batch"] == 4 * 2 * 2
-    assert metrics["steps"] == TWO["epochs"] * (48 // 16)
+    report = json.loads((repo / "reports/train.json").read_text())
+    assert report["processes"] == 2 and report["batch_size"] == 4 * 2 * 2
+    assert report["steps"] == TWO["epochs"] * (48 // 16)
     assert json.loads((repo / "reports/sample.json").read_text())["processes"] == 2
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -128,6 +128,6 @@ def test_a_bad_param_fails_in_one_line_before_any_work(new_repo):
     result = dvc(repo, "repro", "train", check=False)
     assert result.returncode != 0
     errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
-    assert errors == ["error: params.yaml: train.lr = -1.0: expected a positive number"]
+    assert errors == ["error: params.yaml: train.lr = -1.0: expected a finite number in (0, 1]"]
     assert "exited with 2" in result.stdout
     assert not (repo / "data").exists() or not any((repo / "data").iterdir())
