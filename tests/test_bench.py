@@ -1,4 +1,5 @@
-"""Smoke runs of the benchmarks (tiny sizes): every section runs and prints its table row."""
+"""Smoke runs of the benchmarks (tiny sizes): every section runs and prints its table row, with
+values that are finite, positive and consistent with each other."""
 import json
 import os
 import subprocess
@@ -28,6 +29,64 @@ def test_the_benchmark_runs_every_section(tmp_path):
                 "vs fp32",
                 "fid stage", "Frechet distance"):
         assert row in table, row
+    check_values(recorded["rows"])
+
+
+LOWER_IS_BETTER = {"GFLOP", "M", "s"}  # the units of the rows whose ratio is reference / ours
+
+
+def parsed(rows: list[dict]) -> dict[str, tuple[float, str, float | None, float | None]]:
+    """measurement -> (ours, its unit, reference or None, ours-vs-reference ratio or None)."""
+    out = {}
+    for row in rows:
+        ours, unit = row["ours"].split(" ", 1)
+        reference = row["reference"].split(" ", 1)[0]
+        ratio = row["ours_vs_reference"]
+        out[row["measurement"]] = (  # indented: a row under the one before
+            float(ours), unit, None if reference == "n/a" else float(reference),
+            None if ratio == "n/a" else float(ratio.removesuffix("x")))
+    return out
+
+
+def check_values(rows: list[dict]) -> None:
+    """The benchmark's figures (--quick, on the CPU): every one finite and positive, each ratio
+    that of its row's figures (3 significant digits), and the figures that are the same quantity
+    in two rows, or follow from others, agree: the tiny networks' parameters (counted here),
+    fwd+bwd FLOPs against the forward's, achieved FLOP/s = FLOPs x images/s, the DDPM-1000
+    column = one DDPM step / 1000, the forward alone = the sampling row, and our Frechet distance
+    = pytorch-fid's."""
+    import math
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from timing import TINY, TINY_SEED, network
+    table = parsed(rows)
+    for name, (ours, unit, reference, ratio) in table.items():
+        assert math.isfinite(ours) and ours > 0, name
+        assert (reference is None) == (ratio is None), name
+        if reference is not None:
+            assert math.isfinite(reference) and reference > 0, name
+            expected = reference / ours if unit in LOWER_IS_BETTER else ours / reference
+            assert ratio == pytest.approx(expected, rel=0.015, abs=0.006), name
+
+    def row(start: str) -> tuple[float, str, float | None, float | None]:
+        found, = [value for name, value in table.items() if name.startswith(start)]
+        return found
+
+    parameters = row("  parameters (millions)")
+    for count, cfg in ((parameters[0], TINY_SEED), (parameters[2], TINY)):
+        exact = sum(p.numel() for p in network(cfg).parameters()) / 1e6
+        assert count == pytest.approx(exact, rel=5e-3)
+    forward, both = row("  GFLOP per image, forward"), row("  GFLOP per image, fwd+bwd")
+    for column in (0, 2):  # the backward costs about twice the forward
+        assert 2.5 < both[column] / forward[column] < 3.5
+    achieved, ddpm_step = row("  achieved FLOP/s"), table["train step, DDPM config, batch 2"]
+    assert achieved[0] == pytest.approx(both[2] * ddpm_step[0], rel=0.015)
+    k_step, one_step = row("sampling images/s, DDIM-100"), row("  one DDPM step")
+    assert k_step[2] == pytest.approx(one_step[0] / 1000, rel=0.015)
+    sampling = table["sampling forwards/s per image, batch 2"]
+    assert one_step[2] == sampling[0] == row("  diffusers also in channels_last")[0]
+    frechet, = [name for name in table if name.startswith("Frechet distance")]
+    ours, theirs = map(float, frechet.split("values ")[1].rstrip(")").split(" / "))
+    assert ours == pytest.approx(theirs, rel=1e-5) and ours > 0
 
 
 def test_the_gpu_benchmark_runs_on_the_cpu_as_a_dry_run(tmp_path):

@@ -1,5 +1,6 @@
 """ddpm.cli.run, in real processes: Ctrl-C and SIGTERM stop a stage in one line with a shell's
-exit codes (130, 143); a full disk is one line; a second trainer of a run stops at its lock."""
+exit codes (130, 143), the sample stage itself included; a full disk is one line; a second trainer
+of a run stops at its lock."""
 from __future__ import annotations
 
 import errno
@@ -35,9 +36,16 @@ run(main)
 """
 
 
+def default_sigint() -> None:
+    """Ctrl-C's default action in the child: started from a shell without job control (a CI
+    script's `cmd &`), the test would pass on an ignored SIGINT, which Python keeps ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stage(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", STAGE, str(ROOT / "src"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -127,3 +135,43 @@ def test_no_space_is_found_in_the_chain_of_errors():
         assert no_space(e)
     assert not no_space(RuntimeError("[enforce fail at inline_container.cc:672]"))
     assert not no_space(OSError(errno.EACCES, "Permission denied"))
+
+
+def test_ctrl_c_stops_the_sample_stage_with_130_and_its_own_line(tiny, tmp_path):
+    """stages/sample.py itself, interrupted once it has written an image: exit code 130, no
+    traceback, and as its last line the stage's own words, naming the folder it keeps."""
+    import time
+
+    import torch
+    import yaml
+
+    from ddpm import checkpoint, networks
+    from ddpm.params import parse_params
+    raw = yaml.safe_load(yaml.safe_dump(tiny))
+    raw["train"]["precision"] = "fp32"
+    raw["sample"].update(num_images=100_000, batch_size=1, steps=raw["diffusion"]["timesteps"])
+    params = parse_params(raw)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    torch.manual_seed(0)
+    checkpoint.save({"ema": networks.build(params.model).state_dict(), "config": params.to_dict()},
+                    tmp_path / "ema.pt")
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "stages/sample.py"), "--ema", "ema.pt", "--out", "out",
+         "--metrics", "m.json", "--report", "r.json", "--grid", "grid.png"], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
+        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / ".out.partial").glob("*.png")):  # drawing: an image is kept
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no image drawn in 300 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.replace("\r", "\n").splitlines()[-1] == (
+        "sample: interrupted; the images drawn so far are kept in .out.partial for a run with the "
+        "same EMA weights and params. Run the same command again to draw the rest")
+    assert (tmp_path / ".out.partial" / "manifest.json").is_file() and not (tmp_path / "out").exists()

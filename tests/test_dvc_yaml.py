@@ -103,6 +103,13 @@ def stage_reads(tmp_path_factory, tiny) -> tuple[dict, dict[str, set[str]]]:
     return params, {stage: set(reads[command(stage)[0]]) for stage in PARAM_STAGES}
 
 
+def test_every_stage_lists_its_params_check_params_the_whole_file():
+    """No stage escapes the reads check below: each one but check_params is in PARAM_STAGES,
+    and check_params, which validates every key, depends on the whole of params.yaml."""
+    assert sorted(STAGES) == sorted(["check_params", *PARAM_STAGES])
+    assert STAGES["check_params"]["params"] == [{"params.yaml": None}]
+
+
 @pytest.mark.parametrize("stage", PARAM_STAGES)
 def test_stage_params_are_exactly_the_keys_it_reads(stage_reads, stage):
     params, reads = stage_reads

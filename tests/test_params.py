@@ -1,4 +1,5 @@
-"""params.yaml -> frozen dataclasses: the seed's values, and every bad value named by its key."""
+"""params.yaml -> frozen dataclasses: the seed's values, and every bad value named by its key (the
+schema's own bounds, choices and types for every key: tests/test_params_schema.py)."""
 from __future__ import annotations
 
 import copy
@@ -62,6 +63,8 @@ def raw(base_params):
     ("train", "fid_every", -1, "train.fid_every = -1: expected an integer in [0, 100000]"),
     ("train", "fid_images", 1, "train.fid_images = 1: expected an integer in [2, 100000]"),
     ("train", "fid_steps", 1001, "train.fid_steps = 1001: expected at most diffusion.timesteps"),
+    ("train", "preview_steps", 1001, "train.preview_steps = 1001: expected at most "
+                                     "diffusion.timesteps=1000"),
     ("train", "batch_gpu", "max", "train.batch_gpu = 'max': expected auto or an integer"),
     ("train", "batch_gpu", 48, "train.batch_gpu = 48: must divide the 128 images each of 1 "
                                "process(es) takes from train.batch_size = 128"),

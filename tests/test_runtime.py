@@ -1,4 +1,5 @@
-"""Process-level settings of the CPU stages (ddpm.runtime), each checked in a fresh process."""
+"""ddpm.runtime: process-level settings of the CPU stages (each checked in a fresh process), and the
+device params.yaml asks for against what the machine has (torch.cuda faked)."""
 from __future__ import annotations
 
 import ctypes.util
@@ -48,3 +49,70 @@ def test_host_memory_is_left_alone_off_the_cpu():
     """GPU runs keep glibc's defaults: their tensors live in the device's caching allocator."""
     from ddpm.runtime import keep_freed_host_memory
     assert keep_freed_host_memory(torch.device("meta")) is False
+
+
+# -- the device: what params.yaml asks for against what this machine has ------------------------
+
+def fake_gpus(monkeypatch, count: int, bf16: bool = True) -> None:
+    """torch.cuda as on a machine with `count` GPUs (0: none), whatever this one has."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+
+
+@pytest.mark.parametrize("count, name, local_rank, expected", [
+    (0, "auto", 0, "cpu"), (2, "auto", 0, "cuda:0"), (2, "auto", 1, "cuda:1"),
+    (2, "cuda", 1, "cuda:1"), (2, "cuda:1", 0, "cuda:1"), (0, "cpu", 0, "cpu"),
+    (4, "cpu", 3, "cpu")])
+def test_the_device_is_what_params_ask_for_on_this_machine(monkeypatch, count, name, local_rank,
+                                                           expected):
+    """auto = cuda if there is one; cuda = one GPU per process (its local rank); cuda:N that one."""
+    from ddpm.runtime import resolve_device
+    fake_gpus(monkeypatch, count)
+    assert resolve_device(name, local_rank) == torch.device(expected)
+
+
+@pytest.mark.parametrize("count, name, local_rank, message", [
+    (0, "cuda", 0, "device = cuda, but PyTorch sees no CUDA GPU: set device: auto or cpu in "
+                   "params.yaml (or -S device=cpu)"),
+    (0, "cuda:0", 0, "device = cuda:0, but PyTorch sees no CUDA GPU"),
+    (2, "cuda:2", 0, "device = cuda:2, but this machine has 2 CUDA device(s): cuda:0 ... cuda:1, "
+                     "or cuda (one per process)"),
+    (2, "cuda", 2, "device = cuda, but this machine has 2 CUDA device(s)")])
+def test_a_device_this_machine_lacks_is_one_line_naming_the_key(monkeypatch, count, name,
+                                                                 local_rank, message):
+    from ddpm.runtime import ParamsError, resolve_device
+    fake_gpus(monkeypatch, count)
+    with pytest.raises(ParamsError) as info:
+        resolve_device(name, local_rank)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_check_params_refuses_more_gpus_or_a_precision_than_the_machine_has(monkeypatch):
+    """check_hardware: train.gpus beyond the GPUs here, and bf16 on a GPU without it."""
+    from ddpm.runtime import ParamsError, check_hardware
+    fake_gpus(monkeypatch, 2, bf16=False)
+    assert check_hardware("cuda", "fp16", 2) == "cuda, fp16"
+    assert check_hardware("cuda", "auto", 1) == "cuda, fp16"  # auto: fp16 where bf16 is missing
+    with pytest.raises(ParamsError, match=r"^train.gpus = 3, but this machine has 2 CUDA "
+                                          r"device\(s\)$"):
+        check_hardware("cuda", "fp16", 3)
+    with pytest.raises(ParamsError, match="^train.precision = bf16, but this GPU has no bf16 "
+                                          "support: use fp16 or auto$"):
+        check_hardware("cuda", "bf16", 1)
+    assert check_hardware("cpu", "fp32", 8) == "cpu, fp32"  # CPU processes: any number
+
+
+def test_a_process_beyond_this_nodes_gpus_is_named_before_joining(monkeypatch):
+    """Under a launcher, local rank 3 of 4 on a node with 2 GPUs and device cuda:0: the params
+    error, before any process group is joined (which would wait for the others)."""
+    from ddpm import runtime
+    fake_gpus(monkeypatch, 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(runtime.dist, "init_process_group", None)  # reaching it is the failure
+    with pytest.raises(runtime.ParamsError, match=r"^train.gpus = 4, but only 2 CUDA devices are "
+                                                  r"visible on this node$"):
+        runtime.init_world("cuda:0", 4)
+    with pytest.raises(runtime.ParamsError, match=r"^device = cuda, but this machine has 2 CUDA"):
+        runtime.init_world("cuda", 4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -137,6 +138,8 @@ def test_an_interrupted_run_resumes_from_its_own_folder_whatever_dvc_put_back(
 
 def test_unfinished_runs_of_other_configs_are_named_with_their_size(tiny, cifar_dir, tmp_path,
                                                                     capsys, monkeypatch):
+    """Another config's folder in models/runs (its checkpoint, and 3 MiB more here) is named
+    with the bytes of all its files, in MiB, when a run of this config starts."""
     def checkpoint_then_ctrl_c(self):
         self.save_checkpoint()
         raise KeyboardInterrupt
@@ -144,19 +147,31 @@ def test_unfinished_runs_of_other_configs_are_named_with_their_size(tiny, cifar_
     monkeypatch.setattr(Trainer, "end_of_epoch", checkpoint_then_ctrl_c)
     interrupted(tiny, tmp_path, cifar_dir, epochs=2, sample_every=0, lr=1e-3)
     monkeypatch.undo()
+    other, = (tmp_path / "runs").iterdir()
+    (other / "previews").mkdir()
+    (other / "previews" / "epoch_0001.png").write_bytes(b"\0" * 3 * 2**20)
+    size = sum(os.path.getsize(os.path.join(folder, name))
+               for folder, _, names in os.walk(other) for name in names)
+    assert size > 3.5 * 2**20  # the checkpoint counts too
     capsys.readouterr()
     run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0)
     err = capsys.readouterr().err
-    assert "holds an unfinished run of another config" in err and "rm -r it" in err
+    assert (f"train: {other} holds an unfinished run of another config ({size / 2**20:.0f} MiB; "
+            "resumed if that config runs again, else rm -r it)\n") in err
 
 
 def test_a_changed_config_starts_fresh_and_says_why(tiny, cifar_dir, tmp_path, capsys):
+    """lr 1e-3 after a finished run of lr 2e-4: the checkpoint is named as another run's and the
+    run ends bitwise where a run of lr 1e-3 in an empty folder ends."""
+    fresh = run(tiny, tmp_path / "fresh", cifar_dir, epochs=1, sample_every=0, lr=1e-3)
     run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0)
     capsys.readouterr()
     again = run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0, lr=1e-3)
     err = capsys.readouterr().err
-    assert "train.lr" in err and "starting fresh" in err
-    assert again.state.progress.epoch == 1  # trained from scratch, not from the old checkpoint
+    assert (f"train: {tmp_path}/checkpoints/last.pt is from another run (train.lr differ); "
+            "starting fresh;") in err
+    assert again.state.progress.step == again.steps_per_epoch
+    assert_same_weights(fresh.state.ema.state_dict(), again.state.ema.state_dict())
 
 
 @pytest.mark.parametrize("step, expected", [(0, 0.0), (50, 1e-4), (100, 2e-4), (5000, 2e-4)])
@@ -189,13 +204,15 @@ def test_the_trainer_steps_adam_with_the_warmup_learning_rate(tiny, cifar_dir, t
 def test_more_epochs_resume_a_finished_run(tiny, cifar_dir, tmp_path, capsys):
     """train.epochs is not part of the config a checkpoint must match: 1 -> 2 epochs continues.
     The bar counts the whole stage's images, resumed ones included (48 of 96, then 96 of 96,
-    with images/s), and the epochs out of train.epochs."""
+    with its rate: img/s, or s/img below one image per second), and the epochs out of
+    train.epochs."""
     run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0)
     capsys.readouterr()
     run(tiny, tmp_path, cifar_dir, epochs=2, sample_every=0)
     err = capsys.readouterr().err
     assert "resuming" in err
-    assert "48/96 [" in err and "96/96 [" in err and "img/s" in err and "epoch=2/2" in err
+    assert "48/96 [" in err and "epoch=2/2" in err
+    assert re.search(r"96/96 \[[^]]*(img/s|s/img)", err)
 
 
 def test_the_hardware_keys_are_not_part_of_the_run(tiny, cifar_dir, tmp_path):
@@ -212,12 +229,19 @@ def test_the_hardware_keys_are_not_part_of_the_run(tiny, cifar_dir, tmp_path):
     assert "world_size" not in configs[0][0]
 
 
-def test_a_corrupt_checkpoint_is_named_and_training_starts_fresh(tiny, cifar_dir, tmp_path, capsys):
+def test_a_corrupt_checkpoint_is_named_and_training_starts_fresh(tiny, cifar_dir, tmp_path,
+                                                                capsys):
+    """Garbage as the published last.pt: named, not resumed, and the run is a fresh one (bitwise
+    the run of an empty folder)."""
+    fresh = run(tiny, tmp_path / "fresh", cifar_dir, epochs=1, sample_every=0)
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
     trainer = run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0)
-    assert "last.pt" in capsys.readouterr().err
-    assert trainer.state.progress.epoch == 1
+    assert (f"train: {tmp_path}/checkpoints/last.pt: not a readable checkpoint (" in
+            capsys.readouterr().err)
+    assert trainer.state.progress.step == trainer.steps_per_epoch
+    assert_same_weights(fresh.state.ema.state_dict(), trainer.state.ema.state_dict())
 
 
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, cifar_dir, tmp_path,
@@ -413,13 +437,14 @@ def test_resume_across_a_batch_gpu_change_continues_the_run(tiny, cifar_dir, tmp
     assert_same_step(straight.state.model.state_dict(), resumed.state.model.state_dict(), start)
 
 
-@pytest.mark.parametrize("share, fitting, tried, chosen", [
-    (128, 128, [128], 128),              # the whole share fits: no accumulation
-    (128, 40, [128, 64, 32], 32),        # the largest power-of-two divisor that fits
-    (96, 40, [96, 32], 32),              # a share that is no power of two: then its divisors
-    (24, 10, [24, 8], 8),
+@pytest.mark.parametrize("share, fitting, tried, chosen, on_cpu", [
+    (128, 128, [128], 128, 32),          # the whole share fits: no accumulation
+    (128, 40, [128, 64, 32], 32, 32),    # the largest power-of-two divisor that fits
+    (96, 40, [96, 32], 32, 32),          # a share that is no power of two: then its divisors
+    (24, 10, [24, 8], 8, 24),            # on a CPU, a share of at most 32 is taken whole
+    (40, 40, [40], 40, 8),               # 40 > 32 on a CPU: its largest power-of-two divisor
 ])
-def test_batch_gpu_auto_probes_down_from_the_share_on_a_gpu(share, fitting, tried, chosen):
+def test_batch_gpu_auto_probes_down_from_the_share_on_a_gpu(share, fitting, tried, chosen, on_cpu):
     calls = []
 
     def fits(images):
@@ -428,8 +453,7 @@ def test_batch_gpu_auto_probes_down_from_the_share_on_a_gpu(share, fitting, trie
 
     assert batches.resolve_batch_gpu("auto", share, torch.device("cuda", 0), fits) == chosen
     assert calls == tried
-    assert batches.resolve_batch_gpu("auto", share, torch.device("cpu"), fits) == min(share, 32) \
-        if share % min(share, 32) == 0 else True
+    assert batches.resolve_batch_gpu("auto", share, torch.device("cpu"), fits) == on_cpu
     assert calls == tried  # no probing on a CPU
     assert batches.resolve_batch_gpu(48, share, torch.device("cuda", 0), fits) == min(48, share)
     with pytest.raises(PipelineError, match="single image"):

@@ -1,11 +1,14 @@
 """The whole pipeline through the real dvc CLI: repro, exp run, exp show, metrics diff, plots show.
 
-Tests in this file run in order on one repository: `dvc repro` first, then an experiment.
+The tests read one of two copies of a reproduced repository: as `dvc repro` left it (repro), or
+after an experiment (experiment), each made once for the module; so any of them runs alone, or in
+any order.
 """
 from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -19,10 +22,22 @@ from fakes import cifar_images
 pytestmark = pytest.mark.e2e
 
 
+EXPERIMENT = ["exp", "run", "-S", "train.lr=1e-4", "-S", "train.fid_every=1"]
+
+
 @pytest.fixture(scope="module")
 def repro(reproduced):
     """A repository after `dvc repro` (results committed): (path, the command's output)."""
     return reproduced
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory, reproduced_template):
+    """Another copy of the reproduced repository after `dvc exp run -S train.lr=1e-4 -S
+    train.fid_every=1`, applied to its workspace: (path, the command's output)."""
+    repo = tmp_path_factory.mktemp("experiment") / "repo"
+    shutil.copytree(reproduced_template[0], repo, symlinks=True)
+    return repo, dvc(repo, *EXPERIMENT).stdout
 
 
 def read_json(path):
@@ -47,28 +62,38 @@ def test_download_and_export_reproduce_the_archive_pixel_for_pixel(repro, tiny):
         assert np.array_equal(np.asarray(Image.open(path)), expected[i]), path
 
 
-def test_real_stats_are_pytorch_fid_statistics_of_the_right_size(repro, tiny):
+def test_real_stats_are_the_inception_statistics_of_the_exported_images(repro, tiny):
+    """data/real_stats.npz holds what ddpm.fid.folder_statistics computes from data/real_png with
+    fid.* (to float32 rounding: the stage ran with its own thread count), in pytorch-fid's
+    format."""
+    from ddpm.fid import folder_statistics
     repo, _ = repro
-    dims = tiny["fid"]["dims"]
+    fid = tiny["fid"]
+    mu, sigma, n = folder_statistics(repo / "data/real_png", fid["dims"], fid["batch_size"],
+                                     fid["weights"], torch.device("cpu"))
+    assert n == tiny["data"]["limit"]
     with np.load(repo / "data/real_stats.npz") as f:
-        assert f["mu"].shape == (dims,) and f["sigma"].shape == (dims, dims)
-        assert np.allclose(f["sigma"], f["sigma"].T) and int(f["num_images"]) == tiny["data"]["limit"]
+        assert f["mu"].shape == (fid["dims"],) and int(f["num_images"]) == n
+        np.testing.assert_allclose(f["mu"], mu, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(f["sigma"], sigma, rtol=1e-5, atol=1e-6)
+        assert np.allclose(f["sigma"], f["sigma"].T)
 
 
 def test_train_writes_weights_metrics_loss_and_previews(repro, tiny):
     repo, _ = repro
     metrics = read_json(repo / "metrics/train.json")
+    report = read_json(repo / "reports/train.json")  # the facts of the run, beside the metrics
     epochs, steps_per_epoch = tiny["train"]["epochs"], tiny["data"]["limit"] // 16
-    assert metrics["epochs"] == epochs and metrics["steps"] == epochs * steps_per_epoch
+    assert metrics["epochs"] == epochs and report["steps"] == epochs * steps_per_epoch
     assert 0.5 < metrics["loss"] < 1.5  # eps-prediction MSE of a barely trained net: about 1
-    for key in ("seconds", "images_per_second", "peak_memory_mb", "parameters"):
+    for key in ("seconds", "images_per_second", "peak_memory_mb"):
         assert metrics[key] > 0, key
     rows = (repo / "plots/train/loss.tsv").read_text().splitlines()
     assert rows[0].split("\t") == ["step", "loss", "images_per_second"]
-    assert len(rows) == 1 + metrics["steps"]
+    assert len(rows) == 1 + report["steps"]
     ema = torch.load(repo / "models/ema.pt", weights_only=True)
     assert ema["config"]["train"]["lr"] == tiny["train"]["lr"]
-    assert sum(v.numel() for v in ema["ema"].values()) == metrics["parameters"]
+    assert sum(v.numel() for v in ema["ema"].values()) == report["parameters"] > 0
     grids = sorted(p.name for p in (repo / "plots/samples").iterdir())
     assert grids == [f"epoch_{e:04d}.png" for e in range(1, epochs + 1)] + ["progression.png"]
     assert (repo / "models/checkpoints/last.pt").is_file()
@@ -103,9 +128,8 @@ def test_status_is_clean_and_outputs_are_not_in_git(repro):
     assert sh(repo, "git", "status", "--porcelain").stdout == ""
 
 
-def test_exp_run_reruns_train_sample_fid_only(repro):
-    repo, _ = repro
-    out = dvc(repo, "exp", "run", "-S", "train.lr=1e-4", "-S", "train.fid_every=1").stdout
+def test_exp_run_reruns_train_sample_fid_only(experiment):
+    repo, out = experiment
     for stage in ("download", "export_real", "real_stats"):
         assert f"Stage '{stage}' didn't change, skipping" in out, out
         assert f"Running stage '{stage}'" not in out
@@ -115,8 +139,8 @@ def test_exp_run_reruns_train_sample_fid_only(repro):
     assert sorted(p.name for p in (repo / "plots/curves").iterdir()) == ["fid.png", "loss.png"]
 
 
-def test_exp_show_lists_the_experiment_with_its_params_and_fid(repro):
-    repo, _ = repro
+def test_exp_show_lists_the_experiment_with_its_params_and_fid(experiment):
+    repo, _ = experiment
     rows = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     experiments = [e for row in rows for e in (row.get("experiments") or [])]
     assert experiments, rows
@@ -125,8 +149,8 @@ def test_exp_show_lists_the_experiment_with_its_params_and_fid(repro):
     assert "fid" in data["metrics"]["metrics/fid.json"]["data"]
 
 
-def test_metrics_diff_compares_the_experiment_with_the_baseline(repro):
-    repo, _ = repro
+def test_metrics_diff_compares_the_experiment_with_the_baseline(experiment):
+    repo, _ = experiment
     diff = json.loads(dvc(repo, "metrics", "diff", "--json").stdout)
     assert "metrics/train.json" in diff and "loss" in diff["metrics/train.json"]
     assert diff["metrics/train.json"]["loss"]["old"] != diff["metrics/train.json"]["loss"]["new"]
@@ -150,8 +174,8 @@ def images(html: str) -> list[str]:
     return re.findall(r'<img src="([^"]+)"', html)
 
 
-def test_plots_show_renders_the_loss_series_the_curves_and_the_grids(repro):
-    repo, _ = repro
+def test_plots_show_renders_the_loss_series_the_curves_and_the_grids(experiment):
+    repo, _ = experiment
     dvc(repo, "plots", "show")
     html = (repo / "dvc_plots/index.html").read_text()
     drawn = [(row["step"], row["loss"]) for row in vega_data(html, "loss")]
@@ -163,8 +187,8 @@ def test_plots_show_renders_the_loss_series_the_curves_and_the_grids(repro):
         assert (repo / "dvc_plots" / found[0]).is_file()  # the page holds its own copy: offline
 
 
-def test_plots_diff_overlays_the_vega_curves_and_shows_both_runs_pngs(repro):
-    repo, _ = repro
+def test_plots_diff_overlays_the_vega_curves_and_shows_both_runs_pngs(experiment):
+    repo, _ = experiment
     dvc(repo, "plots", "diff", "HEAD", "-o", "diff_plots")
     html = (repo / "diff_plots/index.html").read_text()
     assert "workspace" in html and "HEAD" in html
