@@ -74,7 +74,7 @@ def raw(base_params):
     ("diffusion", "beta_end", 1e-5, "diffusion.beta_end = 1e-05: expected a number in [beta_start"),
     ("data", "md5", "xyz", "data.md5 = 'xyz': expected 32 lowercase hex digits"),
     ("data", "real_split", "valid", "data.real_split = 'valid': expected train or test"),
-    ("sample", "sampler", "euler", "sample.sampler = 'euler': expected ddpm | ddim"),
+    ("sample", "sampler", "euler", "sample.sampler = 'euler': expected ddpm | ddim | dpm-solver++"),
     ("sample", "steps", 1001, "sample.steps = 1001: expected at most diffusion.timesteps=1000"),
     ("fid", "dims", 100, "fid.dims = 100: expected 64 | 192 | 768 | 2048"),
 ])

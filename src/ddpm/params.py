@@ -25,7 +25,7 @@ ARCH_KEYS = {
 }
 SEED_GROUPS = 8  # GroupNorm groups in the seed network
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 VARIANCES = ("beta", "beta_tilde")
 FID_DIMS = (64, 192, 768, 2048)
 # auto (decided per device by ddpm.runtime.resolve_compile), true or false
