@@ -1,7 +1,8 @@
 """The diffusion process against closed forms: schedules, eq. 4, the eq. 14 loss and the samplers.
 
 The samplers are checked on Gaussian data x0 ~ N(MU, S^2 I), whose optimal noise predictor is
-known exactly, so a correct sampler must give back (nearly) that Gaussian.
+known exactly, so a correct sampler must give back (nearly) that Gaussian; so is the exact
+solution of the probability-flow ODE, which DPM-Solver++ must approach at its order.
 """
 from __future__ import annotations
 
