@@ -32,3 +32,39 @@ def test_the_gpu_benchmark_runs_on_the_cpu_as_a_dry_run(tmp_path):
     for r in rows:  # 600 epochs of 390 steps of 128 images at the measured speed
         assert r["hours_600_epochs"] == pytest.approx(600 * 390 * 128 / r["images_per_second"]
                                                       / 3600, rel=0.01)
+
+
+def test_the_sampler_benchmark_scores_every_row(tiny, tmp_path):
+    """benchmarks/samplers.py on a random tiny network: each row's FID against the given
+    statistics, its timing, the grid it used, and the markdown table."""
+    import json
+
+    import torch
+    from ddpm import checkpoint, networks
+    from ddpm.fid import folder_statistics, save_statistics
+    from ddpm.images import write_pngs
+    from ddpm.params import parse_params
+    from fakes import cifar_images
+    params = parse_params(tiny)
+    torch.manual_seed(0)
+    checkpoint.save({"ema": networks.build(params.model).state_dict(), "config": params.to_dict(),
+                     "epochs": 2, "steps": 6}, tmp_path / "ema.pt")
+    (tmp_path / "real").mkdir()
+    write_pngs(cifar_images("train", per_batch=16)[:8].transpose(0, 2, 3, 1), tmp_path / "real")
+    fid = tiny["fid"]
+    save_statistics(tmp_path / "real.npz", *folder_statistics(
+        tmp_path / "real", fid["dims"], fid["batch_size"], fid["weights"], torch.device("cpu")))
+    rows = "ddim-4,dpm-solver++-4,dpm-solver++-4@t,dpm-solver++-4@quad"
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/samplers.py"), "--ema",
+                          str(tmp_path / "ema.pt"), "--real-stats", str(tmp_path / "real.npz"),
+                          "--weights", fid["weights"], "--images", "3", "--batch-size", "2",
+                          "--rows", rows, "--threads", "1", "--out", str(tmp_path / "s.json")],
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    assert "| sampler | timesteps | network evaluations | FID |" in out
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert [(r["sampler"], r["grid"], r["steps"]) for r in result["rows"]] == [
+        ("ddim", "t", 4), ("dpm-solver++", "log-snr", 4), ("dpm-solver++", "t", 4),
+        ("dpm-solver++", "quad", 4)]
+    assert all(r["num_generated"] == 3 and r["fid"] > 0 and r["sample_seconds"] > 0
+               for r in result["rows"])
+    assert result["real_stats"]["num_real"] == 8 and result["ema"]["epochs"] == 2
