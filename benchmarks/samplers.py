@@ -19,7 +19,8 @@ Rows, as SAMPLER-STEPS:
                                 orders at the ends, as it defaults) over the same log-SNR grid
 
 --diffusers-check runs ours and diffusers' second order on the same network, noise and
-timesteps and prints the largest difference (pip install -r requirements-bench.txt).
+timesteps and prints the largest difference (pip install -r requirements-bench.txt). --out is
+rewritten after every row; a rerun with the same --out skips the rows it already holds.
 """
 from __future__ import annotations
 
@@ -165,6 +166,19 @@ def diffusers_check(model, sched: Schedule, params: Params, steps_list: list[int
     return found
 
 
+def finished_rows(out: Path, results: dict) -> dict[str, dict]:
+    """The rows of an earlier run in `out` with the same EMA file, images and real statistics,
+    by name: a rerun after a kill skips them (their seconds are that run's)."""
+    try:
+        earlier = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return {}
+    results = json.loads(json.dumps(results))  # tuples as the file holds them, lists
+    same = all(earlier.get(key) == results[key] for key in
+               ("ema", "real_stats", "images", "batch_size", "clip_denoised", "torch"))
+    return {row["row"]: row for row in earlier.get("rows", [])} if same else {}
+
+
 def markdown(rows: list[dict]) -> str:
     base = next((r["sample_seconds"] for r in rows if r["row"] == "ddpm-1000"), None)
     lines = ["| sampler | timesteps | network evaluations | FID | sampling s | images/s |"
@@ -220,12 +234,15 @@ def main() -> None:
     }
     if args.diffusers_check:
         results["diffusers_max_abs_difference"] = diffusers_check(model, sched, params, [10, 20])
-    with tempfile.TemporaryDirectory(prefix="samplers.") as work:
-        results["rows"] = [run_row(row, model, sched, params, precision, args, real[:2],
-                                   Path(work)) for row in rows]
-    results["wall_seconds"] = round(time.perf_counter() - started, 1)
+    done = finished_rows(args.out, results)
+    results["rows"] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    with tempfile.TemporaryDirectory(prefix="samplers.") as work:
+        for row in rows:  # the file holds every finished row, so a killed run loses one at most
+            results["rows"].append(done.get(row) or run_row(row, model, sched, params,
+                                                            precision, args, real[:2], Path(work)))
+            results["wall_seconds"] = round(time.perf_counter() - started, 1)
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
     print("\n" + markdown(results["rows"]))
     print(f"\n{results['cpu']}, {args.threads} threads, torch {torch.__version__}, {precision}, "
           f"{results['date']}; {args.images} images per row against {real[2]} real; wall "

@@ -68,3 +68,10 @@ def test_the_sampler_benchmark_scores_every_row(tiny, tmp_path):
     assert all(r["num_generated"] == 3 and r["fid"] > 0 and r["sample_seconds"] > 0
                for r in result["rows"])
     assert result["real_stats"]["num_real"] == 8 and result["ema"]["epochs"] == 2
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/samplers.py"), "--ema",
+                    str(tmp_path / "ema.pt"), "--real-stats", str(tmp_path / "real.npz"),
+                    "--weights", fid["weights"], "--images", "3", "--batch-size", "2",
+                    "--rows", "ddim-4,dpm-solver++-2", "--threads", "1", "--out",
+                    str(tmp_path / "s.json")], check=True, capture_output=True, timeout=300)
+    again = json.loads((tmp_path / "s.json").read_text())["rows"]  # a rerun keeps done rows
+    assert again[0] == result["rows"][0] and again[1]["row"] == "dpm-solver++-2"
