@@ -21,6 +21,8 @@ Rows, as SAMPLER-STEPS:
 --diffusers-check runs ours and diffusers' second order on the same network, noise and
 timesteps and prints the largest difference (pip install -r requirements-bench.txt). --out is
 rewritten after every row; a rerun with the same --out skips the rows it already holds.
+--ode-error K measures, instead of FIDs, how far the deterministic rows' first K images are from
+the finest ODE solution the schedule allows, and adds that to --out.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from seed_fid import cpu_name  # noqa: E402
 
 from ddpm import checkpoint  # noqa: E402
 from ddpm.diffusion import (Schedule, _eps, dpm_solver_pp_steps, log_snr_timesteps,  # noqa: E402
-                            randn_like_per_image, timesteps_for)
+                            randn_like_per_image, sample, timesteps_for)
 from ddpm.fid import folder_statistics, frechet_distance, load_statistics  # noqa: E402
 from ddpm.fid_weights import WHEEL_FILE  # noqa: E402
 from ddpm.files import file_digest  # noqa: E402
@@ -107,17 +109,46 @@ def custom_sampler(sampler: str, steps: int, grid: str, sched: Schedule, clip: b
 
 
 @torch.inference_mode()
-def draw_custom(model, solve, params: Params, precision: str, n: int, batch: int,
-                folder: Path) -> None:
-    """generate()'s loop for a custom sampler: image i from the generator of (seed, i)."""
-    device = next(model.parameters()).device
-    for start in range(0, n, batch):
-        ids = range(start, min(start + batch, n))
-        gens = [torch.Generator(device).manual_seed(derive_seed(params.seed, i, "sample"))
-                for i in ids]
-        with autocast(precision, device):
+def draw(model, row: str, sched: Schedule, params: Params, precision: str,
+         ids: range) -> torch.Tensor:
+    """Images `ids` of a row as generate() draws them (image i from the generator of (seed,
+    i); the stage's rows through diffusion.sample itself): (N, 32, 32, 3) uint8."""
+    sampler, steps, grid = parse_row(row)
+    device, clip = next(model.parameters()).device, params.sample.clip_denoised
+    gens = [torch.Generator(device).manual_seed(derive_seed(params.seed, i, "sample"))
+            for i in ids]
+    with autocast(precision, device):
+        if sampler in STAGE_SAMPLERS and not grid:
+            x = sample(model, sched, (len(ids), 3, 32, 32), sampler, steps, gens, eta=0.0,
+                       variance=params.sample.variance, clip_denoised=clip)
+        else:
+            solve = custom_sampler(sampler, steps, grid, sched, clip)
             x = solve(model, randn_like_per_image((len(ids), 3, 32, 32), gens, device))
-        write_pngs(to_uint8(x.clamp(-1.0, 1.0)), folder, start=start)
+    return to_uint8(x.clamp(-1.0, 1.0))
+
+
+def ode_errors(model, sched: Schedule, params: Params, precision: str, rows: list[str],
+               k: int, batch: int) -> dict:
+    """How far each deterministic row's first k images are from the ODE solved as finely as
+    the discrete schedule allows (DPM-Solver++ at every timestep), in 8-bit levels: FID of a
+    few hundred images cannot see such differences."""
+    def images(row: str) -> torch.Tensor:
+        return torch.cat([draw(model, row, sched, params, precision,
+                               range(start, min(start + batch, k)))
+                          for start in range(0, k, batch)]).float()
+
+    reference = f"dpm-solver++-{sched.timesteps}"
+    exact, found = images(reference), {}
+    for row in rows:
+        if parse_row(row)[0] == "ddpm":
+            continue
+        start = time.perf_counter()
+        diff = images(row) - exact
+        found[row] = {"rms_levels": round(float(diff.pow(2).mean().sqrt()), 3),
+                      "max_levels": int(diff.abs().max()),
+                      "seconds": round(time.perf_counter() - start, 1)}
+        print(f"{row}: {found[row]['rms_levels']:.2f} levels RMS from {reference}", flush=True)
+    return {"reference": reference, "images": k, "rows": found}
 
 
 def run_row(row: str, model, sched: Schedule, params: Params, precision: str, args,
@@ -125,7 +156,6 @@ def run_row(row: str, model, sched: Schedule, params: Params, precision: str, ar
     sampler, steps, grid = parse_row(row)
     folder = work / row.replace("@", "_")
     folder.mkdir()
-    clip = params.sample.clip_denoised
     start = time.perf_counter()
     if sampler in STAGE_SAMPLERS and not grid:
         sample = dataclasses.replace(params.sample, num_images=args.images, sampler=sampler,
@@ -133,8 +163,9 @@ def run_row(row: str, model, sched: Schedule, params: Params, precision: str, ar
         generate(model, sched, dataclasses.replace(params, sample=sample), precision,
                  range(args.images), folder, progress=False)
     else:
-        draw_custom(model, custom_sampler(sampler, steps, grid, sched, clip), params, precision,
-                    args.images, args.batch_size, folder)
+        for first in range(0, args.images, args.batch_size):
+            ids = range(first, min(first + args.batch_size, args.images))
+            write_pngs(draw(model, row, sched, params, precision, ids), folder, start=first)
     seconds = time.perf_counter() - start
     t = time.perf_counter()
     mu, sigma, n = folder_statistics(folder, params.fid.dims, args.fid_batch, str(args.weights),
@@ -205,6 +236,9 @@ def main() -> None:
     parser.add_argument("--fid-batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--diffusers-check", action="store_true")
+    parser.add_argument("--ode-error", type=int, default=0, metavar="K",
+                        help="instead of FIDs: each row's distance from the finest ODE solution "
+                             "over its first K images, added to --out")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/samplers.json")
     args = parser.parse_args()
     rows = args.rows.split(",")
@@ -232,6 +266,12 @@ def main() -> None:
         "weights": args.weights.name, "images": args.images, "batch_size": args.batch_size,
         "seed": params.seed, "clip_denoised": params.sample.clip_denoised, "runs": 1,
     }
+    if args.ode_error:
+        earlier = json.loads(args.out.read_text()) if args.out.exists() else results
+        earlier["ode_error"] = ode_errors(model, sched, params, precision, rows, args.ode_error,
+                                          args.batch_size)
+        args.out.write_text(json.dumps(earlier, indent=2) + "\n")
+        return
     if args.diffusers_check:
         results["diffusers_max_abs_difference"] = diffusers_check(model, sched, params, [10, 20])
     done = finished_rows(args.out, results)

@@ -65,8 +65,8 @@ def test_the_sampler_benchmark_scores_every_row(tiny, tmp_path):
     assert [(r["sampler"], r["grid"], r["steps"]) for r in result["rows"]] == [
         ("ddim", "t", 4), ("dpm-solver++", "log-snr", 4), ("dpm-solver++", "t", 4),
         ("dpm-solver++", "quad", 4)]
-    assert all(r["num_generated"] == 3 and r["fid"] > 0 and r["sample_seconds"] > 0
-               for r in result["rows"])
+    assert all(r["num_generated"] == 3 and r["fid"] > 0 and
+               0 < r["sample_seconds"] < result["wall_seconds"] for r in result["rows"])
     assert result["real_stats"]["num_real"] == 8 and result["ema"]["epochs"] == 2
     subprocess.run([sys.executable, str(ROOT / "benchmarks/samplers.py"), "--ema",
                     str(tmp_path / "ema.pt"), "--real-stats", str(tmp_path / "real.npz"),
@@ -75,3 +75,12 @@ def test_the_sampler_benchmark_scores_every_row(tiny, tmp_path):
                     str(tmp_path / "s.json")], check=True, capture_output=True, timeout=300)
     again = json.loads((tmp_path / "s.json").read_text())["rows"]  # a rerun keeps done rows
     assert again[0] == result["rows"][0] and again[1]["row"] == "dpm-solver++-2"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/samplers.py"), "--ema",
+                    str(tmp_path / "ema.pt"), "--real-stats", str(tmp_path / "real.npz"),
+                    "--ode-error", "2", "--rows", "ddim-4,dpm-solver++-4,dpm-solver++-40",
+                    "--threads", "1", "--out", str(tmp_path / "s.json")],
+                   check=True, capture_output=True, timeout=300)
+    ode = json.loads((tmp_path / "s.json").read_text())["ode_error"]
+    assert ode["reference"] == "dpm-solver++-40" and ode["images"] == 2  # every timestep
+    assert ode["rows"]["dpm-solver++-40"]["rms_levels"] == 0  # the reference itself
+    assert ode["rows"]["ddim-4"]["rms_levels"] > 0 < ode["rows"]["dpm-solver++-4"]["max_levels"]
