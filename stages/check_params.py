@@ -4,15 +4,19 @@ DVC removes a stage's outputs just before it runs the stage's command, so a stag
 bad value has already lost its old outputs. This stage comes first in the graph (download depends
 on its marker file, and every other stage on download), depends on every params.yaml key, and
 writes the same marker whatever the values: a bad value stops `dvc repro` / `dvc exp run` here,
-and a good change re-runs only the stages that read the changed keys.
+and a good change re-runs only the stages that read the changed keys. It checks the schema, the
+rules across sections, the network (built on the meta device) and what this machine offers.
 """
 import argparse
 from pathlib import Path
 
 import _src  # noqa: F401  (ddpm from this checkout)
 from ddpm.cli import run
+from ddpm.errors import ParamsError
 from ddpm.files import atomic_file
+from ddpm.networks import checked_size, state_bytes
 from ddpm.params import load_params_or_exit
+from ddpm.runtime import check_hardware
 
 MARKER = "params.yaml is valid\n"  # constant, so that downstream stages do not re-run on it
 
@@ -21,9 +25,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True, type=Path, help="marker file to write")
     args = parser.parse_args()
-    load_params_or_exit()
+    params = load_params_or_exit()
+    try:
+        hardware = check_hardware(params.device, params.train.precision, params.train.gpus)
+        count = checked_size(params.model)
+    except ParamsError as e:
+        raise ParamsError(f"params.yaml: {e}") from None
     with atomic_file(args.out) as tmp:
         tmp.write_text(MARKER)
+    print(f"check_params: params.yaml is valid: the {params.model.arch} network, {count:,} "
+          f"parameters ({state_bytes(count) / 2**30:.2f} GiB of weights, gradients, Adam moments "
+          f"and EMA), {hardware}")
 
 
 if __name__ == "__main__":

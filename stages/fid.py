@@ -14,7 +14,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", required=True, type=Path, help="folder of generated PNGs")
     parser.add_argument("--real-stats", required=True, type=Path, help="real_stats' .npz file")
-    parser.add_argument("--metrics", required=True, type=Path, help="metrics JSON to write")
+    parser.add_argument("--metrics", required=True, type=Path, help="metrics JSON to write (fid)")
+    parser.add_argument("--report", required=True, type=Path, help="JSON of the run's facts")
     args = parser.parse_args()
     params = load_params_or_exit()
     fid = params.fid
@@ -25,8 +26,9 @@ def main() -> None:
                                                  fid.weights, device,
                                                  f"fid: Inception features of {args.images}")
     value = frechet_distance(mu, sigma, mu_real, sigma_real)
-    write_json(args.metrics, {"fid": value, "num_generated": num_generated,
-                              "num_real": num_real, "dims": fid.dims})
+    write_json(args.metrics, {"fid": value})
+    write_json(args.report, {"num_generated": num_generated, "num_real": num_real,
+                             "dims": fid.dims})
     print(f"fid: {value:.4f} ({num_generated} generated vs {num_real} real images, {fid.dims} dims)")
 
 

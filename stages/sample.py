@@ -5,13 +5,13 @@ import time
 from pathlib import Path
 
 import _src  # noqa: F401  (ddpm from this checkout)
-from ddpm.cli import run
+from ddpm import cli
 from ddpm.diffusion import Schedule
-from ddpm.files import write_json
-from ddpm.generate import generate_folder, identity, load_ema_model
+from ddpm.files import sweep_temporaries, write_json
+from ddpm.generate import generate_folder, load_ema_model, sample_manifest, where
 from ddpm.images import grid, list_pngs, read_png, save_png
 from ddpm.params import load_params_or_exit
-from ddpm.runtime import (keep_freed_host_memory, resolve_compile, resolve_precision,
+from ddpm.runtime import (compile_mode, keep_freed_host_memory, resolve_precision,
                           start_processes)
 
 
@@ -20,15 +20,19 @@ def main() -> None:
     parser.add_argument("--ema", required=True, type=Path, help="EMA weights file (train's)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
     parser.add_argument("--metrics", required=True, type=Path, help="metrics JSON to write")
+    parser.add_argument("--report", required=True, type=Path, help="JSON of the run's facts")
     parser.add_argument("--grid", required=True, type=Path, help="PNG grid of the first 64")
     args = parser.parse_args()
     params = load_params_or_exit()
     world, device = start_processes(params.device, params.train.gpus)
+    if world.main:  # what a killed run's writes left behind (the staging folder sorts its own)
+        sweep_temporaries(args.out.parent, args.metrics.parent, args.grid.parent)
     keep_freed_host_memory(device)  # on CPUs: no page faults on every step's activations
     precision = resolve_precision(params.train.precision, device)
     model = load_ema_model(args.ema, params, device)
     sched = Schedule(**dataclasses.asdict(params.diffusion)).to(device)
-    wanted = identity(args.ema, params, precision, device, world)  # what kept images must share
+    wanted = sample_manifest(args.ema, params, precision, device, world)  # what kept images share
+    cli.on_interrupt(lambda: where(args.out) if world.main else None)
     start = time.perf_counter()
     kept = generate_folder(model, sched, params, precision, args.out, world, wanted)
     seconds = time.perf_counter() - start
@@ -37,12 +41,12 @@ def main() -> None:
         save_png(grid(first), args.grid)
         sp = params.sample
         drawn = sp.num_images - kept  # this run's work: its seconds and images/s exclude the kept
-        write_json(args.metrics, {
-            "num_images": sp.num_images, "seconds": round(seconds, 3),
-            "images_per_second": round(drawn / seconds, 3), "sampler": sp.sampler,
+        write_json(args.metrics, {"seconds": round(seconds, 3),
+                                  "images_per_second": round(drawn / seconds, 3)})
+        write_json(args.report, {
+            "num_images": sp.num_images, "kept_images": kept, "sampler": sp.sampler,
             "steps": sp.steps, "precision": precision,
-            "compile": resolve_compile(sp.compile, device),
-            "processes": world.size, "kept_images": kept})
+            "compile": compile_mode(sp.compile, device) or "eager", "processes": world.size})
         resumed = f", {kept} kept from an interrupted run" if kept else ""
         print(f"sample: {sp.num_images} images ({sp.sampler}, {sp.steps} steps{resumed}) in "
               f"{seconds:.1f} s -> {args.out}")
@@ -50,4 +54,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    cli.run(main)

@@ -35,7 +35,9 @@ def cifar_archive(tmp_path_factory) -> tuple[Path, str]:
 
 @pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory) -> Path:
-    """A random-weight Inception file in pytorch-fid's format."""
+    """A random-weight Inception file in pytorch-fid's format; without pytorch-fid (a bare GPU
+    node, benchmarks/gpu_check.py) the tests that need it skip."""
+    pytest.importorskip("pytorch_fid", reason="pytorch-fid is not installed here")
     return make_inception_weights(tmp_path_factory.mktemp("inception") / "pt_inception.pth")
 
 
@@ -47,10 +49,16 @@ def base_params() -> dict:
 
 
 @pytest.fixture(scope="session")
-def tiny(base_params, cifar_archive, inception_weights) -> dict:
-    """params for a seconds-long run of the whole pipeline on the fake inputs."""
+def tiny(base_params, cifar_archive, request) -> dict:
+    """params for a seconds-long run of the whole pipeline on the fake inputs (without pytorch-fid
+    its fid.weights names no file: only the tests that compute an FID need one, and they ask for
+    inception_weights themselves)."""
     from fakes import tiny_params
-    return tiny_params(base_params, *cifar_archive, inception_weights)
+    try:
+        weights = request.getfixturevalue("inception_weights")
+    except pytest.skip.Exception:
+        weights = Path("no-inception-weights-without-pytorch-fid.pth")
+    return tiny_params(base_params, *cifar_archive, weights)
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +68,27 @@ def cifar_dir(tmp_path_factory, cifar_archive) -> Path:
     out = tmp_path_factory.mktemp("data") / "cifar10"
     download_cifar10(str(cifar_archive[0]), cifar_archive[1], out)
     return out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A factory: small_disk(kib) -> a folder on a tmpfs of that size, where writes beyond it
+    fail with ENOSPC as on a full disk. Skipped where mounting is not allowed (not root, or a
+    container without CAP_SYS_ADMIN); the ENOSPC tests that inject the error run anyway."""
+    import shutil
+    import subprocess
+    mounts = []
+
+    def make(kib: int) -> Path:
+        folder = tmp_path / f"disk{len(mounts)}"
+        folder.mkdir()
+        if shutil.which("mount") is None or subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)],
+                capture_output=True, check=False).returncode != 0:
+            pytest.skip("cannot mount a small tmpfs here")
+        mounts.append(folder)
+        return folder
+
+    yield make
+    for folder in mounts:
+        subprocess.run(["umount", str(folder)], capture_output=True, check=False)

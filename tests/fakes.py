@@ -120,9 +120,10 @@ def train_paths(root: Path, cifar: Path):
     """The train stage's outputs under root, reading the extracted batches in cifar."""
     from ddpm.train import TrainPaths
     return TrainPaths(cifar=cifar, checkpoints=root / "checkpoints", runs=root / "runs",
-                      ema=root / "ema.pt", metrics=root / "train.json", loss=root / "loss.tsv",
+                      ema=root / "ema.pt", metrics=root / "train.json",
+                      report=root / "train_report.json", loss=root / "loss.tsv",
                       samples=root / "samples", real_stats=root / "real_stats.npz",
-                      fid=root / "fid.tsv")
+                      fid=root / "fid.tsv", curves=root / "curves")
 
 
 def run_stage(script: str, cwd: Path, *args: str, **overrides) -> subprocess.CompletedProcess:
@@ -138,16 +139,16 @@ def run_stage(script: str, cwd: Path, *args: str, **overrides) -> subprocess.Com
 
 
 def record_draws(trainer) -> dict:
-    """Wrap trainer.optimizer_step so that every call's data indices, flips, t, noise and the loss
-    it returned are kept, in order, in the returned dict's lists (one tensor per step)."""
+    """Wrap trainer.step so that every call's data indices, flips, t, noise and the loss it
+    returned are kept, in order, in the returned dict's lists (one tensor per step)."""
     seen = {"idx": [], "flip": [], "t": [], "noise": [], "loss": []}
-    real = trainer.optimizer_step
+    real = trainer.step
 
-    def recording(idx, flip, t, noise):
-        loss = real(idx, flip, t, noise)
-        for key, value in zip(seen, (idx, flip, t, noise, loss[None])):
+    def recording(draws):
+        loss = real(draws)
+        for key, value in zip(seen, (*draws, loss[None])):
             seen[key].append(value.detach().cpu())
         return loss
 
-    trainer.optimizer_step = recording
+    trainer.step = recording
     return seen

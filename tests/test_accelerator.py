@@ -1,9 +1,10 @@
-"""The GPU paths: bf16 and fp16 autocast, the fp16 gradient scaler, channels_last, pynvml,
-torch.compile, resuming, and every stage of the pipeline on a CUDA device.
+"""The accelerator paths: bf16 and fp16 autocast, the fp16 gradient scaler, channels_last,
+pynvml, torch.compile, resuming, and every stage of the pipeline on the device.
 
-Skipped where PyTorch sees no CUDA GPU (CI has none); they ran on a lent H100 (README). With
-DDPM_TEST_DEVICE=cpu they run on the CPU instead, a dry run of the tests themselves: the checks
-that only mean something on a GPU (pynvml, bf16 by default) still skip there.
+On the CUDA GPU where there is one, else on the CPU, where the CPU-meaningful cases run (the
+scaler, bf16 and fp16 autocast, compiled against eager training, the stages; CI has no GPU):
+the GPU-only ones (pynvml, CUDA graphs, compiled sampling's layout) skip there.
+DDPM_TEST_DEVICE=cuda asks for the GPU (benchmarks/gpu_check.py), skipping all without one.
 """
 from __future__ import annotations
 
@@ -23,15 +24,17 @@ from ddpm.fid import folder_statistics
 from ddpm.generate import for_sampling, generate
 from ddpm.images import write_pngs
 from ddpm.params import parse_params
-from ddpm.runtime import MemoryMonitor, World, autocast
-from ddpm.batches import draw
+from ddpm.runtime import MemoryMonitor, World, autocast, compile_mode, resolve_precision
+from ddpm.batches import Draws, draw
 from ddpm.train import Trainer
 from fakes import cifar_images, run_stage, train_paths
 
-DEVICE = torch.device(os.environ.get("DDPM_TEST_DEVICE", "cuda"))
+DEVICE = torch.device(os.environ.get("DDPM_TEST_DEVICE")
+                      or ("cuda" if torch.cuda.is_available() else "cpu"))
 ON_GPU = DEVICE.type == "cuda"
 pytestmark = pytest.mark.skipif(ON_GPU and not torch.cuda.is_available(),
-                                reason="no CUDA GPU here (DDPM_TEST_DEVICE=cpu for a dry run)")
+                                reason="no CUDA GPU here (DDPM_TEST_DEVICE=cuda)")
+GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="means something on a CUDA GPU only")
 
 
 def gpu_params(tiny: dict, **train) -> dict:
@@ -86,12 +89,13 @@ def test_training_runs_at_each_precision(tiny, cifar_dir, tmp_path, precision):
     t = trainer(tiny, tmp_path, cifar_dir, precision=precision, sample_every=1)
     progress = t.run()
     metrics = json.loads((tmp_path / "train.json").read_text())
-    assert metrics["precision"] == precision and metrics["device"] == DEVICE.type
+    report = json.loads((tmp_path / "train_report.json").read_text())
+    assert report["precision"] == precision and report["device"] == DEVICE.type
     assert np.isfinite(metrics["loss"]) and progress.step == 2 * t.steps_per_epoch
     assert metrics["peak_memory_mb"] > 0
     assert (tmp_path / "samples" / "epoch_0002.png").exists()
     if ON_GPU:  # NHWC weights for the tensor cores, kept through the optimizer and EMA
-        for module in (t.model, t.ema.model):
+        for module in (t.state.model, t.state.ema.model):
             first_conv = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))
             assert first_conv.weight.is_contiguous(memory_format=torch.channels_last)
     scaler = checkpoint.load(tmp_path / "checkpoints" / "last.pt")["scaler"]
@@ -116,11 +120,11 @@ def test_resume_on_the_device_replays_the_uninterrupted_run(tiny, cifar_dir, tmp
         return np.array([[float(v) for v in row.split("\t")[:2]]
                          for row in (folder / "loss.tsv").read_text().splitlines()[1:]])
     np.testing.assert_allclose(rows(tmp_path / "b"), rows(tmp_path / "a"), rtol=1e-4)
-    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+    for a, b in zip(straight.state.model.state_dict().values(), resumed.state.model.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", [True, "reduce-overhead"])
+@pytest.mark.parametrize("mode", [True, pytest.param("reduce-overhead", marks=GPU_ONLY)])
 def test_compiled_training_follows_eager(tiny, cifar_dir, tmp_path, mode):
     """train.compile, in the default mode and as CUDA graphs (reduce-overhead; on a CPU the same
     Python path without graphs): the compiled UNet's gradients are eager's, and three optimizer
@@ -133,21 +137,23 @@ def test_compiled_training_follows_eager(tiny, cifar_dir, tmp_path, mode):
     for compile in (False, mode):
         t = trainer(no_dropout, tmp_path / str(compile), cifar_dir, compile=compile,
                     batch_size=32, batch_gpu=16)
-        assert t.compile_mode == {False: None, True: "default"}.get(compile, compile)
-        assert t.rounds == 2
+        expected = {False: None, True: "default"}.get(compile, compile)
+        assert compile_mode(t.params.train.compile, DEVICE) == expected
+        assert t.state.graphs == (expected == "reduce-overhead") and t.rounds == 2
         gen = torch.Generator(DEVICE).manual_seed(1)
         x0 = torch.rand(16, 3, 32, 32, device=DEVICE) * 2 - 1
-        diffusion.loss(t.net, t.sched, x0, torch.Generator(DEVICE).manual_seed(0)).backward()
-        grad = torch.cat([p.grad.flatten() for p in t.model.parameters()])
-        t.optimizer.zero_grad(set_to_none=True)
+        diffusion.loss(t.state.net, t.sched, x0, torch.Generator(DEVICE).manual_seed(0)).backward()
+        grad = torch.cat([p.grad.flatten() for p in t.state.model.parameters()])
+        t.state.optimizer.zero_grad(set_to_none=True)
         idx = torch.arange(32, device=DEVICE)
-        results.append(([t.optimizer_step(idx, *draw(gen, 32, t.sched.timesteps)).item()
+        results.append(([t.step(Draws(idx, *draw(gen, 32, t.sched.timesteps))).item()
                          for _ in range(3)], grad))
     (eager_losses, eager_grad), (compiled_losses, compiled_grad) = results
     assert (compiled_grad - eager_grad).norm() <= 1e-3 * eager_grad.norm()
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-3)
 
 
+@GPU_ONLY  # on a CPU, tests/test_sample.py checks both
 def test_sampling_is_batch_independent_and_compiles_to_the_same_images(tiny, tmp_path,
                                                                        monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 means fp32 here
@@ -155,9 +161,9 @@ def test_sampling_is_batch_independent_and_compiles_to_the_same_images(tiny, tmp
     model = perturbed_unet(tiny)
     sched = diffusion.Schedule(**tiny["diffusion"]).to(DEVICE)
     outputs = {}
-    for name, batch, compile in [("a", 6, False), ("b", 4, False), ("c", 6, True)]:
+    for name, batch, mode in [("a", 6, None), ("b", 4, None), ("c", 6, "default")]:
         p = dataclasses.replace(params, sample=dataclasses.replace(params.sample, batch_size=batch))
-        net = for_sampling(copy.deepcopy(model), compile)
+        net = for_sampling(copy.deepcopy(model), mode)
         (tmp_path / name).mkdir()
         generate(net, sched, p, "fp32", range(6), tmp_path / name, progress=False)
         outputs[name] = np.stack([np.asarray(Image.open(tmp_path / name / f"{i}.png"))
@@ -192,7 +198,7 @@ def test_pynvml_reads_this_gpus_memory():
     del block
 
 
-def test_the_stages_run_on_the_device(tiny, tmp_path):
+def test_the_stages_run_on_the_device(tiny, tmp_path, inception_weights):
     """download -> export_real -> real_stats -> train -> sample -> fid with device set, precision
     and compile auto: bf16 and torch.compile where the GPU has them, memory from pynvml."""
     over = {"device": DEVICE.type, "train__precision": "auto", "train__compile": "auto",
@@ -204,22 +210,25 @@ def test_the_stages_run_on_the_device(tiny, tmp_path):
              ("export_real.py", "--cifar", "cifar", "--out", "real"),
              ("real_stats.py", "--images", "real", "--out", "real.npz"),
              ("train.py", "--cifar", "cifar", "--checkpoints", "ckpt", "--runs", "runs",
-              "--ema", "ema.pt",
-              "--metrics", "train.json", "--loss", "loss.tsv", "--samples", "previews"),
+              "--ema", "ema.pt", "--metrics", "train.json", "--report", "train_report.json",
+              "--loss", "loss.tsv", "--samples", "previews",
+              "--real-stats", "real.npz", "--fid", "fid.tsv", "--curves", "curves"),
              ("sample.py", "--ema", "ema.pt", "--out", "samples", "--metrics", "sample.json",
-              "--grid", "grid.png"),
-             ("fid.py", "--images", "samples", "--real-stats", "real.npz", "--metrics", "fid.json")]
+              "--report", "sample_report.json", "--grid", "grid.png"),
+             ("fid.py", "--images", "samples", "--real-stats", "real.npz", "--metrics", "fid.json",
+              "--report", "fid_report.json")]
     for script, *args in steps:
         result = run_stage(script, tmp_path, *args, **over)
         assert result.returncode == 0, f"{script}:\n{result.stderr[-3000:]}"
         assert "pynvml unavailable" not in result.stderr
-    expected, compiled = "fp32", False
+    expected = resolve_precision("auto", DEVICE)  # CPU: bf16 where native
+    compiled = "default" if ON_GPU and has_triton() else "eager"  # train.compile, sample.compile
     if ON_GPU:
-        expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        compiled = has_triton()  # train.compile and sample.compile: auto
-    train = json.loads((tmp_path / "train.json").read_text())
+        assert expected == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    train = json.loads((tmp_path / "train_report.json").read_text())
     assert train["device"] == DEVICE.type and train["precision"] == expected
-    assert train["peak_memory_mb"] > 0 and train["compile"] == compiled
-    sample = json.loads((tmp_path / "sample.json").read_text())
+    assert train["compile"] == compiled
+    assert json.loads((tmp_path / "train.json").read_text())["peak_memory_mb"] > 0
+    sample = json.loads((tmp_path / "sample_report.json").read_text())
     assert sample["precision"] == expected and sample["compile"] == compiled
     assert np.isfinite(json.loads((tmp_path / "fid.json").read_text())["fid"])

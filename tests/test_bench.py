@@ -1,16 +1,27 @@
-"""A smoke run of the benchmark (tiny sizes): every section runs and prints its table row."""
+"""Smoke runs of the benchmarks (tiny sizes): every section runs and prints its table row."""
+import json
+import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
-from fakes import ROOT
+from fakes import ROOT, cifar_images, make_cifar_archive
 
 
-def test_the_benchmark_runs_every_section():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench.py"), "--quick"],
+def test_the_benchmark_runs_every_section(tmp_path):
+    import json
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench.py"), "--quick", "--json",
+                          str(tmp_path / "bench.json")],
                          check=True, capture_output=True, text=True, timeout=600).stdout
     table = out[out.index("| measurement"):]
+    recorded = json.loads((tmp_path / "bench.json").read_text())
+    assert recorded["argv"] == ["--quick", "--json", str(tmp_path / "bench.json")]
+    assert ["| " + " | ".join(row.values()) + " |" for row in recorded["rows"]] == \
+        table.splitlines()[2:2 + len(recorded["rows"])]  # the printed table, row by row
     for row in ("train step, seed network vs DDPM network", "GFLOP per image, fwd+bwd",
                 "train step, DDPM config", "achieved FLOP/s", "sampling forwards/s",
                 "DDIM-100 vs DDPM-1000", "peak measured", "train step, seed config",
@@ -21,10 +32,10 @@ def test_the_benchmark_runs_every_section():
 
 def test_the_gpu_benchmark_runs_on_the_cpu_as_a_dry_run(tmp_path):
     """benchmarks/gpu.py --quick: every network and batch_gpu row, with the projected hours."""
-    import json
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu.py"), "--device", "cpu",
                           "--quick", "--json", str(tmp_path / "gpu.json")],
-                         check=True, capture_output=True, text=True, timeout=300).stdout
+                         check=True, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1")).stdout  # as one_thread
     assert "| network | mode | batch_gpu | rounds | images_per_second" in out
     rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
     assert [(r["network"], r["batch_gpu"], r["rounds"]) for r in rows] == [
@@ -32,6 +43,109 @@ def test_the_gpu_benchmark_runs_on_the_cpu_as_a_dry_run(tmp_path):
     for r in rows:  # 600 epochs of 390 steps of 128 images at the measured speed
         assert r["hours_600_epochs"] == pytest.approx(600 * 390 * 128 / r["images_per_second"]
                                                       / 3600, rel=0.01)
+
+
+# benchmarks/gpu_check.py run as on a GPU node that has none of these: importing one fails.
+BARE_NODE = ("import runpy, sys; sys.modules.update(dict.fromkeys(['pytorch_fid', 'dvc', "
+             "'torchvision', 'scipy', 'pydantic'])); sys.argv = sys.argv[1:]; "
+             "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def reference_fid(real: np.ndarray, fake: np.ndarray, weights, dims: int, tmp_path) -> float:
+    """pytorch-fid's own statistics and distance of two (N, 32, 32, 3) uint8 image sets."""
+    from unittest import mock
+
+    import pytorch_fid_compat  # noqa: F401  (pytorch-fid on SciPy without sqrtm(disp=))
+    from PIL import Image
+    from pytorch_fid import inception
+    from pytorch_fid.fid_score import calculate_frechet_distance, compute_statistics_of_path
+    state = torch.load(weights, weights_only=True)
+    with mock.patch.object(inception, "load_state_dict_from_url", return_value=state):
+        model = inception.InceptionV3([inception.InceptionV3.BLOCK_INDEX_BY_DIM[dims]]).eval()
+    stats = []
+    for name, images in (("real", real), ("fake", fake)):
+        (tmp_path / name).mkdir()
+        for i, image in enumerate(images):
+            Image.fromarray(image).save(tmp_path / name / f"{i}.png")
+        stats.append(compute_statistics_of_path(str(tmp_path / name), model, 50, dims, "cpu", 0))
+    return calculate_frechet_distance(*stats[1], *stats[0])
+
+
+@pytest.mark.filterwarnings("ignore:The `disp` argument:DeprecationWarning")  # pytorch-fid 0.3
+def test_the_gpu_check_dry_run_runs_every_part_on_a_bare_node_and_is_scored(
+        tmp_path, inception_weights):
+    """gpu_check.py --dry-run without pytorch-fid, dvc, torchvision, scipy and pydantic: the CUDA tests
+    (all skipped here), both networks' rows, training on an archive of 25 training images, 16
+    samples and their grid; then gpu_check_fid.py adds pytorch-fid's FID of those samples
+    against the 25 (few: Inception runs at 299 x 299 on the CPU)."""
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    md5, out = make_cifar_archive(archive, per_batch=5), tmp_path / "out"
+    run = subprocess.run([sys.executable, "-c", BARE_NODE, str(ROOT / "benchmarks/gpu_check.py"),
+                          str(out), "--dry-run", "--data", str(archive), "--md5", md5],
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))  # as conftest.one_thread
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| network | mode | batch_gpu |" in run.stdout and "training: seed" in run.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "grid.png", "samples.npz",
+                                                     "tests.log"]
+    report = json.loads((out / "gpu_check.json").read_text())
+    tests = report["tests"]
+    assert (tests["passed"], tests["failed"], tests["errors"]) == (0, 0, 0) and tests["skipped"]
+    assert list(tests["skip_reasons"]) == ["no CUDA GPU here (DDPM_TEST_DEVICE=cuda)"]
+    assert {"pytorch_fid", "dvc", "torchvision", "scipy"} <= set(tests["missing_modules"])
+    # batch_gpu auto on a CPU: the whole batch of 8 (ddpm.batches.CPU_BATCH_GPU is 32)
+    assert [(r["network"], r["mode"], r["batch_gpu"], r["rounds"]) for r in report["timing"]] == [
+        ("seed", "eager", 8, 1), ("ddpm", "eager", 8, 1)]
+    training, sampling = report["training"], report["sampling"]
+    assert (training["arch"], training["images"], training["batch_size"]) == ("seed", 25, 8)
+    assert training["steps"] == training["epochs"] * (25 // 8) and np.isfinite(training["loss"])
+    assert (sampling["num_images"], sampling["sampler"], sampling["steps"]) == (16, "ddim", 4)
+    with np.load(out / "samples.npz") as f:
+        images = f["images"]
+    assert images.shape == (16, 32, 32, 3) and images.dtype == np.uint8 and images.std() > 0
+    tiles = np.asarray(Image.open(out / "grid.png"))  # 4 x 4 tiles of 32 + 2 pixels, 2 around
+    assert tiles.shape == (4 * 34 + 2, 4 * 34 + 2, 3)
+    assert (tiles[2:34, 2:34] == images[0]).all() and (tiles[-34:-2, -34:-2] == images[15]).all()
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check_fid
+    gpu_check_fid.main([str(out), "--weights", str(inception_weights), "--data", str(archive),
+                        "--md5", md5, "--dims", "64", "--device", "cpu"])
+    fid = json.loads((out / "gpu_check.json").read_text())["fid"]
+    assert (fid["num_generated"], fid["num_real"], fid["dims"]) == (16, 25, 64)
+    real = cifar_images("train", 5).transpose(0, 2, 3, 1)  # what the archive holds
+    expected = reference_fid(real, images, inception_weights, 64, tmp_path)
+    assert fid["fid"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_fid_weights_url_is_pytorch_fids():
+    """Written out in ddpm.fid_weights so that training imports no pytorch-fid."""
+    from pytorch_fid import inception
+
+    from ddpm import fid_weights
+    assert fid_weights.WEIGHTS_URL == inception.FID_WEIGHTS_URL
+
+
+def test_the_gpu_check_counts_what_pytest_reports(tmp_path):
+    """gpu_check_report.junit_counts on the JUnit XML of a real pytest run of one test of each
+    outcome: a pass, a skip, a failure and an error in a fixture."""
+    (tmp_path / "test_outcomes.py").write_text(
+        "import pytest\n\n"
+        "@pytest.fixture\ndef broken():\n    raise RuntimeError('no GPU memory')\n\n"
+        "def test_pass():\n    pass\n\n"
+        "def test_skip():\n    pytest.skip('no CUDA')\n\n"
+        "def test_fail():\n    assert 1 == 2\n\n"
+        "def test_error(broken):\n    pass\n")
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                    f"--junitxml={tmp_path / 'out.xml'}", "test_outcomes.py"], cwd=tmp_path,
+                   capture_output=True, timeout=120)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check_report import junit_counts
+    counts = junit_counts(tmp_path / "out.xml")
+    assert {k: counts[k] for k in ("passed", "skipped", "failed", "errors")} == {
+        "passed": 1, "skipped": 1, "failed": 1, "errors": 1}
+    assert counts["skip_reasons"] == {"no CUDA": 1}
+    assert [line.split(":")[2] for line in counts["broken"]] == ["test_fail", "test_error"]
 
 
 def test_the_sampler_benchmark_scores_every_row(tiny, tmp_path):
@@ -43,11 +157,14 @@ def test_the_sampler_benchmark_scores_every_row(tiny, tmp_path):
     from ddpm import checkpoint, networks
     from ddpm.fid import folder_statistics, save_statistics
     from ddpm.images import write_pngs
-    from ddpm.params import parse_params
+    from ddpm.params import parse_params, run_config
     from fakes import cifar_images
     params = parse_params(tiny)
+    (tmp_path / "params.yaml").write_text(json.dumps(tiny))  # JSON is YAML
     torch.manual_seed(0)
-    checkpoint.save({"ema": networks.build(params.model).state_dict(), "config": params.to_dict(),
+    config = run_config(params)
+    config["data"]["images"] = "0123456789abcdef"  # the data digest, as the train stage adds it
+    checkpoint.save({"ema": networks.build(params.model).state_dict(), "config": config,
                      "epochs": 2, "steps": 6}, tmp_path / "ema.pt")
     (tmp_path / "real").mkdir()
     write_pngs(cifar_images("train", per_batch=16)[:8].transpose(0, 2, 3, 1), tmp_path / "real")
@@ -56,7 +173,8 @@ def test_the_sampler_benchmark_scores_every_row(tiny, tmp_path):
         tmp_path / "real", fid["dims"], fid["batch_size"], fid["weights"], torch.device("cpu")))
     rows = "ddim-4,dpm-solver++-4,dpm-solver++-4@t,dpm-solver++-4@quad"
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks/samplers.py"), "--ema",
-                          str(tmp_path / "ema.pt"), "--real-stats", str(tmp_path / "real.npz"),
+                          str(tmp_path / "ema.pt"), "--params", str(tmp_path / "params.yaml"),
+                          "--real-stats", str(tmp_path / "real.npz"),
                           "--weights", fid["weights"], "--images", "3", "--batch-size", "2",
                           "--rows", rows, "--threads", "1", "--out", str(tmp_path / "s.json")],
                          check=True, capture_output=True, text=True, timeout=300).stdout
@@ -69,14 +187,16 @@ def test_the_sampler_benchmark_scores_every_row(tiny, tmp_path):
                0 < r["sample_seconds"] < result["wall_seconds"] for r in result["rows"])
     assert result["real_stats"]["num_real"] == 8 and result["ema"]["epochs"] == 2
     subprocess.run([sys.executable, str(ROOT / "benchmarks/samplers.py"), "--ema",
-                    str(tmp_path / "ema.pt"), "--real-stats", str(tmp_path / "real.npz"),
+                    str(tmp_path / "ema.pt"), "--params", str(tmp_path / "params.yaml"),
+                    "--real-stats", str(tmp_path / "real.npz"),
                     "--weights", fid["weights"], "--images", "3", "--batch-size", "2",
                     "--rows", "ddim-4,dpm-solver++-2", "--threads", "1", "--out",
                     str(tmp_path / "s.json")], check=True, capture_output=True, timeout=300)
     again = json.loads((tmp_path / "s.json").read_text())["rows"]  # a rerun keeps done rows
     assert again[0] == result["rows"][0] and again[1]["row"] == "dpm-solver++-2"
     subprocess.run([sys.executable, str(ROOT / "benchmarks/samplers.py"), "--ema",
-                    str(tmp_path / "ema.pt"), "--real-stats", str(tmp_path / "real.npz"),
+                    str(tmp_path / "ema.pt"), "--params", str(tmp_path / "params.yaml"),
+                    "--real-stats", str(tmp_path / "real.npz"),
                     "--ode-error", "2", "--rows", "ddim-4,dpm-solver++-4,dpm-solver++-40",
                     "--threads", "1", "--out", str(tmp_path / "s.json")],
                    check=True, capture_output=True, timeout=300)

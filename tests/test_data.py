@@ -15,7 +15,8 @@ from PIL import Image
 
 import fakes
 from fakes import PER_BATCH, run_stage
-from ddpm.data import DataError, download_cifar10, load_batch, load_cifar10
+from ddpm.errors import PipelineError
+from ddpm.data import download_cifar10, load_batch, load_cifar10
 
 BATCH_FILES = ["batches.meta", "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
                "data_batch_5", "test_batch"]
@@ -80,12 +81,12 @@ def test_md5_mismatch_extracts_nothing_and_keeps_the_old_folder(cifar_archive, t
     archive, _ = cifar_archive
     wrong = "0" * 32
     out = tmp_path / "cifar10"
-    with pytest.raises(DataError, match=wrong):
+    with pytest.raises(PipelineError, match=wrong):
         download_cifar10(str(archive), wrong, out)
     assert os.listdir(tmp_path) == []  # out/ not created, no partial download
     out.mkdir()
     (out / "marker").write_text("mine")
-    with pytest.raises(DataError, match=md5(archive)):  # names the md5 it found, too
+    with pytest.raises(PipelineError, match=md5(archive)):  # names the md5 it found, too
         download_cifar10(str(archive), wrong, out)
     assert os.listdir(tmp_path) == ["cifar10"] and os.listdir(out) == ["marker"]
     assert (out / "marker").read_text() == "mine"
@@ -119,7 +120,7 @@ def test_malicious_members_never_write_outside_the_target(cifar_archive, tmp_pat
 
 
 def test_links_in_place_of_batches_count_as_missing(cifar_archive, tmp_path):
-    """A symlink named data_batch_1 pointing outside is not a batch: DataError naming it."""
+    """A symlink named data_batch_1 pointing outside is not a batch: PipelineError naming it."""
     members = real_members(cifar_archive[0])
     del members["cifar-10-batches-py/data_batch_1"], members["cifar-10-batches-py/test_batch"]
     victim = tmp_path / "victim"
@@ -127,7 +128,7 @@ def test_links_in_place_of_batches_count_as_missing(cifar_archive, tmp_path):
     archive = tmp_path / "links.tar.gz"
     archive_md5 = make_tar(archive, [link("cifar-10-batches-py/data_batch_1", str(victim)),
                                      *members.items()])
-    with pytest.raises(DataError, match=r"data_batch_1, test_batch missing"):
+    with pytest.raises(PipelineError, match=r"data_batch_1, test_batch missing"):
         download_cifar10(str(archive), archive_md5, tmp_path / "out")
     assert victim.read_text() == "untouched"
     assert sorted(os.listdir(tmp_path)) == ["links.tar.gz", "victim"]  # no out/, no temp files
@@ -139,7 +140,7 @@ def test_wrong_layout_names_the_missing_members(cifar_archive, tmp_path):
     flat = {Path(name).name: data for name, data in members.items()}  # no top folder
     archive = tmp_path / "flat.tar.gz"
     archive_md5 = make_tar(archive, list(flat.items()))
-    with pytest.raises(DataError) as error:
+    with pytest.raises(PipelineError) as error:
         download_cifar10(str(archive), archive_md5, tmp_path / "out")
     assert str(archive) in str(error.value)
     assert all(name in str(error.value) for name in BATCH_FILES)
@@ -147,11 +148,11 @@ def test_wrong_layout_names_the_missing_members(cifar_archive, tmp_path):
 
 
 def test_truncated_archive_with_matching_md5_names_the_file(cifar_archive, tmp_path):
-    """A corrupt gzip stream is a DataError naming the archive, not a traceback."""
+    """A corrupt gzip stream is a PipelineError naming the archive, not a traceback."""
     data = cifar_archive[0].read_bytes()
     archive = tmp_path / "truncated.tar.gz"
     archive.write_bytes(data[: len(data) // 2])
-    with pytest.raises(DataError, match=re.escape(str(archive))):
+    with pytest.raises(PipelineError, match=re.escape(str(archive))):
         download_cifar10(str(archive), md5(archive), tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == ["truncated.tar.gz"]
 
@@ -161,28 +162,28 @@ def test_truncated_archive_with_matching_md5_names_the_file(cifar_archive, tmp_p
     pickle.dumps([1, 2, 3], protocol=2), pickle.dumps({"data": np.zeros((2, 100), np.uint8)}),
 ], ids=["empty", "text", "no-data-key", "list", "wrong-shape"])
 def test_load_batch_on_garbage_names_the_file(tmp_path, content):
-    """Any file that is not a CIFAR-10 batch: DataError naming it."""
+    """Any file that is not a CIFAR-10 batch: PipelineError naming it."""
     path = tmp_path / "data_batch_1"
     path.write_bytes(content)
-    with pytest.raises(DataError, match=re.escape(str(path))):
+    with pytest.raises(PipelineError, match=re.escape(str(path))):
         load_batch(path)
 
 
 def test_load_batch_on_a_missing_file_says_to_download(tmp_path):
-    with pytest.raises(DataError, match="dvc repro download"):
+    with pytest.raises(PipelineError, match="dvc repro download"):
         load_batch(tmp_path / "data_batch_1")
 
 
 def test_offline_http_error_says_how_to_use_a_local_archive(tmp_path):
     """Connection refused (port 9): the message points at data.url; nothing is left behind."""
-    with pytest.raises(DataError, match="data.url") as error:
+    with pytest.raises(PipelineError, match="data.url") as error:
         download_cifar10("http://127.0.0.1:9/cifar-10-python.tar.gz", "0" * 32, tmp_path / "out")
     assert "http://127.0.0.1:9/" in str(error.value)
     assert os.listdir(tmp_path) == []
 
 
 def test_missing_local_archive_names_data_url(tmp_path):
-    with pytest.raises(DataError, match="data.url"):
+    with pytest.raises(PipelineError, match="data.url"):
         download_cifar10(str(tmp_path / "nope.tar.gz"), "0" * 32, tmp_path / "out")
     assert os.listdir(tmp_path) == []
 
@@ -220,9 +221,10 @@ def test_export_real_stage_writes_the_archive_pixels(downloaded, tmp_path):
 
 
 def test_export_real_stage_limit_and_test_split(downloaded, tmp_path):
-    """data.real_split=test and data.limit=10: the first 10 test images."""
+    """data.real_split=test and data.limit=10: the first 10 test images (a limit that valid params
+    allow only with a batch that fits it)."""
     result = run_stage("export_real.py", tmp_path, "--cifar", str(downloaded), "--out", "real",
-                       data__real_split="test", data__limit=10)
+                       data__real_split="test", data__limit=10, train__batch_size=10)
     assert result.returncode == 0, result.stderr
     assert np.array_equal(read_folder(tmp_path / "real"),
                           fakes.cifar_images("test", PER_BATCH)[:10])

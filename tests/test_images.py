@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm.images import (ImageFolderError, check_pngs, grid, list_pngs, read_png, to_float,
+from ddpm.errors import PipelineError
+from ddpm.images import (check_pngs, grid, list_pngs, read_png, to_float,
                          to_uint8, write_pngs)
 
 
@@ -64,12 +65,12 @@ def test_list_pngs_sorts_numerically_and_ignores_other_files(tmp_path):
 
 
 def test_list_pngs_missing_folder_or_too_few_images(tmp_path):
-    """A missing folder, or fewer than min_count PNGs, is an ImageFolderError naming the folder."""
+    """A missing folder, or fewer than min_count PNGs, is an PipelineError naming the folder."""
     missing = tmp_path / "nowhere"
-    with pytest.raises(ImageFolderError, match="nowhere"):
+    with pytest.raises(PipelineError, match="nowhere"):
         list_pngs(missing)
     write_pngs(random_images(2), tmp_path)
-    with pytest.raises(ImageFolderError, match=re.escape(str(tmp_path))):
+    with pytest.raises(PipelineError, match=re.escape(str(tmp_path))):
         list_pngs(tmp_path, min_count=3)
     assert len(list_pngs(tmp_path, min_count=2)) == 2
 
@@ -94,13 +95,13 @@ def _bad_images(folder):
 
 
 def test_read_png_and_check_pngs_name_the_bad_file(tmp_path):
-    """Wrong size, RGBA, grayscale, a JPEG, a truncated file: an ImageFolderError naming it."""
+    """Wrong size, RGBA, grayscale, a JPEG, a truncated file: an PipelineError naming it."""
     good = tmp_path / "ok.png"
     save(random_images(1)[0], good)
     for bad in _bad_images(tmp_path / "bad"):
-        with pytest.raises(ImageFolderError, match=bad.name):
+        with pytest.raises(PipelineError, match=bad.name):
             read_png(bad)
-        with pytest.raises(ImageFolderError, match=bad.name):
+        with pytest.raises(PipelineError, match=bad.name):
             check_pngs([good, bad])
 
 

@@ -126,12 +126,25 @@ def test_the_seed_network_is_the_default_and_the_paper_network_one_switch_away(b
     (dict(time_dim=63), "model.time_dim = 63: expected an even integer >= 4"),
 ])
 def test_what_the_seed_network_cannot_honour_is_a_params_error(base_params, overrides, message):
+    """check_params builds the network on the meta device: its constructor's own checks name the
+    model.* key."""
     import copy
     raw = copy.deepcopy(base_params)
     raw["model"].update(overrides)
     with pytest.raises(ParamsError) as info:
-        parse_params(raw)
+        networks.checked_size(parse_params(raw).model)
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_a_network_too_large_to_train_is_a_params_error_with_its_size(base_params):
+    """Built on the meta device, so counting 6.5 billion parameters allocates nothing."""
+    import copy
+    raw = copy.deepcopy(base_params)
+    raw["model"]["channels"] = [4096] * 4
+    with pytest.raises(ParamsError, match=r"^model\.\*: the seed network of these values has "
+                                          r"6,464,143,363 parameters \(129 GB of weights"):
+        networks.checked_size(parse_params(raw).model)
+    assert networks.checked_size(parse_params(base_params).model) == SEED_PARAMETERS
 
 
 # -- both networks --------------------------------------------------------------------------------
@@ -215,8 +228,9 @@ def test_fresh_network_predicts_zero():
     (dict(channels=[8] * 7), "model.channels"),                       # 32 cannot halve 6 times
 ])
 def test_impossible_shapes_fail_at_construction_naming_the_key(kwargs, key):
-    """A UNet that cannot be built raises ParamsError (a ValueError) whose message names the key."""
-    with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+    """A UNet that cannot be built raises ArgumentError (a ValueError) whose message starts with
+    the argument's name, which check_params turns into the model.* key."""
+    with pytest.raises(networks.ArgumentError, match="^" + key.split(".")[1]):
         small_unet(**kwargs)
 
 

@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+import yaml
 
 from ddpm.params import ParamsError, load_params, parse_params
 from fakes import ROOT, committed_params
@@ -43,40 +48,56 @@ def raw(base_params):
 
 
 @pytest.mark.parametrize("section, key, value, message", [
-    ("train", "lr", -1.0, "train.lr = -1.0: expected a positive number"),
-    ("train", "lr", "fast", "train.lr = 'fast': expected a number"),
-    ("train", "batch_size", 0, "train.batch_size = 0: expected a positive integer"),
-    ("train", "batch_size", 2.5, "train.batch_size = 2.5: expected an integer"),
+    ("train", "lr", -1.0, "train.lr = -1.0: expected a finite number in (0, 1]"),
+    ("train", "lr", "fast", "train.lr = 'fast': expected a finite number in (0, 1]"),
+    ("train", "batch_size", 0, "train.batch_size = 0: expected an integer in [1, 65536]"),
+    ("train", "batch_size", 2.5, "train.batch_size = 2.5: expected an integer in [1, 65536]"),
+    ("train", "batch_size", True, "train.batch_size = True: expected an integer"),
     ("train", "precision", "fp8", "train.precision = 'fp8': expected auto | fp32 | fp16 | bf16"),
-    ("train", "ema_decay", 1.0, "train.ema_decay = 1.0: expected a number in [0, 1)"),
+    ("train", "ema_decay", 1.0, "train.ema_decay = 1.0: expected a finite number in [0, 1)"),
     ("train", "compile", "yes", "train.compile = 'yes': expected auto, true, false or a "
                                 "torch.compile mode (default, reduce-overhead, max-autotune"),
     ("train", "compile", 1, "train.compile = 1: expected auto, true, false or a torch.compile mode"),
-    ("train", "batch_gpu", 0, "train.batch_gpu = 0: expected auto or a positive integer"),
-    ("train", "fid_every", -1, "train.fid_every = -1: expected 0 (off) or a number of epochs"),
-    ("train", "fid_images", 1, "train.fid_images = 1: expected at least 2"),
+    ("train", "batch_gpu", 0, "train.batch_gpu = 0: expected auto or an integer in [1, 65536]"),
+    ("train", "fid_every", -1, "train.fid_every = -1: expected an integer in [0, 100000]"),
+    ("train", "fid_images", 1, "train.fid_images = 1: expected an integer in [2, 100000]"),
     ("train", "fid_steps", 1001, "train.fid_steps = 1001: expected at most diffusion.timesteps"),
     ("train", "batch_gpu", "max", "train.batch_gpu = 'max': expected auto or an integer"),
     ("train", "batch_gpu", 48, "train.batch_gpu = 48: must divide the 128 images each of 1 "
                                "process(es) takes from train.batch_size = 128"),
     ("train", "gpus", 3, "train.batch_size = 128: must split evenly over 3 processes "
                          "(train.gpus); e.g. 126"),
-    ("sample", "compile", 1, "sample.compile = 1: expected auto, true or false"),
-    ("model", "channels", [], "model.channels = []: expected one positive width"),
-    ("model", "channels", [64, "x"], "model.channels[1] = 'x': expected an integer"),
-    ("model", "heads", 5, "model.heads = 5: must divide the width"),
+    ("sample", "compile", 1, "sample.compile = 1: expected auto, true, false or a torch.compile"),
+    ("model", "channels", [], "model.channels = []: expected a list of 1 to 6 items, each an "
+                              "integer in [1, 4096]"),
+    ("model", "channels", [64, "x"], "model.channels[1] = 'x': expected an integer in [1, 4096]"),
     ("model", "arch", "dit", "model.arch = 'dit': expected seed | ddpm"),
-    ("model", "attention_resolutions", [2], "model.attention_resolutions: 2 is not a resolution"),
-    ("train", "warmup_steps", -1, "train.warmup_steps = -1: expected 0 (off) or a number of steps"),
+    ("train", "warmup_steps", -1, "train.warmup_steps = -1: expected an integer in [0, "),
     ("sample", "clip_denoised", "yes", "sample.clip_denoised = 'yes': expected true or false"),
-    ("model", "dropout", 1.0, "model.dropout = 1.0: expected a probability in [0, 1)"),
+    ("model", "dropout", 1.0, "model.dropout = 1.0: expected a finite number in [0, 1)"),
     ("diffusion", "schedule", "quadratic", "diffusion.schedule = 'quadratic': expected linear"),
     ("diffusion", "beta_end", 1e-5, "diffusion.beta_end = 1e-05: expected a number in [beta_start"),
     ("data", "md5", "xyz", "data.md5 = 'xyz': expected 32 lowercase hex digits"),
-    ("data", "real_split", "valid", "data.real_split = 'valid': expected train or test"),
+    ("data", "real_split", "valid", "data.real_split = 'valid': expected train | test"),
+    ("data", "limit", 100, "data.limit = 100: expected 0 (every image) or at least "
+                           "train.batch_size=128 images"),
     ("sample", "sampler", "euler", "sample.sampler = 'euler': expected ddpm | ddim | dpm-solver++"),
     ("sample", "steps", 1001, "sample.steps = 1001: expected at most diffusion.timesteps=1000"),
+    ("sample", "eta", 1.5, "sample.eta = 1.5: expected a finite number in [0, 1]"),
     ("fid", "dims", 100, "fid.dims = 100: expected 64 | 192 | 768 | 2048"),
+    ("fid", "batch_size", 10**6, "fid.batch_size = 1000000: expected an integer in [1, 1024]"),
+    # What would exhaust memory or time before doing anything useful (issue 21's table)
+    ("train", "lr", float("inf"), "train.lr = inf: expected a finite number"),
+    ("train", "grad_clip", float("inf"), "train.grad_clip = inf: expected a finite number >= 0"),
+    ("sample", "eta", float("nan"), "sample.eta = nan: expected a finite number"),
+    ("train", "epochs", 1e30, "train.epochs = 1e+30: expected an integer in [1, 100000]"),
+    ("diffusion", "timesteps", 10**12, "diffusion.timesteps = 1000000000000: expected an "
+                                        "integer in [1, 100000]"),
+    ("model", "channels", [2**20] * 4, "model.channels[0] = 1048576: expected an integer in "
+                                       "[1, 4096]"),
+    ("train", "preview_images", 10**9, "train.preview_images = 1000000000: expected an integer "
+                                       "in [1, 1024]"),
+    ("sample", "num_images", 10**9, "sample.num_images = 1000000000: expected an integer in "),
 ])
 def test_a_bad_value_is_one_line_naming_the_key_and_what_is_accepted(raw, section, key, value,
                                                                      message):
@@ -89,6 +110,10 @@ def test_a_bad_value_is_one_line_naming_the_key_and_what_is_accepted(raw, sectio
 def test_top_level_values_are_checked(raw):
     raw["device"] = "tpu"
     with pytest.raises(ParamsError, match="^device = 'tpu': expected auto | cpu | cuda"):
+        parse_params(raw)
+    raw["device"], raw["seed"] = "cpu", 2**70
+    with pytest.raises(ParamsError, match=r"^seed = 1180591620717411303424: expected an integer "
+                                          r"in \[0, 9223372036854775807\]"):
         parse_params(raw)
 
 
@@ -104,12 +129,65 @@ def test_unknown_and_missing_keys_are_named(raw):
         parse_params(raw)
 
 
-def test_yaml_quirks_are_accepted(raw):
-    """PyYAML reads 1e-4 (no dot) as a string and integers where floats are meant."""
-    raw["train"].update(lr="1e-4", grad_clip=1)
-    params = parse_params(raw)
+def test_numbers_are_read_as_yaml_1_2_writes_them(tmp_path):
+    """1e-4 is a number (YAML 1.1, and so PyYAML, would make it a string), an integer is a float
+    where a float is meant, and a string is not a number."""
+    text = yaml.safe_dump(committed_params(), sort_keys=False)
+    path = tmp_path / "params.yaml"
+    path.write_text(set_line(set_line(text, "lr", "1e-4"), "grad_clip", "1"))
+    params = load_params(path)
     assert params.train.lr == 1e-4 and params.train.grad_clip == 1.0
     assert isinstance(params.train.grad_clip, float)
+    path.write_text(set_line(text, "lr", "'1e-4'"))
+    with pytest.raises(ParamsError, match="train.lr = '1e-4': expected a finite number"):
+        load_params(path)
+
+
+def set_line(text: str, key: str, value: str) -> str:
+    """params.yaml's text with the (indented, unique) line of `key` set to `value` as written."""
+    new, count = re.subn(rf"(?m)^(\s*{key}:).*$", rf"\g<1> {value}", text)
+    assert count == 1, key
+    return new
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: &x [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &y [*x, *x, *x, *x, *x, *x, *x, *x, *x, *x]\n"
+     "c: [*y, *y, *y, *y, *y, *y, *y, *y, *y, *y]\n",
+     "line 1: anchors and aliases (& and *) are not accepted"),
+    ("seed: 0\nseed: 1\n", "line 2: the key 'seed' appears twice (also on line 1)"),
+    ("1: 2\n", "line 1: the key 1 is not a string"),
+    ("train:\n  null: 5\n", "line 2: the key null is not a string"),
+    ("a: " + "[" * 20_000 + "]" * 20_000 + "\n", "line 1: nested more than 16 levels deep"),
+    ("# " + "x" * (2 << 20) + "\n", "2,097,155 bytes; a params file is a few KB"),
+])
+def test_a_hostile_params_file_is_one_short_line_at_once(tmp_path, text, message):
+    """Aliases (a few lines that expand to billions of values), duplicate keys (the last would win
+    silently), non-string keys and deep nesting are refused while reading, before any value is
+    built; the message is one line of under 300 characters."""
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    assert str(info.value).startswith(f"{path}: {message}")
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+
+
+def test_an_alias_bomb_stops_check_params_within_seconds(tmp_path):
+    """The bomb of issue 21 (nested anchors, 10^9 values under model.channels) through the
+    check_params stage itself: exit code 2, one short line, in the time of a Python start."""
+    levels = ["l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
+        f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
+    text = yaml.safe_dump(committed_params(), sort_keys=False)
+    bomb = "\n".join(levels) + "\n" + text.replace("channels:", "channels: *l8\n  old_channels:")
+    (tmp_path / "params.yaml").write_text(bomb)
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, str(ROOT / "stages/check_params.py"), "--out",
+                           str(tmp_path / "ok")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert time.monotonic() - start < 30
+    assert done.returncode == 2 and not (tmp_path / "ok").exists()
+    assert done.stderr.startswith("error: params.yaml: line 1: anchors and aliases")
+    assert done.stderr.count("\n") == 1 and len(done.stderr) < 300
 
 
 def test_the_removed_grad_accum_says_what_replaced_it(raw):
@@ -147,7 +225,7 @@ def test_file_errors_name_the_file(tmp_path):
     (tmp_path / "params.yaml").write_text("train: [unclosed")
     with pytest.raises(ParamsError, match="params.yaml: not valid YAML"):
         load_params(tmp_path / "params.yaml")
-    (tmp_path / "params.yaml").write_text("seed: -1\n")
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
     with pytest.raises(ParamsError, match="params.yaml: device: missing"):
         load_params(tmp_path / "params.yaml")
 
@@ -161,15 +239,15 @@ def test_to_dict_round_trips(raw):
 def test_compile_settings_resolve_per_device(raw, setting, monkeypatch):
     """auto compiles on CUDA GPUs with Triton only; true and false are taken as they are."""
     import torch.utils._triton
-    from ddpm.runtime import compile_mode, resolve_compile
+    from ddpm.runtime import compile_mode
     raw["train"]["compile"] = raw["sample"]["compile"] = setting
     params = parse_params(raw)
     assert params.train.compile == params.sample.compile == setting
     for triton in (True, False):
         monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: triton)
-        assert resolve_compile(setting, torch.device("cpu")) is (setting is True)
+        assert (compile_mode(setting, torch.device("cpu")) is not None) is (setting is True)
         on_gpu = triton if setting == "auto" else setting
-        assert resolve_compile(setting, torch.device("cuda", 0)) is on_gpu
+        assert (compile_mode(setting, torch.device("cuda", 0)) is not None) is on_gpu
         assert compile_mode(setting, torch.device("cuda", 0)) == ("default" if on_gpu else None)
 
 
@@ -214,7 +292,7 @@ def test_the_tests_read_the_committed_params_not_the_working_copy(tmp_path):
     subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(ROOT), str(clone)], check=True,
                    timeout=120)
     (clone / "params.yaml").write_text((ROOT / "params.yaml").read_text()
-                                       .replace("lr: 2.0e-4", "lr: 1.0e-4")
+                                       .replace("lr: 0.0002", "lr: 0.0001")
                                        .replace("arch: seed", "arch: ddpm"))
     assert yaml.safe_load((clone / "params.yaml").read_text())["train"]["lr"] == 1e-4
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
@@ -222,3 +300,45 @@ def test_the_tests_read_the_committed_params_not_the_working_copy(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-2000:]
     assert committed_params()["train"]["lr"] == 2e-4
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(device="cuda:99"), "error: params.yaml: device = cuda:99, but "),
+    (dict(model__heads=5), "error: params.yaml: model.heads = 5: must divide the width 192"),
+    (dict(model__channels=[4096] * 4), "error: params.yaml: model.*: the seed network of these "
+                                       "values has 6,464,143,363 parameters"),
+])
+def test_check_params_knows_what_would_fail_later(tmp_path, overrides, message):
+    """The device (on this machine) and the network (built on the meta device) are checked by the
+    first stage, before DVC deletes any output: one line, exit code 2, no marker."""
+    from fakes import run_stage
+    done = run_stage("check_params.py", tmp_path, "--out", str(tmp_path / "ok"), **overrides)
+    assert done.returncode == 2 and not (tmp_path / "ok").exists(), done.stderr
+    assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_check_params_says_what_the_run_will_hold(tmp_path):
+    """The committed params: the seed network's parameter count and the bytes of its training
+    state (5 fp32 copies: weights, gradients, two Adam moments, EMA)."""
+    from fakes import run_stage
+    done = run_stage("check_params.py", tmp_path, "--out", str(tmp_path / "ok"), device="cpu")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "ok").read_text() == "params.yaml is valid\n"
+    gib = 20 * 32_655_651 / 2**30
+    assert (f"the seed network, 32,655,651 parameters ({gib:.2f} GiB of weights, gradients, Adam "
+            "moments and EMA), cpu, ") in done.stdout
+
+
+def test_the_json_schema_for_editors_is_the_one_the_code_checks():
+    """params.schema.json (for editors: completion and checks of params.yaml) is generated from the
+    classes that validate; regenerate it with `python -m ddpm.params schema > params.schema.json`."""
+    import json
+    from ddpm.params import json_schema
+    committed = json.loads((ROOT / "params.schema.json").read_text())
+    assert committed == json_schema()
+    train = committed["properties"]["train"]
+    assert train["additionalProperties"] is False and "lr" in train["required"]
+    assert train["properties"]["epochs"] == {"description": "passes over the training images",
+                                             "type": "integer", "minimum": 1, "maximum": 100000}
+    assert train["properties"]["lr"]["exclusiveMinimum"] == 0
+    assert committed["properties"]["fid"]["properties"]["dims"]["enum"] == [64, 192, 768, 2048]

@@ -75,7 +75,7 @@ def test_the_loss_falls_when_training_on_real_images(real_cifar, tiny, tmp_path,
     trainer = Trainer(parse_params(raw), train_paths(tmp_path, real_cifar), World(),
                       torch.device("cpu"))
     trainer.run()
-    losses = [row[1] for row in trainer.progress.rows]
+    losses = [row[1] for row in trainer.state.progress.rows]
     assert len(losses) == 64
     assert np.mean(losses[-16:]) < LOSS_RATIO * np.mean(losses[:4]), losses
 

@@ -14,8 +14,7 @@ from PIL import Image
 
 from ddpm import checkpoint, networks
 from ddpm.diffusion import Schedule
-from ddpm.errors import Interrupted
-from ddpm.generate import (MANIFEST, generate, generate_folder, identity, keep_or_clean,
+from ddpm.generate import (MANIFEST, generate, generate_folder, sample_manifest, keep_or_clean,
                            load_ema_model, shard)
 from ddpm.params import parse_params
 from ddpm.runtime import World
@@ -158,13 +157,13 @@ def test_an_interrupted_run_keeps_its_whole_batches_and_ends_as_an_uninterrupted
         resume, capsys, sampler):
     params, root, model, sched = resume
     params = dataclasses.replace(params, sample=dataclasses.replace(params.sample, sampler=sampler))
-    wanted = identity(root / "ema.pt", params, "fp32", CPU, World())
+    wanted = sample_manifest(root / "ema.pt", params, "fp32", CPU, World())
     generate_folder(model, sched, params, "fp32", root / "straight", World(), wanted)
     straight = files(root / "straight")
     assert sorted(straight, key=lambda name: int(name[:-4])) == [f"{i}.png" for i in range(7)]
 
     steps = params.sample.steps
-    with pytest.raises(Interrupted, match="kept in .*\\.out\\.partial"):  # in the 2nd batch
+    with pytest.raises(KeyboardInterrupt):  # in the 2nd batch
         generate_folder(Forwards(model, stop=steps + 3), sched, params, "fp32", root / "out",
                         World(), wanted)
     staging = root / ".out.partial"
@@ -190,7 +189,7 @@ def test_an_interrupted_run_keeps_its_whole_batches_and_ends_as_an_uninterrupted
 def test_other_weights_or_params_or_no_manifest_start_clean_and_say_why(resume, capsys):
     params, root, _, _ = resume
     staging = root / ".out.partial"
-    wanted = identity(root / "ema.pt", params, "fp32", CPU, World())
+    wanted = sample_manifest(root / "ema.pt", params, "fp32", CPU, World())
     for found, why in [(dict(wanted, **{"sample.steps": 4}), "other sample.steps (4, now 8)"),
                        (dict(wanted, **{"ema.sha256": "0" * 64}), "other EMA weights"),
                        (None, "no readable record of the weights and params")]:
@@ -208,9 +207,9 @@ def test_other_weights_or_params_or_no_manifest_start_clean_and_say_why(resume, 
 
     trained = root / "trained.pt"
     checkpoint.save({"ema": {}, "other": 1}, trained)
-    assert identity(trained, params, "fp32", CPU, World())["ema.sha256"] != wanted["ema.sha256"]
+    assert sample_manifest(trained, params, "fp32", CPU, World())["ema.sha256"] != wanted["ema.sha256"]
     wider = dataclasses.replace(params, sample=dataclasses.replace(params.sample, batch_size=2))
-    assert identity(root / "ema.pt", wider, "fp32", CPU, World())["sample.batch_size"] == 2
+    assert sample_manifest(root / "ema.pt", wider, "fp32", CPU, World())["sample.batch_size"] == 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +225,7 @@ class ThreadWorld(World):
 def test_two_processes_resume_each_its_share(resume):
     """Shares [0..3] and [4..6] in batches of 3: [0, 1, 2], [3], [4, 5, 6]."""
     params, root, model, sched = resume
-    wanted = identity(root / "ema.pt", params, "fp32", CPU, World(0, 2))
+    wanted = sample_manifest(root / "ema.pt", params, "fp32", CPU, World(0, 2))
 
     def run(out, models):
         gate = threading.Barrier(2)
@@ -250,3 +249,67 @@ def test_two_processes_resume_each_its_share(resume):
     run(root / "out", counting)
     assert [c.calls for c in counting] == [params.sample.steps] * 2  # [3] and [4, 5, 6]
     assert files(root / "out") == straight
+
+
+class Diverging(Forwards):
+    """The model, whose eps of image `bad` (in its batch) is NaN from forward pass `at` on."""
+
+    def __init__(self, model, bad: int, at: int):
+        super().__init__(model)
+        self.bad, self.at = bad, at
+
+    def __call__(self, x, t):
+        eps = super().__call__(x, t)
+        if self.calls >= self.at:
+            eps = eps.clone()
+            eps[self.bad] = float("nan")
+        return eps
+
+
+@pytest.mark.parametrize("setup", ["seed"], indirect=True)
+def test_non_finite_images_are_refused_not_written_black(resume):
+    """to_uint8(NaN) is 0: without the check, a NaN image would be a black PNG. The batch with
+    one (the 2nd: images 3-5, by its last step) stops the stage in one line naming its images;
+    the first batch's images stay for the next run, and no PNG of the bad batch is written."""
+    from ddpm.generate import PipelineError
+    from ddpm.images import to_uint8
+    params, root, model, sched = resume
+    assert to_uint8(torch.full((1, 3, 2, 2), float("nan"))).max() == 0  # the silent failure
+    steps = params.sample.steps
+    with pytest.raises(PipelineError) as info:
+        generate(Diverging(model, bad=1, at=2 * steps), sched, params, "fp32", range(7),
+                 root, progress=False)
+    assert str(info.value).startswith("images 3-5 came out NaN or infinite (fp32, ddpm, 8 steps)"
+                                      " and were not written")
+    assert sorted(p.name for p in root.glob("*.png")) == ["0.png", "1.png", "2.png"]
+
+
+@pytest.mark.parametrize("setup", ["seed"], indirect=True)
+def test_an_ema_file_with_non_finite_weights_is_refused(setup):
+    params, root = setup
+    state = checkpoint.load(root / "ema.pt")
+    name = next(iter(state["ema"]))
+    state["ema"][name] = state["ema"][name].clone().fill_(float("inf"))
+    checkpoint.save(state, root / "bad.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=f"bad.pt: its EMA weights hold NaN or "
+                       f"infinite values \\({re.escape(name)}\\): retrain"):
+        load_ema_model(root / "bad.pt", params, CPU)
+
+
+@pytest.mark.parametrize("setup", ["seed"], indirect=True)
+def test_an_interrupt_leaves_the_staging_folder_and_the_stage_says_where(resume):
+    """Ctrl-C and SIGTERM (Terminated) pass through generate_folder, which keeps what it drew;
+    the stage's line (ddpm.cli, tests/test_cli.py) names that folder."""
+    from ddpm.errors import Terminated
+    from ddpm.generate import where
+    params, root, _, sched = resume
+    wanted = sample_manifest(root / "ema.pt", params, "fp32", CPU, World())
+    for interrupt in (Terminated, KeyboardInterrupt):
+        def stop(x, t, interrupt=interrupt):
+            raise interrupt
+        with pytest.raises(interrupt):
+            generate_folder(stop, sched, params, "fp32", root / "out", World(), wanted)
+        assert (root / ".out.partial" / MANIFEST).is_file()
+    assert where(root / "out") == (f"; the images drawn so far are kept in {root}/.out.partial "
+                                   "for a run with the same EMA weights and params. Run the same "
+                                   "command again to draw the rest")

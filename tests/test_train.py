@@ -14,26 +14,39 @@ import torch
 from tqdm import tqdm
 
 from ddpm import batches, checkpoint, evaluate, train
+from ddpm.errors import PipelineError
 from ddpm.ema import EMA
 from ddpm.params import parse_params
 from ddpm.runtime import World
-from ddpm.train import Trainer, TrainingError
+from ddpm.train import Trainer
 from fakes import make_cifar_archive, record_draws, train_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(tiny: dict, root: Path, cifar: Path, arch: str = "seed", dtype=torch.float32,
-        dropout: float | None = None, **train_overrides) -> Trainer:
+def make(tiny: dict, root: Path, cifar: Path, arch: str = "seed", dtype=torch.float32,
+         dropout: float | None = None, **train_overrides) -> Trainer:
     raw = copy.deepcopy(tiny)
     raw["model"]["arch"] = arch
     if dropout is not None:
         raw["model"]["dropout"] = dropout
     raw["train"].update(train_overrides)
-    trainer = Trainer(parse_params(raw), train_paths(root, cifar), World(), torch.device("cpu"),
-                      dtype=dtype)
+    return Trainer(parse_params(raw), train_paths(root, cifar), World(), torch.device("cpu"),
+                   dtype=dtype)
+
+
+def run(*args, **kwargs) -> Trainer:
+    trainer = make(*args, **kwargs)
     trainer.run()
     return trainer
+
+
+def interrupted(*args, **kwargs) -> str:
+    """Run until the KeyboardInterrupt that a test arranged; the line the stage then prints."""
+    trainer = make(*args, **kwargs)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    return f"train: interrupted{trainer.where()}"
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -81,8 +94,8 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny, cifar_dir, tmp_pa
     straight = run(tiny, tmp_path / "a", cifar_dir, arch, epochs=3, sample_every=0)
     run(tiny, tmp_path / "b", cifar_dir, arch, epochs=1, sample_every=0)
     resumed = run(tiny, tmp_path / "b", cifar_dir, arch, epochs=3, sample_every=0)
-    assert resumed.progress.step == straight.progress.step == 3 * straight.steps_per_epoch
-    assert_same_weights(straight.model.state_dict(), resumed.model.state_dict())
+    assert resumed.state.progress.step == straight.state.progress.step == 3 * straight.steps_per_epoch
+    assert_same_weights(straight.state.model.state_dict(), resumed.state.model.state_dict())
     assert_same_weights(checkpoint.load(tmp_path / "a" / "ema.pt")["ema"],
                         checkpoint.load(tmp_path / "b" / "ema.pt")["ema"])
     def losses(folder):  # step and loss columns (the third, images/s, is a timing)
@@ -92,31 +105,29 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny, cifar_dir, tmp_pa
 
 def test_an_interrupted_run_resumes_from_its_own_folder_whatever_dvc_put_back(
         tiny, cifar_dir, tmp_path, monkeypatch, capsys):
-    """Ctrl-C in epoch 2 ends in one Interrupted line; then models/checkpoints is replaced by
+    """Ctrl-C in epoch 2 ends in one line; then models/checkpoints is replaced by
     another run's published checkpoint (what `dvc exp run` restores from dvc.lock). The run
     resumes from models/runs/<id> at epoch 1 and ends bitwise where an uninterrupted run does;
     its folder then moves into models/checkpoints."""
     straight = run(tiny, tmp_path / "a", cifar_dir, epochs=3, sample_every=1)
     other = run(tiny, tmp_path / "b", cifar_dir, epochs=1, sample_every=1, lr=1e-3)
-    real_epoch = Trainer.run_epoch
+    real_epoch = Trainer.epoch
 
     def interrupted_in_epoch_2(self, epoch, bar):
         if epoch == 1:
             raise KeyboardInterrupt
         return real_epoch(self, epoch, bar)
 
-    monkeypatch.setattr(Trainer, "run_epoch", interrupted_in_epoch_2)
-    with pytest.raises(train.Interrupted) as info:
-        run(tiny, tmp_path / "b", cifar_dir, epochs=3, sample_every=1)
-    message = str(info.value)
+    monkeypatch.setattr(Trainer, "epoch", interrupted_in_epoch_2)
+    message = interrupted(tiny, tmp_path / "b", cifar_dir, epochs=3, sample_every=1)
     assert "\n" not in message and message.startswith("train: interrupted in epoch 2 of 3;")
     assert "(epoch 1), is kept" in message and "Run the same command again" in message
     monkeypatch.undo()
-    assert other.progress.epoch == 1  # its checkpoint is the published one, another config
+    assert other.state.progress.epoch == 1  # its checkpoint is the published one, another config
     capsys.readouterr()
     resumed = run(tiny, tmp_path / "b", cifar_dir, epochs=3, sample_every=1)
     assert "/runs/" in capsys.readouterr().err.split("resuming from ")[1].split(" at epoch 1")[0]
-    assert_same_weights(straight.ema.state_dict(), resumed.ema.state_dict())
+    assert_same_weights(straight.state.ema.state_dict(), resumed.state.ema.state_dict())
     assert not list((tmp_path / "b" / "runs").iterdir())  # finished: moved, not copied
     published = checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")
     assert published["progress"]["epoch"] == 3
@@ -131,8 +142,7 @@ def test_unfinished_runs_of_other_configs_are_named_with_their_size(tiny, cifar_
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Trainer, "end_of_epoch", checkpoint_then_ctrl_c)
-    with pytest.raises(train.Interrupted):
-        run(tiny, tmp_path, cifar_dir, epochs=2, sample_every=0, lr=1e-3)
+    interrupted(tiny, tmp_path, cifar_dir, epochs=2, sample_every=0, lr=1e-3)
     monkeypatch.undo()
     capsys.readouterr()
     run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0)
@@ -146,7 +156,7 @@ def test_a_changed_config_starts_fresh_and_says_why(tiny, cifar_dir, tmp_path, c
     again = run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0, lr=1e-3)
     err = capsys.readouterr().err
     assert "train.lr" in err and "starting fresh" in err
-    assert again.progress.epoch == 1  # trained from scratch, not from the old checkpoint
+    assert again.state.progress.epoch == 1  # trained from scratch, not from the old checkpoint
 
 
 @pytest.mark.parametrize("step, expected", [(0, 0.0), (50, 1e-4), (100, 2e-4), (5000, 2e-4)])
@@ -207,7 +217,7 @@ def test_a_corrupt_checkpoint_is_named_and_training_starts_fresh(tiny, cifar_dir
     (tmp_path / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
     trainer = run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0)
     assert "last.pt" in capsys.readouterr().err
-    assert trainer.progress.epoch == 1
+    assert trainer.state.progress.epoch == 1
 
 
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, cifar_dir, tmp_path,
@@ -220,7 +230,7 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, cifar_
         return value * float("nan") if len(calls) > 2 * 3 * 2 else value  # in epoch 3
 
     monkeypatch.setattr(train.diffusion, "loss", loss_that_diverges)
-    with pytest.raises(TrainingError, match="non-finite|nan"):
+    with pytest.raises(PipelineError, match="non-finite|nan"):
         run(tiny, tmp_path, cifar_dir, epochs=4, sample_every=0)
     unfinished, = (tmp_path / "runs").glob("*/last.pt")  # kept where the next run resumes it
     state = checkpoint.load(unfinished)
@@ -229,18 +239,25 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, cifar_
     assert not (tmp_path / "ema.pt").exists()
 
 
-def test_outputs_hold_the_metrics_loss_log_and_previews(tiny, cifar_dir, tmp_path):
+def test_outputs_hold_the_metrics_report_loss_log_and_previews(tiny, cifar_dir, tmp_path):
+    """metrics/train.json holds what experiments compare; reports/train.json what the run was."""
     trainer = run(tiny, tmp_path, cifar_dir, epochs=2, sample_every=1)
     import json
     metrics = json.loads((tmp_path / "train.json").read_text())
-    assert {"loss", "epochs", "steps", "seconds", "images_per_second", "peak_memory_mb",
-            "parameters"} <= metrics.keys()
-    assert metrics["epochs"] == 2 and metrics["steps"] == 2 * trainer.steps_per_epoch
-    assert metrics["parameters"] == sum(p.numel() for p in trainer.model.parameters())
-    assert metrics["effective_batch"] == 16 and metrics["peak_memory_mb"] > 0
+    assert metrics.keys() == {"loss", "epochs", "seconds", "images_per_second", "peak_memory_mb"}
+    assert metrics["epochs"] == 2 and metrics["peak_memory_mb"] > 0
+    assert metrics["images_per_second"] == pytest.approx(
+        2 * trainer.steps_per_epoch * 16 / metrics["seconds"], rel=1e-3)
+    report = json.loads((tmp_path / "train_report.json").read_text())
+    parameters = sum(p.numel() for p in trainer.state.model.parameters())
+    assert report == {"arch": "seed", "parameters": parameters, "steps": 2 * trainer.steps_per_epoch,
+                      "batch_size": 16, "batch_gpu": 8, "rounds": 2, "processes": 1,
+                      "precision": "fp32", "device": "cpu", "device_name": report["device_name"],
+                      "compile": "eager",
+                      "fid_seconds": 0}
     rows = (tmp_path / "loss.tsv").read_text().splitlines()
     assert rows[0] == "step\tloss\timages_per_second"
-    assert [int(r.split("\t")[0]) for r in rows[1:]] == list(range(1, metrics["steps"] + 1))
+    assert [int(r.split("\t")[0]) for r in rows[1:]] == list(range(1, report["steps"] + 1))
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
         "epoch_0001.png", "epoch_0002.png", "progression.png"]
     ema = checkpoint.load(tmp_path / "ema.pt")
@@ -248,10 +265,16 @@ def test_outputs_hold_the_metrics_loss_log_and_previews(tiny, cifar_dir, tmp_pat
 
 
 def test_too_few_images_for_one_step_is_a_clear_error(tiny, cifar_dir, tmp_path):
+    """check_params refuses a data.limit below the batch; a data set that is itself smaller than
+    one batch (10 images for 16) stops the trainer with the keys to change."""
     raw = copy.deepcopy(tiny)
-    raw["data"]["limit"] = 10
-    with pytest.raises(TrainingError, match="data.limit"):
-        Trainer(parse_params(raw), train_paths(tmp_path, cifar_dir), World(), torch.device("cpu"))
+    raw["data"]["limit"] = 0
+    images = torch.zeros(10, 3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(PipelineError, match="10 training images cannot fill one optimizer step of "
+                                            "16 images .* raise data.limit or lower "
+                                            "train.batch_size"):
+        Trainer(parse_params(raw), train_paths(tmp_path, cifar_dir), World(), torch.device("cpu"),
+                images=images)
 
 
 def test_two_processes_end_with_identical_weights(tiny, cifar_dir, tmp_path):
@@ -277,10 +300,13 @@ def test_out_of_memory_says_which_params_to_change(tiny, cifar_dir, tmp_path, mo
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(Trainer, "optimizer_step", out_of_memory)
-    with pytest.raises(TrainingError) as info:
-        run(tiny, tmp_path, cifar_dir, epochs=1)
-    message = str(info.value)
+    monkeypatch.setattr(Trainer, "step", out_of_memory)
+    trainer = make(tiny, tmp_path, cifar_dir, epochs=1)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        trainer.run()
+    sys.path.insert(0, str(ROOT / "stages"))
+    from train import out_of_memory as advice  # the stage's message
+    message = advice(trainer.micro, trainer.params.train)
     assert "with 8 images per forward pass (train.batch_gpu = 8)" in message
     assert "train.batch_size = 16 alone defines it" in message
     assert message.endswith("dvc exp run -S train.batch_gpu=4")
@@ -316,7 +342,7 @@ def one_step(tiny: dict, cifar: Path, root: Path, batch_gpu: int) -> tuple[Train
     trainer = Trainer(parse_params(one_step_params(tiny, batch_gpu)), train_paths(root, cifar),
                       World(), torch.device("cpu"), dtype=torch.float64)
     seen = record_draws(trainer)
-    trainer.run_epoch(0, tqdm(disable=True))
+    trainer.epoch(0, tqdm(disable=True))
     return trainer, {key: torch.cat(values) for key, values in seen.items()}
 
 
@@ -335,18 +361,18 @@ def test_one_step_is_the_same_whatever_the_micro_batch(tiny, cifar_128, tmp_path
     for batch_gpu in (128, 64, 32):
         trainer, seen = one_step(tiny, cifar_128, tmp_path / str(batch_gpu), batch_gpu)
         assert (trainer.micro, trainer.rounds) == (batch_gpu, BATCH // batch_gpu)
-        assert trainer.progress.step == 1 and sorted(seen["idx"].tolist()) == list(range(BATCH))
+        assert trainer.state.progress.step == 1 and sorted(seen["idx"].tolist()) == list(range(BATCH))
         runs[batch_gpu] = trainer, seen
     start = Trainer(parse_params(one_step_params(tiny, 128)), train_paths(tmp_path, cifar_128),
-                    World(), torch.device("cpu"), dtype=torch.float64).model.state_dict()
+                    World(), torch.device("cpu"), dtype=torch.float64).state.model.state_dict()
     reference, reference_seen = runs[128]
     for batch_gpu in (64, 32):
         trainer, seen = runs[batch_gpu]
         for key in ("idx", "flip", "t", "noise"):
             assert torch.equal(seen[key], reference_seen[key]), key
         torch.testing.assert_close(seen["loss"], reference_seen["loss"], rtol=1e-13, atol=0)
-        assert_same_step(reference.model.state_dict(), trainer.model.state_dict(), start)
-        assert_same_step(reference.ema.state_dict(), trainer.ema.state_dict(), start)
+        assert_same_step(reference.state.model.state_dict(), trainer.state.model.state_dict(), start)
+        assert_same_step(reference.state.ema.state_dict(), trainer.state.ema.state_dict(), start)
 
 
 def test_one_and_two_processes_take_the_same_step(tiny, cifar_128, tmp_path):
@@ -367,8 +393,8 @@ def test_one_and_two_processes_take_the_same_step(tiny, cifar_128, tmp_path):
     torch.testing.assert_close(mean, single_seen["loss"], rtol=1e-13, atol=0)
     for rank in ranks:
         assert len(rank["seen"]["idx"]) == 1 and rank["steps"] == 1
-        assert_same_step(single.model.state_dict(), rank["model"], rank["init"])
-        assert_same_step(single.ema.state_dict(), rank["ema"], rank["init"])
+        assert_same_step(single.state.model.state_dict(), rank["model"], rank["init"])
+        assert_same_step(single.state.ema.state_dict(), rank["ema"], rank["init"])
 
 
 def test_resume_across_a_batch_gpu_change_continues_the_run(tiny, cifar_dir, tmp_path, capsys):
@@ -380,11 +406,11 @@ def test_resume_across_a_batch_gpu_change_continues_the_run(tiny, cifar_dir, tmp
     capsys.readouterr()
     resumed = run(tiny, tmp_path / "b", cifar_dir, epochs=2, batch_gpu=16, **common)
     assert "resuming from" in capsys.readouterr().err and resumed.rounds == 1
-    assert resumed.progress.step == straight.progress.step == 2 * 3
+    assert resumed.state.progress.step == straight.state.progress.step == 2 * 3
     start = Trainer(parse_params(dict(tiny, model=dict(tiny["model"], dropout=0.0))),
                     train_paths(tmp_path / "c", cifar_dir), World(), torch.device("cpu"),
-                    dtype=torch.float64).model.state_dict()
-    assert_same_step(straight.model.state_dict(), resumed.model.state_dict(), start)
+                    dtype=torch.float64).state.model.state_dict()
+    assert_same_step(straight.state.model.state_dict(), resumed.state.model.state_dict(), start)
 
 
 @pytest.mark.parametrize("share, fitting, tried, chosen", [
@@ -406,7 +432,7 @@ def test_batch_gpu_auto_probes_down_from_the_share_on_a_gpu(share, fitting, trie
         if share % min(share, 32) == 0 else True
     assert calls == tried  # no probing on a CPU
     assert batches.resolve_batch_gpu(48, share, torch.device("cuda", 0), fits) == min(48, share)
-    with pytest.raises(TrainingError, match="single image"):
+    with pytest.raises(PipelineError, match="single image"):
         batches.resolve_batch_gpu("auto", share, torch.device("cuda", 0), lambda images: False)
 
 
@@ -416,7 +442,7 @@ def test_the_oom_probe_runs_forward_and_backward_and_leaves_no_trace(tiny, cifar
     raw = copy.deepcopy(tiny)
     trainer = Trainer(parse_params(raw), train_paths(tmp_path, cifar_dir), World(),
                       torch.device("cpu"))
-    real_forward, sizes = trainer.model.forward, []
+    real_forward, sizes = trainer.state.model.forward, []
 
     def forward(x, t):
         sizes.append(len(x))
@@ -424,12 +450,13 @@ def test_the_oom_probe_runs_forward_and_backward_and_leaves_no_trace(tiny, cifar
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
         return real_forward(x, t)
 
-    trainer.model.forward = forward
+    trainer.state.model.forward = forward
     before = torch.get_rng_state()
-    assert batches.resolve_batch_gpu("auto", 128, torch.device("cuda", 0), trainer._fits) == 32
+    fits = batches.probe(trainer.state.model, trainer.sched.timesteps, "fp32", torch.device("cpu"))
+    assert batches.resolve_batch_gpu("auto", 128, torch.device("cuda", 0), fits) == 32
     assert sizes == [128, 64, 32]
     assert torch.equal(torch.get_rng_state(), before)
-    assert all(p.grad is None for p in trainer.model.parameters())
+    assert all(p.grad is None for p in trainer.state.model.parameters())
 
 
 # -- FID during training ------------------------------------------------------------------------
@@ -466,13 +493,15 @@ def test_fid_during_training_is_the_fid_stage_on_the_same_images(tiny, cifar_dir
     assert [(int(r[0]), int(r[1])) for r in rows[1:]] == [(1, 3), (2, 6)]
     assert [len(list(folder.iterdir())) for folder in kept] == [6, 6]
     metrics = json.loads((tmp_path / "train.json").read_text())
-    values = [row[2] for row in trainer.progress.fid_rows]
+    values = [row[2] for row in trainer.state.progress.fid_rows]
     assert metrics["fid_last"] == values[-1] and metrics["fid_best"] == min(values)
     assert metrics["fid_best_epoch"] == 1 + values.index(min(values))
-    assert 0 < metrics["fid_seconds"] and metrics["seconds"] > 0
+    report = json.loads((tmp_path / "train_report.json").read_text())
+    assert 0 < report["fid_seconds"] and metrics["seconds"] > 0
     for folder, value in zip(kept, values):
         done = run_stage("fid.py", tmp_path, "--images", str(folder), "--real-stats",
                          str(tmp_path / "real_stats.npz"), "--metrics", str(folder) + ".json",
+                         "--report", str(folder) + ".report.json",
                          device="cpu", fid__dims=fid["dims"], fid__weights=fid["weights"],
                          fid__batch_size=fid["batch_size"])
         assert done.returncode == 0, done.stderr
@@ -482,6 +511,174 @@ def test_fid_during_training_is_the_fid_stage_on_the_same_images(tiny, cifar_dir
 
 
 def test_fid_during_training_needs_the_real_statistics(tiny, cifar_dir, tmp_path):
-    from ddpm.fid import FidError
-    with pytest.raises(FidError, match="real_stats.npz"):
+    from ddpm.fid import PipelineError
+    with pytest.raises(PipelineError, match="real_stats.npz"):
         run(tiny, tmp_path, cifar_dir, epochs=1, fid_every=1)
+
+
+# -- stops, locks, fallbacks and non-finite values ---------------------------------------------
+
+def start_train_stage(root: Path, tiny: dict, cifar: Path, **train_overrides) -> subprocess.Popen:
+    """stages/train.py in `root` (params.yaml written there), its outputs under root."""
+    import yaml
+    raw = copy.deepcopy(tiny)
+    raw["train"].update(train_overrides)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    paths = train_paths(root, cifar)
+    args = [f"--{key.replace('_', '-')}={value}" for key, value in vars(paths).items()]
+    return subprocess.Popen([sys.executable, str(ROOT / "stages" / "train.py"), *args], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, limit: float = 300) -> None:
+    import time
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert proc.poll() is None, f"{what}: the stage ended first: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"{what}: not reached"
+        time.sleep(0.05)
+
+
+def test_sigterm_stops_training_in_one_line_and_a_second_trainer_meets_the_lock(
+        tiny, cifar_dir, tmp_path, capsys, monkeypatch):
+    """A trainer of the run holds models/runs/<id>: a second one started by hand stops in one
+    line naming the first one's pid and changes nothing. SIGTERM then stops the first as Ctrl-C
+    does: one line naming the checkpoint kept, exit code 143, no temporary file left. The next
+    start resumes there and sweeps what killed writers left (not what a live one writes)."""
+    first = start_train_stage(tmp_path, tiny, cifar_dir, epochs=10_000, sample_every=1)
+    try:
+        wait_for(lambda: list(tmp_path.glob("runs/*/last.pt")), first, "a checkpoint")
+        work = next(tmp_path.glob("runs/*"))
+        second = start_train_stage(tmp_path, tiny, cifar_dir, epochs=10_000, sample_every=1)
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == 1
+        assert err.splitlines()[-1] == (
+            f"error: {work} is in use by another trainer of the same run "
+            f"(pid {first.pid}): wait for it to finish, or stop it, then run this again")
+        assert first.poll() is None
+        first.terminate()  # SIGTERM
+        _, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 143 and "Traceback" not in err
+    stop = [line for line in err.replace("\r", "\n").splitlines() if "interrupted" in line]
+    assert len(stop) == 1 and stop[0].startswith("train: interrupted in epoch ")
+    assert f"its last checkpoint, {work}/last.pt (epoch " in stop[0]
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+    epoch = checkpoint.load(work / "last.pt")["progress"]["epoch"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = [tmp_path / f".ema.pt.{dead}.x1.tmp", work / f".last.pt.{dead}.x2.tmp",
+             work / "previews" / f".epoch_0003.png.{dead}.x3.tmp"]
+    live = tmp_path / f".loss.tsv.{os.getpid()}.x4.tmp"
+    for path in [*stale, live]:
+        path.write_bytes(b"half")
+    capsys.readouterr()
+
+    def stop(self, epoch, bar):  # Ctrl-C in the first epoch: the run folder stays
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "epoch", stop)
+    interrupted(tiny, tmp_path, cifar_dir, epochs=10_000, sample_every=1)
+    assert f"resuming from {work}/last.pt at epoch {epoch}" in capsys.readouterr().err
+    assert not any(path.exists() for path in stale) and live.exists()
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tiny, cifar_dir, tmp_path,
+                                                                 monkeypatch, capsys):
+    """Stopped in epoch 3, the run folder holds last.pt (epoch 2) and previous.pt (epoch 1).
+    With last.pt truncated (a disk that lied about fsync), the run resumes from previous.pt,
+    says why, and ends bitwise where an uninterrupted run does."""
+    straight = run(tiny, tmp_path / "a", cifar_dir, epochs=3, sample_every=0)
+    real_epoch = Trainer.epoch
+
+    def interrupted_in_epoch_3(self, epoch, bar):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(self, epoch, bar)
+
+    monkeypatch.setattr(Trainer, "epoch", interrupted_in_epoch_3)
+    interrupted(tiny, tmp_path / "b", cifar_dir, epochs=3, sample_every=0)
+    monkeypatch.undo()
+    work = next((tmp_path / "b" / "runs").iterdir())
+    assert checkpoint.load(work / "previous.pt")["progress"]["epoch"] == 1
+    last = work / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    capsys.readouterr()
+    resumed = run(tiny, tmp_path / "b", cifar_dir, epochs=3, sample_every=0)
+    err = capsys.readouterr().err
+    assert f"{last}: not a readable checkpoint" in err
+    assert f"resuming from {work / 'previous.pt'} at epoch 1" in err
+    assert_same_weights(straight.state.ema.state_dict(), resumed.state.ema.state_dict())
+    assert not work.exists()  # finished: previous.pt went with the work folder
+
+
+def test_non_finite_weights_are_never_checkpointed_or_published(tiny, cifar_dir, tmp_path,
+                                                                monkeypatch):
+    """A NaN from the last update of epoch 2 (step 6): that step's loss, computed before the
+    update, is finite, so only the weights show it. Training stops naming the step; the
+    checkpoint of epoch 1 stays; no models/ema.pt."""
+    real_step = Trainer.step
+
+    def step_that_breaks_a_weight(self, *args):
+        loss = real_step(self, *args)
+        if self.state.progress.step == 5:  # steps taken before this one
+            with torch.no_grad():
+                next(self.state.model.parameters()).view(-1)[0] = float("nan")
+        return loss
+
+    monkeypatch.setattr(Trainer, "step", step_that_breaks_a_weight)
+    with pytest.raises(PipelineError) as info:
+        run(tiny, tmp_path, cifar_dir, epochs=4, sample_every=0)
+    message = str(info.value)
+    assert message.startswith("the model weights became non-finite (") and "\n" not in message
+    assert "at optimizer step 6: training stopped and the last good checkpoint" in message
+    unfinished, = (tmp_path / "runs").glob("*/last.pt")
+    assert f"{unfinished} (epoch 1), is kept" in message
+    state = checkpoint.load(unfinished)
+    assert state["progress"]["epoch"] == 1 and state["progress"]["step"] == 3
+    assert not checkpoint.non_finite(state["model"]) and not checkpoint.non_finite(state["ema"])
+    assert not (tmp_path / "ema.pt").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_missing_inception_file_fails_before_the_first_epoch(tiny, cifar_dir, tmp_path):
+    """train.fid_every > 0: the FID network loads when the trainer is built, so a wrong
+    fid.weights stops the stage at once instead of after fid_every epochs."""
+    import numpy as np
+
+    from ddpm.fid import save_statistics
+    dims = tiny["fid"]["dims"]
+    save_statistics(tmp_path / "real_stats.npz", np.zeros(dims), np.eye(dims), 2)
+    raw = copy.deepcopy(tiny)
+    raw["train"].update(fid_every=5, epochs=10)
+    raw["fid"]["weights"] = str(tmp_path / "missing.pth")
+    with pytest.raises(PipelineError, match=r"fid.weights = .*missing.pth.: no such file"):
+        Trainer(parse_params(raw), train_paths(tmp_path, cifar_dir), World(), torch.device("cpu"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_two_processes_wait_out_a_training_fid_longer_than_the_collective_timeout(
+        tiny, cifar_dir, tmp_path):
+    """gloo with a 5 s process-group timeout, and a training FID on rank 0 that takes 15 s
+    while rank 1 waits: the run completes, both ranks with the same weights."""
+    import numpy as np
+    import yaml
+
+    from ddpm.fid import save_statistics
+    raw = copy.deepcopy(tiny)
+    raw["train"].update(gpus=2, batch_size=16, batch_gpu=8, sample_every=0, epochs=1,
+                        fid_every=1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    dims = tiny["fid"]["dims"]
+    save_statistics(tmp_path / "real_stats.npz", np.zeros(dims), np.eye(dims), 2)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc-per-node=2", str(ROOT / "tests" / "ddp_worker.py"),
+                    str(tmp_path / "params.yaml"), str(cifar_dir), str(tmp_path), "slow-fid"],
+                   check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["steps"] == rank1["steps"] == 3
+    assert_same_weights(rank0["ema"], rank1["ema"])
+    rows = (tmp_path / "fid.tsv").read_text().splitlines()
+    assert rows[0] == "epoch\tstep\tfid\tseconds" and float(rows[1].split("\t")[3]) >= 15

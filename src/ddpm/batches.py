@@ -1,19 +1,31 @@
-"""One optimizer step's images under EDM's batch semantics (NVlabs/edm train.py): the draws of
-each image of the batch, whatever the split, and the micro-batch size that fits the device.
+"""The optimizer steps' images under EDM's batch semantics (NVlabs/edm train.py): what each image
+of a batch draws, whatever the split, and the micro-batch size that fits the device.
 
 train.batch_size is the optimizer's batch over all processes; train.batch_gpu caps the images
 one process puts through forward+backward at once (params.split_batch derives the rounds).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator, NamedTuple
 
 import torch
+import torch.distributed as dist
 
-from ddpm.errors import TrainingError
+from ddpm.errors import PipelineError
 from ddpm.images import to_float
+from ddpm.params import TrainParams, split_batch
+from ddpm.runtime import World, autocast, derive_seed
 
 CPU_BATCH_GPU = 32  # batch_gpu auto on a CPU, where host memory is no limit to probe for
+
+
+class Draws(NamedTuple):
+    """This process's share of one optimizer step, image by image: data indices (B,), left-right
+    flips (B,), timesteps (B,) and noise (B, 3, 32, 32), all on the device."""
+    idx: torch.Tensor
+    flip: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
 
 
 def draw(generator: torch.Generator, batch: int, timesteps: int
@@ -29,10 +41,48 @@ def draw(generator: torch.Generator, batch: int, timesteps: int
     return flip, t, noise
 
 
+def epoch_draws(seed: int, epoch: int, num_images: int, batch: int, timesteps: int,
+                world: World, device: torch.device) -> Iterator[Draws]:
+    """Every optimizer step of an epoch, this process's share: the data order and the draws
+    come from (seed, epoch) alone and are the same on every process, so a resumed epoch replays
+    an uninterrupted one. The N % batch images left over by the shuffle wait for another epoch."""
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(
+        derive_seed(seed, epoch, "order"))).to(device)
+    generator = torch.Generator(device).manual_seed(derive_seed(seed, epoch, "noise"))
+    share = batch // world.size
+    mine = slice(world.rank * share, (world.rank + 1) * share)
+    for step in range(num_images // batch):
+        idx = order[step * batch:(step + 1) * batch]
+        flip, t, noise = draw(generator, batch, timesteps)
+        yield Draws(idx[mine], flip[mine], t[mine], noise[mine])
+
+
 def augment(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) on the device -> float [-1, 1], image i flipped left-right if flip[i]."""
     x = to_float(images)
     return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def probe(model: torch.nn.Module, timesteps: int, precision: str,
+          device: torch.device) -> Callable[[int], bool]:
+    """fits(n): whether one eager forward+backward of n random images runs without running out
+    of memory. It leaves no gradients and advances no random stream."""
+    def fits(images: int) -> bool:
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                    autocast(precision, device):
+                x = torch.randn(images, 3, 32, 32, device=device,
+                                dtype=next(model.parameters()).dtype)
+                t = torch.randint(0, timesteps, (images,), device=device)
+                model(x, t).float().square().mean().backward()
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return fits
 
 
 def resolve_batch_gpu(setting: int | str, share: int, device: torch.device,
@@ -52,6 +102,19 @@ def resolve_batch_gpu(setting: int | str, share: int, device: torch.device,
     for candidate in candidates:
         if fits(candidate):
             return candidate
-    raise TrainingError(f"out of memory with a single image per forward pass on {device}: the "
+    raise PipelineError(f"out of memory with a single image per forward pass on {device}: the "
                         "network does not fit this GPU (try train.precision=bf16 or a smaller "
                         "model.channels)")
+
+
+def split(train: TrainParams, world: World, device: torch.device,
+          fits: Callable[[int], bool]) -> tuple[int, int]:
+    """(images per micro-batch, accumulation rounds) of this run, the same on every process."""
+    share = train.batch_size // world.size
+    micro = resolve_batch_gpu(train.batch_gpu, share, device, fits)
+    if world.size > 1:  # the ranks must agree on the rounds (DDP synchronises in the last)
+        agreed = torch.tensor(micro, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        micro = int(agreed)
+    _, micro, rounds = split_batch(train.batch_size, world.size, micro)
+    return micro, rounds

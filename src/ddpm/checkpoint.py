@@ -15,10 +15,22 @@ class CheckpointError(PipelineError, RuntimeError):
     """A checkpoint that cannot be read or does not fit; the message names the file."""
 
 
-def save(state: dict[str, Any], path: str | Path) -> None:
-    """torch.save to a temporary file, then rename: a kill never leaves half a checkpoint."""
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
+def save(state: dict[str, Any], path: str | Path, keep: Path | None = None) -> None:
+    """torch.save to a temporary file, fsynced, then renamed: neither a kill nor a power loss
+    leaves half a checkpoint, and a full disk is one line (ddpm.files.atomic_file). keep: where
+    the file `path` held moves, so that it survives the new one being written."""
+    # Through a Python file: a failed write then surfaces as the OSError (ENOSPC) it is, which
+    # torch.save(state, path) would report only as "[enforce fail at inline_container.cc]"; and
+    # equal states give equal bytes (given a name, torch.save names the archive's folder after
+    # the random temporary one), so a finished run re-run rewrites models/ema.pt as it was.
+    with atomic_file(path, durable=True, keep=keep) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
+
+
+def non_finite(weights: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors in a state_dict holding a NaN or an infinity."""
+    return [name for name, tensor in weights.items() if isinstance(tensor, torch.Tensor)
+            and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
 
 
 def load(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:

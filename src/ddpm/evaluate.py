@@ -1,37 +1,46 @@
-"""FID of a model's samples during training: the sample stage's drawing and the fid stage's
-scoring, on train.fid_images images drawn with deterministic DDIM in train.fid_steps steps."""
+"""FID during training: the sample stage's drawing and the fid stage's scoring of the EMA weights'
+train.fid_images images, drawn with SAMPLER in train.fid_steps steps."""
 from __future__ import annotations
 
 import dataclasses
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ddpm.diffusion import Schedule
-from ddpm.fid import folder_statistics, frechet_distance
+from ddpm.fid import folder_statistics, frechet_distance, inception, load_statistics
 from ddpm.generate import generate
 from ddpm.params import Params
 
+SAMPLER = "ddim"  # deterministic (eta 0)
 
-def ema_fid(model: torch.nn.Module, sched: Schedule, params: Params, precision: str,
-            real_stats: tuple[np.ndarray, np.ndarray], folder: Path, desc: str) -> float:
-    """FID of train.fid_images images of `model` (eval mode) against real_stats (mu, sigma).
 
-    Image i comes from the sample stage's seed of i, through generate() with sample.* but DDIM,
-    eta 0 and train.fid_steps; the PNGs pass through `folder` (created, then removed) so that
-    the score is the fid stage's computation on the same files.
-    """
-    tp = params.train
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    sample = dataclasses.replace(params.sample, num_images=tp.fid_images, sampler="ddim",
-                                 steps=tp.fid_steps, eta=0.0)
-    generate(model, sched, dataclasses.replace(params, sample=sample), precision,
-             range(tp.fid_images), folder, progress=False)
-    fid = params.fid
-    mu, sigma, _ = folder_statistics(folder, fid.dims, fid.batch_size, fid.weights,
-                                     sched.device, desc)
-    shutil.rmtree(folder)
-    return frechet_distance(mu, sigma, *real_stats)
+class TrainingFid:
+    """The real statistics and the Inception network, loaded once: a missing or wrong file fails
+    before the first epoch, not after train.fid_every of them."""
+
+    def __init__(self, params: Params, real_stats: Path, device: torch.device):
+        self.params = params
+        self.reference = load_statistics(real_stats, params.fid.dims)[:2]  # mu, sigma
+        self.inception = inception(params.fid.dims, params.fid.weights, device)
+
+    def __call__(self, model: torch.nn.Module, sched: Schedule, precision: str, folder: Path,
+                 desc: str) -> float:
+        """FID of `model` (eval mode) against the real statistics. Image i comes from the sample
+        stage's seed of i, through generate() with sample.batch_size and clip_denoised but
+        SAMPLER and train.fid_steps (so train's params need list no other sample.* key);
+        the PNGs pass through `folder` (created, then removed), so the score is the fid stage's
+        computation on the same files."""
+        params, train = self.params, self.params.train
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        sample = dataclasses.replace(params.sample, num_images=train.fid_images, sampler=SAMPLER,
+                                     steps=train.fid_steps, eta=0.0, variance="beta")
+        generate(model, sched, dataclasses.replace(params, sample=sample), precision,
+                 range(train.fid_images), folder, progress=False)
+        mu, sigma, _ = folder_statistics(folder, params.fid.dims, params.fid.batch_size,
+                                         params.fid.weights, sched.device, desc,
+                                         model=self.inception)
+        shutil.rmtree(folder)
+        return frechet_distance(mu, sigma, *self.reference)

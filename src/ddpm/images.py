@@ -12,10 +12,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ddpm.errors import PipelineError
-
-
-class ImageFolderError(PipelineError, ValueError):
-    """A folder that is not what a stage expects (missing, empty, wrong files); names the path."""
+from ddpm.files import atomic_file, disk_full, no_space
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -48,7 +45,13 @@ def write_pngs(images: np.ndarray | torch.Tensor, folder: str | Path, start: int
 
     def save(i: int) -> None:
         name = f"{start + i}.png"
-        Image.fromarray(images[i]).save(folder / f".{name}.tmp", format="PNG", compress_level=1)
+        try:
+            Image.fromarray(images[i]).save(folder / f".{name}.tmp", format="PNG",
+                                            compress_level=1)
+        except OSError as e:
+            if no_space(e):
+                raise disk_full(folder / name) from None
+            raise
         os.replace(folder / f".{name}.tmp", folder / name)
 
     with ThreadPoolExecutor(_workers()) as pool:  # zlib and file I/O release the GIL
@@ -60,17 +63,17 @@ def list_pngs(folder: str | Path, min_count: int = 1) -> list[Path]:
     """The PNG files of `folder`, sorted by their numeric names (0.png, 1.png, ...)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ImageFolderError(f"{folder}: not a folder of PNG images (does the stage before "
+        raise PipelineError(f"{folder}: not a folder of PNG images (does the stage before "
                                "this one have to run first?)")
     files = [p for p in folder.iterdir() if p.suffix.lower() == ".png"]
     if len(files) < min_count:
-        raise ImageFolderError(f"{folder}: {len(files)} PNG images, at least {min_count} needed")
+        raise PipelineError(f"{folder}: {len(files)} PNG images, at least {min_count} needed")
     return sorted(files, key=lambda p: (not p.stem.isdigit(), int(p.stem) if p.stem.isdigit() else 0,
                                         p.name))
 
 
 def read_png(path: str | Path, size: int = 32, pixels: bool = True) -> np.ndarray | None:
-    """One PNG as (size, size, 3) uint8; anything else is an ImageFolderError naming the file.
+    """One PNG as (size, size, 3) uint8; anything else is an PipelineError naming the file.
 
     pixels=False skips decoding (cheap for 50,000 files): it checks the header and the chunk
     checksums, so a truncated file fails here rather than inside pytorch-fid; returns None.
@@ -78,18 +81,18 @@ def read_png(path: str | Path, size: int = 32, pixels: bool = True) -> np.ndarra
     try:
         with Image.open(path) as img:
             if img.format != "PNG" or img.mode != "RGB" or img.size != (size, size):
-                raise ImageFolderError(f"{path}: a {img.format} {img.mode} {img.size[0]}x"
+                raise PipelineError(f"{path}: a {img.format} {img.mode} {img.size[0]}x"
                                        f"{img.size[1]} image, expected a {size}x{size} RGB PNG")
             if not pixels:
                 img.verify()  # reads every chunk: a truncated or corrupted file raises
                 return None
             return np.asarray(img)
     except (OSError, SyntaxError) as e:  # PIL's errors for truncated or unknown files
-        raise ImageFolderError(f"{path}: not a readable PNG image ({e})") from None
+        raise PipelineError(f"{path}: not a readable PNG image ({e})") from None
 
 
 def check_pngs(files: list[Path], size: int = 32) -> None:
-    """Raise ImageFolderError for the first file that is not a size x size RGB PNG."""
+    """Raise PipelineError for the first file that is not a size x size RGB PNG."""
     with ThreadPoolExecutor(_workers()) as pool:
         list(pool.map(lambda path: read_png(path, size, pixels=False), files))
 
@@ -109,5 +112,6 @@ def grid(images: np.ndarray | torch.Tensor, nrow: int | None = None, pad: int = 
 
 
 def save_png(image: np.ndarray, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(image)).save(path)
+    """One (H, W, 3) uint8 image, replacing `path` whole (a full disk leaves the old file)."""
+    with atomic_file(path) as tmp:
+        Image.fromarray(np.asarray(image)).save(tmp, format="PNG")

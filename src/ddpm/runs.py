@@ -14,13 +14,25 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
+from ddpm import checkpoint
+from ddpm.errors import PipelineError
+from ddpm.files import fsync
 from ddpm.params import plain
 
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
+
 CHECKPOINT = "last.pt"
+PREVIOUS = "previous.pt"  # the checkpoint before last.pt, kept while this run is unfinished
 PREVIEWS = "previews"
+LOCK = "lock"  # holds the pid of the trainer that has the run folder
 
 
 def run_id(resume_config: dict) -> str:
@@ -44,8 +56,55 @@ class RunFolders:
         return self.work / PREVIEWS
 
     def checkpoints(self) -> list[Path]:
-        """The checkpoints this run may resume from, its own first."""
-        return [self.work / CHECKPOINT, self.published / CHECKPOINT]
+        """The checkpoints this run may resume from, its own first: if the newest does not
+        load, the one before it still does."""
+        return [self.work / CHECKPOINT, self.work / PREVIOUS, self.published / CHECKPOINT]
+
+    def resumable(self, config: dict, epochs: int) -> tuple[tuple[Path, dict] | None, list[str]]:
+        """The most advanced checkpoint of the run `config` (checkpoint["config"]) with at most
+        `epochs` epochs, and its state; and what else was found, in words."""
+        found, notes = None, []
+        for path in self.checkpoints():
+            if not path.exists():
+                continue
+            try:
+                state = checkpoint.load(path)
+            except checkpoint.CheckpointError as e:
+                notes.append(f"{e}: not resumed")
+                continue
+            epoch = state.get("progress", {}).get("epoch", 0)
+            if differs := checkpoint.differences(state.get("config", {}), config):
+                notes.append(f"{path} is from another run ({', '.join(differs)} differ)")
+            elif epoch > epochs:
+                notes.append(f"{path} is at epoch {epoch}, beyond train.epochs")
+            elif found is None or state["progress"]["step"] > found[1]["progress"]["step"]:
+                found = path, state
+        return found, notes
+
+    def lock(self) -> TextIO:
+        """Take the run folder for this process: a second trainer of the same run (started by
+        hand, or in a clone sharing models/ on a network disk) stops here in one line naming
+        this one's pid. The lock is flock(2)'s: it ends with this process, however it ends, so
+        no kill leaves a stale one. Keep the returned file open while training."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        handle = open(self.work / LOCK, "a+")  # noqa: SIM115  (held while training)
+        if fcntl is None:
+            return handle
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read(32).strip() or "unknown"
+            handle.close()
+            raise PipelineError(f"{self.work} is in use by another trainer of the same run (pid "
+                           f"{holder}): wait for it to finish, or stop it, then run this again")
+        except OSError as e:  # a filesystem without locks (some FUSE mounts): train unlocked
+            print(f"train: cannot lock {self.work} ({e.strerror}): make sure that no other "
+                  "trainer of this run is running", file=sys.stderr)
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        return handle
 
     def adopt_previews(self, source: Path) -> None:
         """Resuming from the published checkpoint: its grids become this run's."""
@@ -62,6 +121,7 @@ class RunFolders:
         if self.previews.is_dir():
             shutil.rmtree(self.published / PREVIEWS, ignore_errors=True)
             os.replace(self.previews, self.published / PREVIEWS)
+        fsync(self.published)  # the renames reach the disk before the work folder goes
         shutil.rmtree(self.work, ignore_errors=True)
 
     def others(self) -> list[tuple[Path, int]]:
@@ -70,4 +130,4 @@ class RunFolders:
         if not parent.is_dir():
             return []
         return [(p, folder_size(p)) for p in sorted(parent.iterdir())
-                if p.is_dir() and p != self.work]
+                if p.is_dir() and p != self.work and {q.name for q in p.iterdir()} - {LOCK}]

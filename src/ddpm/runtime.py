@@ -9,42 +9,53 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import platform
+import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from ddpm.errors import PipelineError
-
-class DeviceError(PipelineError, RuntimeError):
-    """The requested device or precision is not available here."""
-
+from ddpm.errors import ParamsError, Terminated
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """params `device` -> torch.device; auto = cuda if available, else cpu."""
+    """params `device` -> torch.device; auto = cuda if available, else cpu. A device this machine
+    lacks is a ParamsError: the stages stop before any work, check_params before DVC deletes."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device = {name}, but PyTorch sees no CUDA GPU: set device: auto "
-                               "or cpu in params.yaml (or -S device=cpu)")
-        if name == "cuda":
-            return torch.device("cuda", local_rank)
-    return torch.device(name)
+    if not name.startswith("cuda"):
+        return torch.device(name)
+    if not torch.cuda.is_available():
+        raise ParamsError(f"device = {name}, but PyTorch sees no CUDA GPU: set device: auto "
+                          "or cpu in params.yaml (or -S device=cpu)")
+    device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    count = torch.cuda.device_count()
+    if device.index >= count:
+        raise ParamsError(f"device = {name}, but this machine has {count} CUDA device(s): "
+                          f"cuda:0 ... cuda:{count - 1}, or cuda (one per process)")
+    return device
+
+
+def check_hardware(device_name: str, precision: str, gpus: int) -> str:
+    """What check_params can know about this machine before any stage runs: the device, its
+    precision and the number of GPU processes exist here. Returns a line that says what it found."""
+    device = resolve_device(device_name)
+    resolved = resolve_precision(precision, device)
+    if device.type == "cuda" and gpus > torch.cuda.device_count():
+        raise ParamsError(f"train.gpus = {gpus}, but this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s)")
+    return f"{device.type}, {resolved}"
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles), as torch reports it.
-
-    Only then is bf16 autocast a speed-up: the seed network's training step ran 2.4x faster than
-    fp32 on a Xeon with AMX (docs/benchmarks.md), and issue 16 reports 1.75-2.1x on a Zen 4 with
-    AVX512-BF16 for every UNet tried; without either, oneDNN emulates bf16, about 20x slower.
-    """
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles), as torch reports
+    it: only then is bf16 autocast a speed-up there, not an emulation (docs/benchmarks.md)."""
     cpu = torch.cpu
     return any(getattr(cpu, name, lambda: False)()
                for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
@@ -58,8 +69,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise DeviceError("train.precision = bf16, but this GPU has no bf16 support: use fp16 "
-                           "or auto")
+        raise ParamsError("train.precision = bf16, but this GPU has no bf16 support: use fp16 "
+                          "or auto")
     return precision
 
 
@@ -71,13 +82,9 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 
 def compile_mode(setting: bool | str, device: torch.device) -> str | None:
-    """train.compile / sample.compile -> the torch.compile mode, or None for eager.
-
-    auto -> "default" on CUDA GPUs that have Triton, eager elsewhere. Measured on an H100
-    (benchmarks/bench.py, README): a bf16 training step 1.39x faster after 67 s of compiling, the
-    sampling forward 2.1x after 28 s; on CPUs it gave no reliable gain. true = "default"; a mode
-    name (reduce-overhead: CUDA graphs; max-autotune) is passed on as it is.
-    """
+    """train.compile / sample.compile -> the torch.compile mode, or None for eager: auto is
+    "default" on CUDA GPUs that have Triton (where it pays: docs/benchmarks.md) and eager
+    elsewhere; true is "default"; a mode name (reduce-overhead: CUDA graphs) is passed on."""
     if setting == "auto":
         if device.type != "cuda":
             return None
@@ -88,28 +95,15 @@ def compile_mode(setting: bool | str, device: torch.device) -> str | None:
     return setting
 
 
-def resolve_compile(setting: bool | str, device: torch.device) -> bool:
-    """Whether compile_mode compiles at all."""
-    return compile_mode(setting, device) is not None
-
-
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
 def keep_freed_host_memory(device: torch.device) -> bool:
     """For runs on a CPU: let glibc's malloc keep freed memory for the next allocation instead of
-    returning it to the kernel. Returns whether it took (False on other devices, whose memory has
-    its own caching allocator, and where the C library is not glibc).
-
-    PyTorch's CPU allocator has no cache of its own, and glibc serves blocks above its mmap
-    threshold (at most 32 MiB) with fresh mappings and trims the heap's free top, so every CPU
-    training step faults in and zero-fills its activations again: 450,000 page faults and about
-    1.6 s of system time per DDPM-config step at batch 32 on a 2-core EPYC. With mmap and trimming
-    off, the heap stays at its high-water mark, which a training or sampling run reaches on every
-    step anyway, and the next step reuses it. The fid stage's Inception batches fault the same
-    way: 17M faults and about 60 s of system time for 500 images.
-    """
+    returning it to the kernel, which would fault in and zero-fill every step's activations
+    again (PyTorch's CPU allocator has no cache of its own; docs/benchmarks.md measures it).
+    Returns whether it took: not on other devices, nor where the C library is not glibc."""
     if device.type != "cpu" or not sys.platform.startswith("linux"):
         return False
     try:
@@ -120,10 +114,24 @@ def keep_freed_host_memory(device: torch.device) -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name (NVIDIA H200, ...), or the CPU's as the platform knows it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or device.type
+
+
 def derive_seed(*parts: object) -> int:
     """A 63-bit seed from any parts (seed, epoch, rank, purpose): independent streams, no state."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# How long the other processes wait at a barrier while the main one works alone: previews,
+# the training FID (train.fid_images), checkpoints to a slow disk, the sample stage's check of
+# kept images. A hung main process is not what it guards against (torchrun ends the others
+# when one fails); a watchdog that kills a multi-day run because one FID was long is.
+WAIT_TIMEOUT = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -132,14 +140,18 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    waiting: object = field(default=None, compare=False, repr=False)  # barrier()'s gloo group
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def barrier(self) -> None:
+        """Wait for every process. On a gloo group of its own, whose timeout is WAIT_TIMEOUT:
+        the process group's (NCCL: 10 minutes) is sized for the collectives of training steps,
+        not for what the main process does alone while the others wait here."""
         if self.size > 1:
-            dist.barrier()
+            dist.barrier(group=self.waiting)
 
     def close(self) -> None:
         if self.size > 1 and dist.is_initialized():
@@ -151,19 +163,45 @@ def launched() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+# torchrun, as `python -c LAUNCHER <torchrun's arguments>`: it ends when the stage's process
+# does (PR_SET_PDEATHSIG, so a kill -9 of the stage still stops the workers), and a signal
+# stops it quietly with 128 + the signal's number once its workers (which it passes the signal
+# on to, and which say where they stopped) have ended, instead of a traceback.
+LAUNCHER = """\
+import ctypes, logging, runpy, signal, sys
+try:
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)
+except (OSError, AttributeError, TypeError):
+    pass
+from torch.distributed.elastic.multiprocessing.api import SignalException
+for name, said in [("torch.distributed.elastic.agent.server.api", "Received %s death signal"),
+                   ("torch.distributed.elastic.multiprocessing.api", "Sending process %s closing")]:
+    logging.getLogger(name).addFilter(lambda r, said=said: not str(r.msg).startswith(said))
+try:
+    runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
+except SignalException as e:
+    sys.exit(128 + e.sigval)
+"""
+
+
 def relaunch_under_torchrun(nproc: int) -> int:
     """Run this very script again as `nproc` processes on this node; returns their exit code.
 
     For several nodes, start torchrun yourself on each (see the README); then this is skipped.
+    The launcher runs in a session of its own, so a signal to this stage's process group (Ctrl-C
+    in a terminal, `timeout`) reaches it once, passed on from here, and never twice.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", sys.argv[0], *sys.argv[1:]]
-    print(f"launching {nproc} processes: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    with subprocess.Popen(cmd) as launcher:
+    args = ["--standalone", f"--nproc-per-node={nproc}", sys.argv[0], *sys.argv[1:]]
+    print(f"launching {nproc} processes: torchrun {' '.join(args)}", file=sys.stderr, flush=True)
+    with subprocess.Popen([sys.executable, "-c", LAUNCHER, *args],
+                          start_new_session=True) as launcher:
         try:
-            return launcher.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached the processes too: they say where they stopped
-            return launcher.wait()
+            code = launcher.wait()
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated): the workers stop
+            launcher.send_signal(signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # while they say where they stopped
+            code = launcher.wait()
+    return code if code >= 0 else 128 - code  # killed by a signal: as a shell reports it
 
 
 def start_processes(device_name: str, gpus: int) -> tuple[World, torch.device]:
@@ -174,23 +212,29 @@ def start_processes(device_name: str, gpus: int) -> tuple[World, torch.device]:
     return init_world(device_name, gpus)
 
 
-def init_world(device_name: str, gpus: int) -> tuple[World, torch.device]:
-    """Join the process group if launched (NCCL on GPUs, gloo on the CPU); pick the device."""
+def init_world(device_name: str, gpus: int, timeout: timedelta | None = None
+               ) -> tuple[World, torch.device]:
+    """Join the process group if launched (NCCL on GPUs, gloo on the CPU); pick the device.
+
+    timeout: of the process group's collectives (None: torch's default); World.barrier() has
+    its own, WAIT_TIMEOUT."""
     if not launched() or int(os.environ["WORLD_SIZE"]) == 1:
         return World(), resolve_device(device_name)
     local_rank = int(os.environ["LOCAL_RANK"])
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise DeviceError(f"train.gpus = {gpus}, but only {torch.cuda.device_count()} CUDA "
-                               "devices are visible on this node")
+            raise ParamsError(f"train.gpus = {gpus}, but only {torch.cuda.device_count()} CUDA "
+                              "devices are visible on this node")
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        options = {} if timeout is None else {"timeout": timeout}
         if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, **options)
         else:
-            dist.init_process_group("gloo")
-    return World(dist.get_rank(), dist.get_world_size(), local_rank), device
+            dist.init_process_group("gloo", **options)
+    waiting = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, waiting), device
 
 
 class MemoryMonitor:

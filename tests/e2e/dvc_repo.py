@@ -14,8 +14,12 @@ from typing import Callable, Sequence
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-PROJECT = ["dvc.yaml", "params.yaml", "stages", "src", ".dvcignore", ".gitignore", ".dvc/config",
-           ".dvc/.gitignore"]
+PROJECT = ["dvc.yaml", "params.yaml", "presets", "stages", "src", ".dvcignore", ".gitignore",
+           ".dvc/config", ".dvc/.gitignore"]
+# -S values that shrink the quick preset back to the tiny run of tests/fakes.tiny_params
+TINY_QUICK = ["data.limit=48", "train.epochs=1", "train.batch_size=16", "train.preview_images=4",
+              "train.preview_steps=3", "train.fid_every=1", "train.fid_images=6",
+              "sample.num_images=12", "sample.steps=8"]
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
 
 
@@ -50,7 +54,7 @@ def make_repo(path: Path, params: dict) -> Path:
             shutil.copytree(src, dst, ignore=IGNORE)
         else:
             shutil.copy2(src, dst)
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))  # its own Hydra config
     sh(path, "git", "init", "-q", "-b", "main")
     commit(path, "project with tiny params")
     return path
@@ -75,9 +79,12 @@ def unfinished_epoch(repo: Path) -> int:
 
 def dvc_killed_when(repo: Path, args: Sequence[str], ready: Callable[[], bool],
                     extra_delay: float = 0.0, sig: int = signal.SIGKILL,
-                    timeout: float = 180) -> str:
+                    timeout: float = 180, group: bool = True) -> str:
     """Start `dvc *args`, wait until ready() is true, then send `sig` to dvc and its children (as
-    Ctrl-C in a terminal reaches the whole foreground process group); return what it printed."""
+    Ctrl-C in a terminal reaches the whole foreground process group), or with group=False to
+    dvc's process alone (`kill <pid>`); return what it printed once every process that dvc had
+    started has ended (an assertion fails if one outlives it by a minute)."""
+    import psutil
     log = repo / f".dvc-{time.monotonic_ns()}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=env(),
@@ -90,8 +97,12 @@ def dvc_killed_when(repo: Path, args: Sequence[str], ready: Callable[[], bool],
                 assert time.monotonic() < deadline, "kill point not reached"
                 time.sleep(0.02)
             time.sleep(extra_delay)
-            os.killpg(proc.pid, sig)
+            started = psutil.Process(proc.pid).children(recursive=True)
+            os.killpg(proc.pid, sig) if group else os.kill(proc.pid, sig)
             proc.wait(timeout=120)
+            _, alive = psutil.wait_procs(started, timeout=60)
+            survivors = [p for p in alive if running(p)]
+            assert not survivors, f"outlived dvc: {survivors}\n{log.read_text()}"
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -100,6 +111,15 @@ def dvc_killed_when(repo: Path, args: Sequence[str], ready: Callable[[], bool],
     text = log.read_text()
     log.unlink()
     return text
+
+
+def running(process) -> bool:
+    """Alive and not a zombie (an orphan whose exit a container's PID 1 may never collect)."""
+    import psutil
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def default_sigint() -> None:

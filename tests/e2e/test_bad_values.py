@@ -18,27 +18,54 @@ def digests(repo) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("override, error", [
-    ("train.lr=-1", "error: params.yaml: train.lr = -1.0: expected a positive number"),
-    ("data.md5=xyz", "error: params.yaml: data.md5 = 'xyz': expected 32 lowercase hex digits"),
-    ("+train.lrr=1", "error: params.yaml: train.lrr: unknown key (accepted here: epochs, "),
+    ("train.lr=-1", "train.lr = -1: expected a finite number in (0, 1]"),
+    ("data.md5=xyz", "data.md5 = 'xyz': expected 32 lowercase hex digits"),
+    ("+train.lrr=1", "train.lrr: unknown key (accepted here: epochs, "),
 ])
 def test_a_bad_value_stops_before_any_output_is_deleted_and_checkout_recovers(reproduced,
                                                                              override, error):
-    """check_params runs first and fails: every output is byte for byte what it was. `git
-    checkout params.yaml` is then all it takes: dvc status is clean again. (`+train.lrr` is DVC's
-    own advice for a key it does not know.)"""
+    """check_params runs first and fails with one line and exit code 2: every output is byte for
+    byte what it was. `git checkout params.yaml` is then all it takes: dvc status is clean again.
+    (`+train.lrr` is DVC's own advice for a key it does not know.)"""
     repo, _ = reproduced
+    stops_in_check_params(repo, override, error)
+    assert "up to date" in dvc(repo, "status").stdout
+    assert sh(repo, "git", "status", "--porcelain").stdout == ""
+
+
+@pytest.mark.parametrize("override, error", [
+    ("train.lr=inf", "train.lr = inf: expected a finite number"),
+    ("train.grad_clip=inf", "train.grad_clip = inf: expected a finite number >= 0"),
+    ("sample.eta=inf", "sample.eta = inf: expected a finite number in [0, 1]"),
+    ("train.epochs=1e30", "train.epochs = 1e+30: expected an integer in [1, 100000]"),
+    ("seed=1180591620717411303424", "seed = 1180591620717411303424: expected an integer in [0, "),
+    ("device='cuda:99'", "device = cuda:99, but "),
+    ("diffusion.timesteps=1000000000000", "diffusion.timesteps = 1000000000000: expected an "
+                                          "integer in [1, 100000]"),
+    ("model.channels=[1048576,1048576,1048576]", "model.channels[0] = 1048576: expected an "
+                                                 "integer in [1, 4096]"),
+    ("train.preview_images=1000000000", "train.preview_images = 1000000000: expected an integer "
+                                        "in [1, 1024]"),
+])
+def test_what_used_to_fail_after_dvc_deleted_the_outputs_now_stops_first(reproduced, override,
+                                                                         error):
+    """Issue 21's values that passed the checks and failed in train or sample with a traceback
+    (MemoryError, OverflowError, RuntimeError), after DVC had deleted train's outputs."""
+    stops_in_check_params(reproduced[0], override, error)
+
+
+def stops_in_check_params(repo, override: str, error: str) -> None:
+    """`dvc exp run -S override` fails in check_params with the one-line `error`, exit code 2,
+    and every output byte for byte as it was; then `git checkout params.yaml`."""
     before = digests(repo)
     result = dvc(repo, "exp", "run", "-S", override, check=False)
     assert result.returncode != 0
     errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(error), result.stdout
-    assert "Running stage 'check_params'" in result.stdout
+    assert len(errors) == 1 and errors[0].startswith(f"error: params.yaml: {error}"), result.stdout
+    assert "Running stage 'check_params'" in result.stdout and "exited with 2" in result.stdout
     assert result.stdout.count("Running stage") == 1, result.stdout
     assert digests(repo) == before
     sh(repo, "git", "checkout", "params.yaml")
-    assert "up to date" in dvc(repo, "status").stdout
-    assert sh(repo, "git", "status", "--porcelain").stdout == ""
 
 
 def test_dvc_refuses_an_unknown_key_itself(reproduced):

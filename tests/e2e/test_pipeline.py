@@ -72,6 +72,9 @@ def test_train_writes_weights_metrics_loss_and_previews(repro, tiny):
     grids = sorted(p.name for p in (repo / "plots/samples").iterdir())
     assert grids == [f"epoch_{e:04d}.png" for e in range(1, epochs + 1)] + ["progression.png"]
     assert (repo / "models/checkpoints/last.pt").is_file()
+    assert tiny["train"]["fid_every"] == 0  # no FID curve, and DVC is content with the folder
+    assert sorted(p.name for p in (repo / "plots/curves").iterdir()) == ["loss.png"]
+    assert Image.open(repo / "plots/curves/loss.png").size == (640, 400)
 
 
 def test_sample_and_fid_write_images_and_metrics(repro, tiny):
@@ -80,12 +83,14 @@ def test_sample_and_fid_write_images_and_metrics(repro, tiny):
     pngs = list((repo / "data/samples").iterdir())
     assert sorted(p.name for p in pngs) == sorted(f"{i}.png" for i in range(n))
     assert all(Image.open(p).size == (32, 32) and Image.open(p).mode == "RGB" for p in pngs)
-    sample = read_json(repo / "metrics/sample.json")
+    assert read_json(repo / "metrics/sample.json")["images_per_second"] > 0
+    sample = read_json(repo / "reports/sample.json")
     assert sample["num_images"] == n and sample["sampler"] == "ddpm"
-    assert sample["steps"] == tiny["sample"]["steps"] and sample["images_per_second"] > 0
-    fid = read_json(repo / "metrics/fid.json")
-    assert fid["num_generated"] == n and fid["num_real"] == tiny["data"]["limit"]
-    assert fid["dims"] == tiny["fid"]["dims"] and np.isfinite(fid["fid"]) and fid["fid"] > 0
+    assert sample["steps"] == tiny["sample"]["steps"] and sample["kept_images"] == 0
+    fid = read_json(repo / "metrics/fid.json")["fid"]
+    assert np.isfinite(fid) and fid > 0
+    assert read_json(repo / "reports/fid.json") == {
+        "num_generated": n, "num_real": tiny["data"]["limit"], "dims": tiny["fid"]["dims"]}
     assert (repo / "plots/sample_grid.png").is_file()
 
 
@@ -100,13 +105,14 @@ def test_status_is_clean_and_outputs_are_not_in_git(repro):
 
 def test_exp_run_reruns_train_sample_fid_only(repro):
     repo, _ = repro
-    out = dvc(repo, "exp", "run", "-S", "train.lr=1e-4").stdout
+    out = dvc(repo, "exp", "run", "-S", "train.lr=1e-4", "-S", "train.fid_every=1").stdout
     for stage in ("download", "export_real", "real_stats"):
         assert f"Stage '{stage}' didn't change, skipping" in out, out
         assert f"Running stage '{stage}'" not in out
     for stage in ("train", "sample", "fid"):
         assert f"Running stage '{stage}'" in out, out
     assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"] == 1e-4
+    assert sorted(p.name for p in (repo / "plots/curves").iterdir()) == ["fid.png", "loss.png"]
 
 
 def test_exp_show_lists_the_experiment_with_its_params_and_fid(repro):
@@ -126,17 +132,48 @@ def test_metrics_diff_compares_the_experiment_with_the_baseline(repro):
     assert diff["metrics/train.json"]["loss"]["old"] != diff["metrics/train.json"]["loss"]["new"]
 
 
-def test_plots_show_renders_the_loss_series_and_the_grids(repro):
+def loss_series(repo, rev: str = "") -> list[tuple[str, str]]:
+    """(step, loss) of plots/train/loss.tsv, in the workspace or at a git revision, as text."""
+    text = (sh(repo, "git", "show", f"{rev}:plots/train/loss.tsv").stdout if rev else
+            (repo / "plots/train/loss.tsv").read_text())
+    return [tuple(line.split("\t")[:2]) for line in text.splitlines()[1:]]
+
+
+def vega_data(html: str, plot: str) -> list[dict]:
+    """The data rows of the vega-lite spec that DVC's page draws as `plot`."""
+    start = html.index("var spec = ", html.index(f'<div id = "{plot}">')) + len("var spec = ")
+    spec, _ = json.JSONDecoder().raw_decode(html, start)
+    return spec["data"]["values"]
+
+
+def images(html: str) -> list[str]:
+    return re.findall(r'<img src="([^"]+)"', html)
+
+
+def test_plots_show_renders_the_loss_series_the_curves_and_the_grids(repro):
     repo, _ = repro
     dvc(repo, "plots", "show")
     html = (repo / "dvc_plots/index.html").read_text()
-    first_loss = (repo / "plots/train/loss.tsv").read_text().splitlines()[1].split("\t")[1]
-    assert first_loss in html  # the loss series is embedded in the page
-    assert "epoch_0001.png" in html and "sample_grid.png" in html
+    drawn = [(row["step"], row["loss"]) for row in vega_data(html, "loss")]
+    assert drawn == loss_series(repo)  # the loss series is embedded in the page (vega)
+    shown = images(html)
+    for png in ("curves/loss.png", "curves/fid.png", "samples/epoch_0001.png", "sample_grid.png"):
+        found = [src for src in shown if src.replace("_", "/").endswith(png.replace("_", "/"))]
+        assert found, (png, shown)
+        assert (repo / "dvc_plots" / found[0]).is_file()  # the page holds its own copy: offline
 
 
-def test_plots_diff_draws_the_experiment_against_the_baseline(repro):
+def test_plots_diff_overlays_the_vega_curves_and_shows_both_runs_pngs(repro):
     repo, _ = repro
     dvc(repo, "plots", "diff", "HEAD", "-o", "diff_plots")
     html = (repo / "diff_plots/index.html").read_text()
     assert "workspace" in html and "HEAD" in html
+    for plot in ("loss", "loss_smoothed"):  # one chart, both runs' series
+        rows = vega_data(html, plot)
+        for rev, series in (("HEAD", loss_series(repo, "HEAD")), ("workspace", loss_series(repo))):
+            assert [(r["step"], r["loss"]) for r in rows if r["rev"] == rev] == series, plot
+    assert loss_series(repo, "HEAD") != loss_series(repo)
+    shown = images(html)
+    loss_pngs = [src for src in shown if src.replace("_", "/").endswith("curves/loss.png")]
+    assert len(loss_pngs) == 2, shown  # the baseline's and the experiment's
+    assert len([src for src in shown if src.replace("_", "/").endswith("curves/fid.png")]) == 1

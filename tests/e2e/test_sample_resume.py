@@ -57,13 +57,13 @@ def test_kill_then_repro_keeps_the_drawn_images_and_ends_byte_identical(reproduc
     assert kept_before - 3 <= kept <= kept_before and kept % 3 == 0  # whole batches
     assert int(found.group(2)) == N - kept
     assert f"sample: 24 images ({sampler}, 10 steps, {kept} kept from an interrupted run)" in out
-    assert json.loads((repo / "metrics/sample.json").read_text())["kept_images"] == kept
+    assert json.loads((repo / "reports/sample.json").read_text())["kept_images"] == kept
     assert "Running stage 'fid'" in out
     resumed = {p.name: p.read_bytes() for p in (repo / "data/samples").iterdir()}
     assert sorted(resumed) == sorted(f"{i}.png" for i in range(N))
     assert not (repo / "data/.samples.partial").exists()
 
     out = sh(repo, sys.executable, "stages/sample.py", "--ema", "models/ema.pt", "--out", "ref",
-             "--metrics", "ref.json", "--grid", "ref.png").stdout  # uninterrupted, as dvc runs it
+             "--metrics", "ref.json", "--report", "ref_report.json", "--grid", "ref.png").stdout
     assert f"sample: 24 images ({sampler}, 10 steps) in" in out and "kept" not in out, out
     assert {p.name: p.read_bytes() for p in (repo / "ref").iterdir()} == resumed

@@ -1,9 +1,10 @@
 """The train stage under dvc: SIGKILL at any moment then `dvc repro` finishes the same run;
-data-parallel training through dvc; a bad params value stops it at once."""
+data-parallel training through dvc, and SIGTERM to it; a bad params value stops it at once."""
 from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from dvc_repo import dvc, dvc_killed_when, env, unfinished_epoch
+from dvc_repo import dvc, dvc_killed_when, env, make_repo, unfinished_epoch
 
 pytestmark = pytest.mark.e2e
 
@@ -62,24 +63,63 @@ def test_sigkill_at_any_moment_then_repro_gives_the_uninterrupted_weights(new_re
     assert "up to date" in dvc(repo, "status", "train").stdout
 
 
-def test_two_processes_train_and_sample_through_dvc(new_repo):
+TWO = dict(gpus=2, batch_size=16, batch_gpu=4, sample_every=0, epochs=6)  # 2 x 2 x 4
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, tiny):
+    """(repo, output) of `dvc repro sample` with train.gpus=2 on the CPU, uninterrupted."""
+    params = yaml.safe_load(yaml.safe_dump(tiny))
+    params["train"].update(TWO)
+    repo = make_repo(tmp_path_factory.mktemp("two") / "repo", params)
+    return repo, dvc(repo, "repro", "sample").stdout
+
+
+def test_two_processes_train_and_sample_through_dvc(two_processes):
     """gpus=2 on the CPU: torchrun with gloo; samples equal those of one process."""
-    repo = new_repo(train=dict(gpus=2, batch_size=16, batch_gpu=4, sample_every=0))
-    out = dvc(repo, "repro", "sample").stdout
+    repo, out = two_processes
     assert out.count("launching 2 processes") == 2  # train and sample
     metrics = json.loads((repo / "metrics/train.json").read_text())
     assert metrics["processes"] == 2 and metrics["effective_batch"] == 4 * 2 * 2
-    assert metrics["steps"] == 2 * (48 // 16)
-    assert json.loads((repo / "metrics/sample.json").read_text())["processes"] == 2
+    assert metrics["steps"] == TWO["epochs"] * (48 // 16)
+    assert json.loads((repo / "reports/sample.json").read_text())["processes"] == 2
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["gpus"] = 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     subprocess.run([sys.executable, "stages/sample.py", "--ema", "models/ema.pt", "--out", "one",
-                    "--metrics", "one.json", "--grid", "one.png"], cwd=repo, env=env(), check=True)
+                    "--metrics", "one.json", "--report", "one_report.json", "--grid", "one.png"],
+                   cwd=repo, env=env(), check=True)
     for path in (repo / "data/samples").iterdir():
         two, one = (np.asarray(Image.open(p), dtype=int) for p in (path, repo / "one" / path.name))
         assert np.abs(two - one).max() <= 1, path.name  # the same image, up to rounding
+
+
+def test_sigterm_to_dvc_stops_every_process_of_a_two_process_stage_and_repro_resumes(
+        new_repo, two_processes):
+    """gpus=2: SIGTERM to dvc's process alone (DVC has no handler: its stage would run on,
+    orphaned), then to its whole process group (as `timeout` and systemd send it). Each time
+    the workers stop with the one-line message and no process of the stage survives dvc; then
+    `dvc repro` resumes and ends bitwise where the uninterrupted run ended."""
+    repo = new_repo("sigterm", train=TWO)
+    dvc(repo, "repro", "download")
+    for group in (False, True):
+        before = unfinished_epoch(repo)
+        out = dvc_killed_when(repo, ("repro", "train"), lambda before=before: unfinished_epoch(repo) > before,
+                              sig=signal.SIGTERM, group=group)
+        stopped = [line for line in out.splitlines() if "train: interrupted" in line]
+        assert len(stopped) == 1 and "Traceback" not in out, out
+        assert re.search(r"its last checkpoint, models/runs/\w+/last.pt \(epoch \d\), is kept",
+                         stopped[0]), out
+    killed_at = unfinished_epoch(repo)
+    assert 2 <= killed_at < TWO["epochs"]
+    out = dvc(repo, "repro", "train").stdout
+    assert re.search(rf"resuming from models/runs/\w+/last.pt at epoch {killed_at}", out), out
+    expected = torch.load(two_processes[0] / "models/ema.pt", weights_only=True)
+    got = torch.load(repo / "models/ema.pt", weights_only=True)
+    assert got["steps"] == expected["steps"]
+    for name, tensor in expected["ema"].items():
+        assert torch.equal(got["ema"][name], tensor), name  # bitwise, for the same split
 
 
 def test_a_bad_param_fails_in_one_line_before_any_work(new_repo):

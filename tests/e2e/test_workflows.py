@@ -5,11 +5,12 @@ Both start from one repository where `dvc repro` ran and its results were commit
 from __future__ import annotations
 
 import json
+import shlex
 import time
 
 import pytest
 
-from dvc_repo import commit, dvc, sh
+from dvc_repo import TINY_QUICK, commit, dvc, sh
 
 pytestmark = pytest.mark.e2e
 
@@ -37,8 +38,12 @@ def test_push_then_pull_in_a_fresh_clone_restores_results_byte_for_byte(baseline
     assert "up to date" in dvc(clone, "status").stdout
 
 
-def test_two_queued_experiments_run_and_show_their_fid(baseline):
-    dvc(baseline, "exp", "run", "--queue", "-S", "train.lr=1e-4,3e-4")
+def test_a_queued_sweep_of_the_quick_preset_runs_and_shows_resolved_values(baseline):
+    """`dvc exp run --queue -S +presets=quick -S train.lr=1e-4,3e-4` (shrunk to the tiny run, FID
+    during training included): two experiments, each with the preset's values in dvc exp show."""
+    overrides = [arg for value in ["+presets=quick", *TINY_QUICK, "train.lr=1e-4,3e-4"]
+                 for arg in ("-S", value)]
+    dvc(baseline, "exp", "run", "--queue", *overrides)
     dvc(baseline, "queue", "start", "-j", "1")
     deadline = time.monotonic() + 600
     while True:
@@ -53,8 +58,10 @@ def test_two_queued_experiments_run_and_show_their_fid(baseline):
     experiments = [e["revs"][0]["data"] for row in rows for e in (row.get("experiments") or [])]
     found = {}
     for data in experiments:
-        lr = data["params"]["params.yaml"]["data"]["train"]["lr"]
-        found[lr] = data["metrics"]["metrics/fid.json"]["data"]["fid"]
+        params = data["params"]["params.yaml"]["data"]
+        assert params["model"]["channels"] == [32, 64, 64] and params["train"]["ema_warmup"]
+        assert params["sample"]["sampler"] == "ddim" and params["data"]["limit"] == 48
+        found[params["train"]["lr"]] = data["metrics"]["metrics/fid.json"]["data"]["fid"]
     assert sorted(found) == [1e-4, 3e-4] and all(v > 0 for v in found.values())
 
 
@@ -68,19 +75,30 @@ def readme_commands(start: str) -> list[list[str]]:
     return [shlex.split(line.split("  #")[0]) for line in lines]
 
 
-def test_the_readme_comparison_commands_fit_100_columns(baseline):
-    """The README's `dvc exp show ...` and `dvc metrics diff <exp-a> <exp-b>`, as written, over
-    the two queued experiments: every line within 100 characters, the params that differ and the
-    FID in them."""
+def test_the_readme_comparison_commands_fit_120_columns(baseline):
+    """The README's `dvc exp show ...`, `dvc params diff` and `dvc metrics diff`, as written, over
+    the quick sweep next to the committed default: every line within 120 characters, with the
+    FIDs, the best training FID, the loss and the learning rates (about 20 params differ from
+    the default, which the README's table leaves to `dvc params diff`)."""
     rows = json.loads(dvc(baseline, "exp", "show", "--json").stdout)
     names = [e["name"] for row in rows for e in (row.get("experiments") or [])]
     assert len(names) >= 2, rows
-    for show in readme_commands("dvc exp show --only-changed"):
-        out = dvc(baseline, *show[1:]).stdout
-        assert max(map(len, out.splitlines())) <= 100, out
-        assert "fid" in out and "train.lr" in out and all(name in out for name in names[:2]), out
-    diff, = readme_commands("dvc metrics diff <exp-a> <exp-b>")
-    out = dvc(baseline, *[{"<exp-a>": names[0], "<exp-b>": names[1]}.get(a, a)
-                          for a in diff[1:]]).stdout
-    assert max(map(len, out.splitlines())) <= 100, out
-    assert "metrics/fid.json" in out and names[0] in out and names[1] in out, out
+    show, = readme_commands("dvc exp show")
+    out = dvc(baseline, *show[1:]).stdout
+    assert max(map(len, out.splitlines())) <= 120, out
+    header = out.splitlines()[1].split()
+    assert header == ["Experiment", "loss", "epochs", "fid_last", "fid_best", "fid_best_epoch",
+                      "fid", "train.lr"], out
+    assert all(name in out for name in names[:2]) and "0.0001" in out and "0.0003" in out, out
+    for command, expected in (("dvc params diff <exp-a> <exp-b>", "train.lr"),
+                              ("dvc metrics diff <exp-a> <exp-b>", "metrics/fid.json")):
+        diff, = readme_commands(command)
+        out = dvc(baseline, *[{"<exp-a>": names[0], "<exp-b>": names[1]}.get(a, a)
+                              for a in diff[1:]]).stdout
+        assert max(map(len, out.splitlines())) <= 120, out
+        assert expected in out and names[0] in out and names[1] in out, out
+    apply, = readme_commands("dvc exp apply <name>")  # then commit it, as the README says
+    sh(baseline, "bash", "-c", shlex.join(apply).replace("'<name>'", names[0]).replace("'&&'",
+                                                                                         "&&"))
+    assert "up to date" in dvc(baseline, "status").stdout
+    assert sh(baseline, "git", "status", "--porcelain").stdout == ""

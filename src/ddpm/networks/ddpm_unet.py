@@ -15,8 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm.networks.arguments import check_attention, check_levels
 from ddpm.networks.embedding import timestep_embedding
-from ddpm.params import check_ddpm_shape
+
+
+def check_arguments(channels: Sequence[int], res_blocks: int, attention_resolutions: Sequence[int],
+                    heads: int, image_size: int) -> None:
+    """ArgumentError, naming the argument, for a network this constructor cannot build."""
+    check_levels(channels, res_blocks, heads, image_size)
+    widths = {image_size >> level: width for level, width in enumerate(channels)}
+    check_attention("ddpm", heads, attention_resolutions, widths, always=[channels[-1]])
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -182,7 +190,7 @@ class DDPMUNet(nn.Module):
         in_channels: int = 3,                  # image channels in and out
     ):
         super().__init__()
-        check_ddpm_shape(channels, res_blocks, attention_resolutions, heads, image_size)
+        check_arguments(channels, res_blocks, attention_resolutions, heads, image_size)
         base, emb_dim = channels[0], 4 * channels[0]
         self.base = base
         self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(),

@@ -32,8 +32,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm.networks.arguments import check_attention, check_levels, require
 from ddpm.networks.embedding import timestep_embedding
-from ddpm.params import SEED_GROUPS, check_seed_shape, seed_decoder_resolutions
+
+GROUPS = 8  # GroupNorm groups in every block
+
+
+def decoder_resolutions(channels: Sequence[int], image_size: int = 32) -> list[int]:
+    """The decoder's resolutions, one per encoder skip: 32, 16, ... (len(channels) - 1 of them)."""
+    return [image_size >> level for level in range(len(channels) - 1)]
+
+
+def check_arguments(channels: Sequence[int], res_blocks: int, attention_resolutions: Sequence[int],
+                    heads: int, time_dim: int, image_size: int) -> None:
+    """ArgumentError, naming the argument, for a network this constructor cannot build."""
+    check_levels(channels, res_blocks, heads, image_size)
+    require(len(channels) >= 2, f"channels = {list(channels)}: the seed network needs at least "
+                                "two levels (its first downsampling ends the second)")
+    require(all(c % GROUPS == 0 for c in channels),
+            f"channels = {list(channels)}: the seed network's GroupNorm has {GROUPS} groups, so "
+            f"every width must be a multiple of {GROUPS}")
+    require(time_dim >= 4 and time_dim % 2 == 0, f"time_dim = {time_dim}: expected an even "
+                                                 "integer >= 4 (sin and cos of time_dim / 2 "
+                                                 "frequencies)")
+    widths = dict(zip(decoder_resolutions(channels, image_size), channels))
+    check_attention("seed", heads, attention_resolutions, widths)
 
 
 class SeedBlock(nn.Module):
@@ -43,10 +66,10 @@ class SeedBlock(nn.Module):
                  heads: int | None = None):
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm1 = nn.GroupNorm(SEED_GROUPS, out_ch)
+        self.norm1 = nn.GroupNorm(GROUPS, out_ch)
         self.time_proj = nn.Linear(time_dim, out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.norm2 = nn.GroupNorm(SEED_GROUPS, out_ch)
+        self.norm2 = nn.GroupNorm(GROUPS, out_ch)
         self.dropout = nn.Dropout(dropout)
         self.attn = nn.MultiheadAttention(out_ch, heads, batch_first=True) if heads else None
 
@@ -78,7 +101,7 @@ class SeedUNet(nn.Module):
         in_channels: int = 3,                  # image channels in and out
     ):
         super().__init__()
-        check_seed_shape(channels, res_blocks, attention_resolutions, heads, time_dim, image_size)
+        check_arguments(channels, res_blocks, attention_resolutions, heads, time_dim, image_size)
         self.time_dim = time_dim
 
         def stage(in_ch: int, width: int, heads_first: int | None = None) -> nn.ModuleList:
@@ -95,7 +118,7 @@ class SeedUNet(nn.Module):
         self.bottleneck = stage(ch, ch)
 
         self.up, self.decoder = nn.ModuleList(), nn.ModuleList()
-        resolutions = seed_decoder_resolutions(channels, image_size)
+        resolutions = decoder_resolutions(channels, image_size)
         for level in reversed(range(len(resolutions))):
             width = channels[level]
             attends = resolutions[level] in attention_resolutions

