@@ -1,7 +1,8 @@
 """The diffusion process against closed forms: schedules, eq. 4, the eq. 14 loss and the samplers.
 
 The samplers are checked on Gaussian data x0 ~ N(MU, S^2 I), whose optimal noise predictor is
-known exactly, so a correct sampler must give back (nearly) that Gaussian.
+known exactly, so a correct sampler must give back (nearly) that Gaussian; so is the exact
+solution of the probability-flow ODE, which DPM-Solver++ must approach at its order.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.diffusion import Schedule, loss, q_sample, sample, timesteps_for
+from ddpm.diffusion import (Schedule, log_snr_timesteps, loss, q_sample, sample,
+                            timesteps_for)
 
 T = 1000
 LINEAR = dict(timesteps=T, beta_start=1e-4, beta_end=0.02, schedule="linear")
@@ -53,8 +55,12 @@ def exact_std(sampler: str, steps: int, variance: str) -> float:
     starts at 1 (x_T ~ N(0, I)). DDPM (eq. 11): d' = (1 - beta / v_t) / sqrt(alpha) d + sigma z;
     DDIM (eq. 12, eta = 0): d' = (sqrt(ab' ab) S^2 + sqrt((1 - ab')(1 - ab))) / v_t d;
     where v_t = ab S^2 + 1 - ab is the variance of x_t and ' marks the previous timestep.
+    DPM-Solver++: the std of the exact probability-flow ODE's sample (exact_ode_sample).
     """
     ab_all, ts, var = linear_alpha_bar(), timesteps_for(T, steps), 1.0
+    if sampler == "dpm-solver++":  # not its chain's: the exact ODE's, which it approximates
+        v_0, v_T = ab_all[0] * S**2 + 1 - ab_all[0], ab_all[-1] * S**2 + 1 - ab_all[-1]
+        return math.sqrt(ab_all[0]) * S**2 / math.sqrt(v_0 * v_T)  # exact_ode_sample's gain
     for i in reversed(range(len(ts))):
         ab = ab_all[ts[i]]
         ab_prev = ab_all[ts[i - 1]] if i > 0 else 1.0
@@ -67,6 +73,18 @@ def exact_std(sampler: str, steps: int, variance: str) -> float:
         if i > 0:
             var += beta if variance == "beta" else beta * (1 - ab_prev) / (1 - ab)
     return math.sqrt(var)
+
+
+def exact_ode_sample(ab: np.ndarray, x_T: torch.Tensor) -> torch.Tensor:
+    """The probability-flow ODE's exact image from x_T at t = T-1 for data N(MU, S^2), then the
+    last step every deterministic sampler takes, x0 = E[x0 | x_0] from t = 0 (float64).
+
+    With gaussian_eps the ODE, d(x / alpha) = eps d(sigma / alpha), keeps the standardised
+    z = (x_t - sqrt(ab_t) MU) / sqrt(v_t) constant (v_t = ab_t S^2 + 1 - ab_t), so x at t = 0 is
+    sqrt(ab_0) MU + sqrt(v_0) z, and its predicted x0 is MU + sqrt(ab_0) S^2 z / sqrt(v_0).
+    """
+    z = (x_T.double() - math.sqrt(ab[-1]) * MU) / math.sqrt(ab[-1] * S**2 + 1 - ab[-1])
+    return MU + math.sqrt(ab[0]) * S**2 * z / math.sqrt(ab[0] * S**2 + 1 - ab[0])
 
 
 # --- the schedule ---------------------------------------------------------------------------
@@ -215,6 +233,7 @@ SAMPLER_CASES = [  # (sampler, steps, variance, tolerance)
     ("ddpm", 100, "beta", STD_TOL_FEW_STEPS),
     ("ddim", 100, "beta", STD_TOL_FEW_STEPS),
     ("ddim", None, "beta", STD_TOL_FULL_CHAIN),
+    ("dpm-solver++", 25, "beta", STD_TOL_FULL_CHAIN),  # within 5 SE of the exact ODE's std
 ]
 
 
@@ -231,11 +250,12 @@ def test_sampler_recovers_gaussian_data(sched, sampler, steps, variance, data_to
     assert abs(x.std().item() - exact_std(sampler, steps or T, variance)) < 5 * STD_SE
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++"])
 @pytest.mark.parametrize("steps", [T, 10])
 def test_samplers_query_the_model_once_per_timestep_from_the_last_down(sched, sampler, steps):
-    """Algorithm 2 / eq. 12: eps_theta(x_t, t) for t = ts[-1], ..., ts[0], each exactly once,
-    the whole batch at the same t."""
+    """Algorithm 2 / eq. 12 / Lu et al.'s Algorithm 2: eps_theta(x_t, t) for t = ts[-1], ...,
+    ts[0], each exactly once, the whole batch at the same t; DPM-Solver++'s ts are even in
+    log-SNR, the others' even in t."""
     seen = []
 
     def recorder(x_t, t):
@@ -244,7 +264,8 @@ def test_samplers_query_the_model_once_per_timestep_from_the_last_down(sched, sa
         return torch.zeros_like(x_t)
 
     sample(recorder, sched, (2, 1, 2, 2), sampler, steps, torch.Generator().manual_seed(0))
-    assert seen == timesteps_for(T, steps)[::-1]
+    grid = log_snr_timesteps(sched, steps) if sampler == "dpm-solver++" else timesteps_for(T, steps)
+    assert seen == grid[::-1]
 
 
 def test_the_last_ddpm_step_adds_no_noise(sched):
@@ -265,7 +286,7 @@ def test_ddim_with_eta_1_is_ddpm_with_beta_tilde(sched):
     torch.testing.assert_close(ddim, ddpm, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++"])
 def test_sampler_check_fails_with_a_wrong_predictor(sched, sampler):
     """The test above can fail: half the optimal eps leaves far too much noise in the samples."""
     x = sample(gaussian_eps(sched, scale=0.5), sched, SHAPE, sampler, 100,
@@ -273,7 +294,7 @@ def test_sampler_check_fails_with_a_wrong_predictor(sched, sampler):
     assert x.std().item() / S - 1 > 1.0
 
 
-@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.5)])
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.5), ("dpm-solver++", 0.0)])
 def test_same_seed_gives_the_same_images(sched, sampler, eta):
     """One generator seeds x_T and every z: same seed, bitwise the same images."""
     def draw(seed):
@@ -283,17 +304,18 @@ def test_same_seed_gives_the_same_images(sched, sampler, eta):
     assert not torch.equal(draw(0), draw(1))
 
 
-@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.5)])
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.5), ("dpm-solver++", 0.0)])
 def test_per_image_generators_make_images_independent_of_the_batch(sched, sampler, eta):
     """Image i drawn with its own generator (seed 1000 + i) is bitwise the same in a batch of 6
-    as in batches of 2 and 4 (ddim with eta = 0.5 draws noise at every step too)."""
+    as in batches of 2 and 4 (ddim with eta = 0.5 draws noise at every step too; DPM-Solver++
+    only x_T, and keeps each image's previous x0 for its second-order steps)."""
     def draw(ids):
         gens = [torch.Generator().manual_seed(1000 + i) for i in ids]
         return sample(gaussian_eps(sched), sched, (len(ids), 3, 4, 4), sampler, 20, gens, eta=eta)
     assert torch.equal(draw(range(6)), torch.cat([draw(range(2)), draw(range(2, 6))]))
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++"])
 def test_output_is_clipped_to_the_data_range(sched, sampler):
     """A predictor that drives x outwards still yields images in [-1, 1], both bounds reached."""
     x = sample(lambda x_t, t: -10 * x_t, sched, (8, 3, 4, 4), sampler, 10,
@@ -321,10 +343,12 @@ def one_step_then_record(sched: Schedule, sampler: str, x_t: torch.Tensor, eps: 
         return eps if len(seen) == 1 else torch.zeros_like(x)
 
     ts = [t_prev, t]
-    from ddpm.diffusion import ddim_steps, ddpm_steps
+    from ddpm.diffusion import ddim_steps, ddpm_steps, dpm_solver_pp_steps
     zeros = lambda: torch.zeros_like(x_t)  # noqa: E731  (sigma z = 0: the mean itself)
     if sampler == "ddpm":
         ddpm_steps(model, sched, x_t.clone(), ts, zeros, clip_denoised=clip_denoised)
+    elif sampler == "dpm-solver++":
+        dpm_solver_pp_steps(model, sched, x_t.clone(), ts, clip_denoised=clip_denoised)
     else:
         ddim_steps(model, sched, x_t.clone(), ts, zeros, clip_denoised=clip_denoised)
     return seen[1].double()
@@ -359,23 +383,75 @@ def test_clip_denoised_ddpm_step_is_the_posterior_mean_of_the_clipped_x0(sched, 
     assert (unclipped - expected).abs().max() > 0.01  # clipping changed the step (1000x atol)
 
 
-def test_clip_denoised_ddim_step_recomputes_eps_from_the_clipped_x0(sched):
+@pytest.mark.parametrize("sampler", ["ddim", "dpm-solver++"])
+def test_clip_denoised_ddim_step_recomputes_eps_from_the_clipped_x0(sched, sampler):
     """DDIM (eta 0) with clipping: x_prev = sqrt(ab_prev) x0_c + sqrt(1 - ab_prev) eps_c, where
-    eps_c is the noise that maps x0_c to x_t under eq. 4, so x_t stays on the same trajectory."""
+    eps_c is the noise that maps x0_c to x_t under eq. 4, so x_t stays on the same trajectory.
+    DPM-Solver++'s first step, sigma_prev / sigma_t x_t - alpha_prev (e^-h - 1) x0_c, is the same
+    step (Lu et al.): its clip_denoised means what DDIM's does."""
     x_t, eps = clipping_case()
     ab = linear_alpha_bar()
     ab_t, ab_prev = ab[600], ab[400]
     x0 = ((x_t.double() - math.sqrt(1 - ab_t) * eps.double()) / math.sqrt(ab_t)).clamp(-1, 1)
     eps_c = (x_t.double() - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
     expected = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * eps_c
-    got = one_step_then_record(sched, "ddim", x_t, eps, 600, 400, clip_denoised=True)
+    got = one_step_then_record(sched, sampler, x_t, eps, 600, 400, clip_denoised=True)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++"])
 def test_clip_denoised_changes_nothing_while_x0_stays_in_range(sched, sampler):
     """With the Gaussian data's optimal predictor (x0 inside [-1, 1] almost surely) the clipped
     and unclipped chains agree image for image."""
     draw = lambda clip: sample(gaussian_eps(sched), sched, (64, 1, 2, 2), sampler, 20,  # noqa: E731
                                torch.Generator().manual_seed(0), clip_denoised=clip)
     torch.testing.assert_close(draw(True), draw(False), rtol=0, atol=1e-5)
+
+
+# --- DPM-Solver++ against the exact probability-flow ODE -------------------------------------
+
+ODE_SHAPE = (2000, 1, 2, 2)
+
+
+def ode_error(sched: Schedule, sampler: str, steps: int) -> float:
+    """RMS difference between the sampler's images and the exact ODE's from the same x_T."""
+    x = sample(gaussian_eps(sched), sched, ODE_SHAPE, sampler, steps,
+               torch.Generator().manual_seed(0))
+    x_T = torch.randn(ODE_SHAPE, generator=torch.Generator().manual_seed(0))  # sample()'s x_T
+    exact = exact_ode_sample(sched.alpha_bar64.numpy(), x_T).clamp(-1, 1)
+    return (x.double() - exact).pow(2).mean().sqrt().item()
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_dpm_solver_converges_to_the_exact_ode_solution_at_second_order(schedule):
+    """Lu et al.'s DPM-Solver++(2M) is second order: from 20 to 40 to 80 steps (log-SNR steps of
+    half the size each time) its error against the exact solution falls about 4x per doubling
+    (measured 3.8-4.1), where first-order DDIM's halves; at 20 steps it is a tenth of DDIM's or
+    less (measured 1/10 cosine, 1/19 linear)."""
+    sched = Schedule(T, 1e-4, 0.02, schedule)
+    errors = [ode_error(sched, "dpm-solver++", steps) for steps in (20, 40, 80)]
+    ratios = [a / b for a, b in zip(errors, errors[1:])]
+    assert all(3.4 < r < 4.7 for r in ratios), ratios
+    ddim = [ode_error(sched, "ddim", steps) for steps in (20, 40)]
+    assert 1.8 < ddim[0] / ddim[1] < 2.2, ddim  # first order
+    assert errors[0] < ddim[0] / 8, (errors[0], ddim[0])
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_log_snr_timesteps_are_even_in_log_snr(schedule):
+    """Every step count 1..T gives that many distinct timesteps, ascending, from 0 to T-1. At 20
+    steps (where no two targets round to one timestep) each timestep but the last is one of the
+    two that bracket its target, evenly spaced in lambda = log(ab / (1 - ab)) / 2 from lambda_0
+    to max(lambda_{T-1}, -5.1); the last, T-1, is x_T's."""
+    sched = Schedule(T, 1e-4, 0.02, schedule)
+    for steps in range(1, T + 1):
+        ts = log_snr_timesteps(sched, steps)
+        assert len(ts) == steps and ts[-1] == T - 1 and ts[0] == (0 if steps > 1 else T - 1)
+        assert all(a < b for a, b in zip(ts, ts[1:])), steps
+    ab = sched.alpha_bar64.numpy()
+    lam = 0.5 * np.log(ab / (1 - ab))
+    targets = np.linspace(lam[0], max(lam[-1], -5.1), 20)
+    ts = log_snr_timesteps(sched, 20)
+    for t, target in zip(ts[1:-1], targets[1:-1]):
+        assert lam[t + 1] <= target <= lam[t - 1], (t, target)
+    assert lam[ts[-2]] > -5.1 > lam[-1] if schedule == "cosine" else lam[-1] > -5.1

@@ -84,7 +84,7 @@ def raw(base_params):
     ("data", "real_split", "valid", "data.real_split = 'valid': expected train | test"),
     ("data", "limit", 100, "data.limit = 100: expected 0 (every image) or at least "
                            "train.batch_size=128 images"),
-    ("sample", "sampler", "euler", "sample.sampler = 'euler': expected ddpm | ddim"),
+    ("sample", "sampler", "euler", "sample.sampler = 'euler': expected ddpm | ddim | dpm-solver++"),
     ("sample", "steps", 1001, "sample.steps = 1001: expected at most diffusion.timesteps=1000"),
     ("sample", "eta", 1.5, "sample.eta = 1.5: expected a finite number in [0, 1]"),
     ("fid", "dims", 100, "fid.dims = 100: expected 64 | 192 | 768 | 2048"),

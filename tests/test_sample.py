@@ -40,8 +40,10 @@ def pngs(folder, n):
     return np.stack([np.asarray(Image.open(folder / f"{i}.png")) for i in range(n)])
 
 
-def test_images_do_not_depend_on_the_batch_size_or_the_split(setup):
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm-solver++"])
+def test_images_do_not_depend_on_the_batch_size_or_the_split(setup, sampler):
     params, root = setup
+    params = dataclasses.replace(params, sample=dataclasses.replace(params.sample, sampler=sampler))
     model = load_ema_model(root / "ema.pt", params, torch.device("cpu"))
     sched = Schedule(**dataclasses.asdict(params.diffusion))
     n = 6
@@ -150,9 +152,11 @@ def files(folder):
 
 
 @pytest.mark.parametrize("setup", ["seed"], indirect=True)
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm-solver++"])
 def test_an_interrupted_run_keeps_its_whole_batches_and_ends_as_an_uninterrupted_one(
-        resume, capsys):
+        resume, capsys, sampler):
     params, root, model, sched = resume
+    params = dataclasses.replace(params, sample=dataclasses.replace(params.sample, sampler=sampler))
     wanted = sample_manifest(root / "ema.pt", params, "fp32", CPU, World())
     generate_folder(model, sched, params, "fp32", root / "straight", World(), wanted)
     straight = files(root / "straight")

@@ -1,7 +1,8 @@
 """The diffusion process of Ho et al. 2020 and its samplers, as pure functions over a Schedule.
 
 Equation numbers refer to Ho et al. 2020 ("DDPM", arXiv:2006.11239) and Song et al. 2021
-("DDIM", arXiv:2010.02502). The model is passed in, never owned: any callable eps = model(x_t, t).
+("DDIM", arXiv:2010.02502); DPM-Solver++ is Lu et al. 2022 (arXiv:2211.01095). The model is
+passed in, never owned: any callable eps = model(x_t, t).
 """
 from __future__ import annotations
 
@@ -102,6 +103,30 @@ def timesteps_for(timesteps: int, steps: int) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, timesteps - 1, steps)})
 
 
+def log_snr_timesteps(sched: Schedule, steps: int, lambda_min: float = -5.1) -> list[int]:
+    """`steps` distinct timesteps over [0, T - 1], both ends included, ascending: T - 1 (x_T's)
+    and the rest evenly spaced in lambda = log(alpha_bar / (1 - alpha_bar)) / 2 from lambda_0 to
+    max(lambda_{T-1}, lambda_min), rounded (Lu et al.'s spacing for low-resolution images).
+    The floor is diffusers' lambda_min_clipped for the cosine schedule, whose clipped last betas
+    would else spend steps where alpha_bar < 4e-5; the linear schedule's grid is unaffected.
+    """
+    if not 1 <= steps <= sched.timesteps:
+        raise ValueError(f"steps = {steps}: expected 1..{sched.timesteps}")
+    last = sched.timesteps - 1
+    if steps == 1:
+        return [last]
+    ab = sched.alpha_bar64.numpy()
+    lam = 0.5 * np.log(ab / (1.0 - ab))  # (T,), decreasing in t
+    targets = np.linspace(lam[0], max(lam[-1], lambda_min), steps)
+    ts = np.rint(np.interp(-targets, -lam, np.arange(len(lam)))).astype(int).tolist()
+    for k in range(1, steps):  # near t = 0 several targets round to one step: keep them distinct
+        ts[k] = max(ts[k], ts[k - 1] + 1)
+    ts[-1] = last
+    for k in reversed(range(steps - 1)):
+        ts[k] = min(ts[k], ts[k + 1] - 1)
+    return ts
+
+
 def randn_like_per_image(shape: Sequence[int], generator: Generators,
                          device: torch.device) -> torch.Tensor:
     """Standard normal noise of `shape` on `device`.
@@ -195,6 +220,46 @@ def ddim_steps(model: EpsModel, sched: Schedule, x: torch.Tensor, ts: Sequence[i
     return x
 
 
+def _half_log_snr(ab: float) -> float:
+    """lambda = log(alpha / sigma), alpha = sqrt(ab), sigma = sqrt(1 - ab); +inf for clean data."""
+    return 0.5 * math.log(ab / (1.0 - ab)) if ab < 1.0 else math.inf
+
+
+def dpm_solver_pp_steps(model: EpsModel, sched: Schedule, x: torch.Tensor, ts: Sequence[int],
+                        clip_denoised: bool = False,
+                        progress: Callable[[], None] | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2, over the timesteps ts (one evaluation each):
+    the probability-flow ODE solved with the data prediction x0_theta, x = x_T down to x_0.
+
+    alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma). The first
+    step (no earlier x0_theta) and the last (to sigma = 0, an infinite h) are first order, which
+    is DDIM's eta = 0 step. clip_denoised: x0_theta is clipped to [-1, 1] before the step uses it
+    (static thresholding), which for a first-order step is DDIM's clipping exactly.
+    """
+    ab = sched.alpha_bar64.tolist()
+    x0_last, h_last = None, 0.0
+    for i in reversed(range(len(ts))):
+        ab_t = ab[ts[i]]
+        ab_prev = ab[ts[i - 1]] if i > 0 else 1.0
+        # 1. the data prediction x0_theta(x_t, t) = (x_t - sigma_t eps_theta(x_t, t)) / alpha_t
+        x0 = predict_x0(x, _eps(model, x, ts[i]), ab_t)
+        if clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+        # 2. h = lambda_prev - lambda_t > 0: the step in half log-SNR (Algorithm 2's h_i)
+        h = _half_log_snr(ab_prev) - _half_log_snr(ab_t)
+        # 3. D = (1 + 1 / 2r) x0 - 1 / 2r x0_last, r = h_last / h (Algorithm 2's D_i): x0_theta
+        #    extrapolated linearly in lambda to the step's midpoint; first order, D = x0
+        d = x0 if x0_last is None or i == 0 else x0 + (h / (2.0 * h_last)) * (x0 - x0_last)
+        # 4. x_prev = sigma_prev / sigma_t x_t - alpha_prev (e^{-h} - 1) D: the ODE's exact
+        #    solution for a D constant over the step (Algorithm 2's update of x_{t_i})
+        x = (math.sqrt(1.0 - ab_prev) / math.sqrt(1.0 - ab_t)) * x - (
+            math.sqrt(ab_prev) * math.expm1(-h)) * d
+        x0_last, h_last = x0, h
+        if progress:
+            progress()
+    return x
+
+
 @torch.inference_mode()
 def sample(model: EpsModel, sched: Schedule, shape: Sequence[int], sampler: str = "ddpm",
            steps: int | None = None, generator: Generators = None, eta: float = 0.0,
@@ -202,16 +267,21 @@ def sample(model: EpsModel, sched: Schedule, shape: Sequence[int], sampler: str 
            progress: Callable[[], None] | None = None) -> torch.Tensor:
     """Draw images x0 ~ p_theta on sched.device: (B, C, H, W) float32 clipped to [-1, 1].
 
-    sampler: "ddpm" (ancestral, eq. 11) or "ddim" (eq. 12); steps: None = all T timesteps.
+    sampler: "ddpm" (ancestral, eq. 11), "ddim" (eq. 12) or "dpm-solver++" (deterministic,
+    second order); steps: network evaluations per image, None = all T timesteps.
     generator: None, one torch.Generator, or a list with one per image (batch-size independent).
     clip_denoised: clip the predicted x0 to [-1, 1] inside every step (Ho et al.'s code).
     progress: called after every denoising step.
     """
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"sampler = {sampler!r}: expected ddpm or ddim")
+    if sampler not in ("ddpm", "ddim", "dpm-solver++"):
+        raise ValueError(f"sampler = {sampler!r}: expected ddpm, ddim or dpm-solver++")
     if variance not in ("beta", "beta_tilde"):
         raise ValueError(f"variance = {variance!r}: expected beta or beta_tilde")
-    ts = timesteps_for(sched.timesteps, steps or sched.timesteps)
+    # DPM-Solver++ steps evenly in log-SNR: evenly in t, the steps into t = 0 span log-SNR
+    # ranges that hardly shrink as steps are added, and it loses its order (docs/model.md)
+    n = steps or sched.timesteps
+    ts = (log_snr_timesteps(sched, n) if sampler == "dpm-solver++" else
+          timesteps_for(sched.timesteps, n))
     device = sched.device
 
     def randn() -> torch.Tensor:
@@ -220,6 +290,8 @@ def sample(model: EpsModel, sched: Schedule, shape: Sequence[int], sampler: str 
     x = randn()  # x_T ~ N(0, I)
     if sampler == "ddpm":
         x = ddpm_steps(model, sched, x, ts, randn, variance, clip_denoised, progress)
-    else:
+    elif sampler == "ddim":
         x = ddim_steps(model, sched, x, ts, randn, eta, clip_denoised, progress)
+    else:
+        x = dpm_solver_pp_steps(model, sched, x, ts, clip_denoised, progress)
     return x.clamp(-1.0, 1.0)

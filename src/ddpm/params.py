@@ -28,7 +28,7 @@ ARCH_KEYS = {
     "ddpm": ("channels", "res_blocks", "attention_resolutions", "heads", "dropout"),
 }
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 VARIANCES = ("beta", "beta_tilde")
 FID_DIMS = (64, 192, 768, 2048)
 # torch.compile modes that train.compile and sample.compile accept besides auto/true/false
@@ -125,7 +125,9 @@ class TrainParams:
 class SampleParams:
     num_images: Int(1, 1_000_000, "images the sample stage draws (and fid scores)")
     batch_size: Int(1, 8192, "images per forward pass (image i does not depend on it)")
-    sampler: Annotated[Literal[SAMPLERS], Doc("ddpm (ancestral, as in the seed) | ddim")]
+    sampler: Annotated[Literal[SAMPLERS], Doc(
+        "ddpm (ancestral, as in the seed) | ddim | dpm-solver++ (Lu et al. 2022: deterministic, "
+        "second order, in log-SNR steps; docs/model.md)")]
     steps: Int(1, 100_000, "network evaluations per image, at most diffusion.timesteps")
     eta: Float("ddim only: 0 = deterministic, 1 = ddpm-like noise", ge=0, le=1)
     variance: Annotated[Literal[VARIANCES], Doc(

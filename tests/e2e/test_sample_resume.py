@@ -34,9 +34,10 @@ def drawn(repo, steps: int) -> int:
         return 0
 
 
-def test_kill_then_repro_keeps_the_drawn_images_and_ends_byte_identical(reproduced):
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm-solver++"])
+def test_kill_then_repro_keeps_the_drawn_images_and_ends_byte_identical(reproduced, sampler):
     repo, _ = reproduced
-    set_sample(repo, num_images=N, batch_size=3, steps=12)
+    set_sample(repo, sampler=sampler, num_images=N, batch_size=3, steps=12)
     dvc_killed_when(repo, ("repro", "sample"), lambda: drawn(repo, 12) >= 3)
 
     # Other params after a kill: the drawn images are discarded, with the reason.
@@ -55,7 +56,7 @@ def test_kill_then_repro_keeps_the_drawn_images_and_ends_byte_identical(reproduc
     kept = int(found.group(1))
     assert kept_before - 3 <= kept <= kept_before and kept % 3 == 0  # whole batches
     assert int(found.group(2)) == N - kept
-    assert f"sample: 24 images (ddpm, 10 steps, {kept} kept from an interrupted run)" in out
+    assert f"sample: 24 images ({sampler}, 10 steps, {kept} kept from an interrupted run)" in out
     assert json.loads((repo / "reports/sample.json").read_text())["kept_images"] == kept
     assert "Running stage 'fid'" in out
     resumed = {p.name: p.read_bytes() for p in (repo / "data/samples").iterdir()}
@@ -64,5 +65,5 @@ def test_kill_then_repro_keeps_the_drawn_images_and_ends_byte_identical(reproduc
 
     out = sh(repo, sys.executable, "stages/sample.py", "--ema", "models/ema.pt", "--out", "ref",
              "--metrics", "ref.json", "--report", "ref_report.json", "--grid", "ref.png").stdout
-    assert "sample: 24 images (ddpm, 10 steps) in" in out and "kept" not in out, out
+    assert f"sample: 24 images ({sampler}, 10 steps) in" in out and "kept" not in out, out
     assert {p.name: p.read_bytes() for p in (repo / "ref").iterdir()} == resumed
