@@ -61,7 +61,8 @@ def bench_train(table, args, device, precision, images, compile_modes):
     ours_model, ours = ours_step(ddpm, images, args.batch, precision, device)
     fns = {"ours": ours}
     if have_diffusers() and not args.quick:
-        ref_model, fns["diffusers"] = references.diffusers_step(images, args.batch, precision, device)
+        ref_model, fns["diffusers"] = references.diffusers_step(images, args.batch, precision,
+                                                                device)
     first = {}
     for mode in compile_modes:
         _, fns[mode] = ours_step(ddpm, images, args.batch, precision, device, compile_mode=mode)
@@ -175,12 +176,13 @@ def bench_sampling(table, args, device, precision, compile_sampling: bool):
     for sampler in ("ddpm", "ddim"):  # a k-step chain costs k of the full chain's steps
         with autocast(precision, device):
             per_step[sampler] = seconds_of(
-                lambda: sample(ours, sched, x.shape, sampler, k, gens), device) / k
+                lambda sampler=sampler: sample(ours, sched, x.shape, sampler, k, gens), device) / k
     table.add("sampling images/s, DDIM-100 vs DDPM-1000 (k-step timing)", precision,
               args.sample_batch / (100 * per_step["ddim"]),
               args.sample_batch / (1000 * per_step["ddpm"]), "DDPM-1000", "img/s")
     table.add("  one DDPM step (forward, per-image noise, update) vs the forward alone",
-              precision, args.sample_batch / per_step["ddpm"], fps["ours"], "forward alone", "img/s")
+              precision, args.sample_batch / per_step["ddpm"], fps["ours"], "forward alone",
+              "img/s")
 
 
 def host_memory_child(args, device) -> None:
@@ -237,7 +239,8 @@ def bench_fid(table, args, device):
 
     n, dims = (12, 64) if args.quick else (args.fid_images, 2048)
     tmp = Path(tempfile.mkdtemp())
-    weights = make_inception_weights(tmp / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth")
+    weights = make_inception_weights(tmp / "hub" / "checkpoints"
+                                     / "pt_inception-2015-12-05-6726825d.pth")
     for name, seed in (("real", 0), ("gen", 1)):
         (tmp / name).mkdir()
         write_pngs(cifar_images("train", -(-n // 5), seed)[:n].transpose(0, 2, 3, 1), tmp / name)
@@ -278,16 +281,19 @@ def bench_fid(table, args, device):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precisions", default="auto", help="comma list, or auto (what runs natively)")
+    parser.add_argument("--precisions", default="auto",
+                        help="comma list, or auto (what runs natively)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--sample-batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
     parser.add_argument("--fid-images", type=int, default=500)
     parser.add_argument("--sampler-steps", type=int, default=4, help="steps per k-step timing")
-    parser.add_argument("--sections", default="networks,precision,train,seed,sampling,memory,fid,peak",
+    parser.add_argument("--sections",
+                        default="networks,precision,train,seed,sampling,memory,fid,peak",
                         help="memory: the CPU stages' host allocator setting (CPU only)")
     parser.add_argument("--compile", default="sampling",
                         help="comma list of sampling, train: compiled rows, for the first "
@@ -310,7 +316,8 @@ def main() -> None:
     else:
         precisions = args.precisions.split(",")
     sections = args.sections.split(",")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine())
     print(f"# {date.today()}, {device.type} ({name}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, precisions {precisions}"
           f"{'' if native_bf16(device) else ' (bf16 not native here: skipped)'}", flush=True)
@@ -328,7 +335,8 @@ def main() -> None:
             bench_sampling(table, args, device, precision, first and "sampling" in compiles)
         if "peak" in sections:
             mm, conv, n = peak_flops(device, precision, args.rounds)
-            table.add(f"peak measured: matmul {n}^2 (ours col.) / 3x3 conv 256 ch 16x16 (ref. col.)",
+            table.add(f"peak measured: matmul {n}^2 (ours col.) / 3x3 conv 256 ch 16x16 "
+                      "(ref. col.)",
                       precision, mm / 1e9, conv / 1e9, "conv", "GFLOP/s")
     if "precision" in sections:
         bench_precision(table, args, device, images)

@@ -1,4 +1,5 @@
-"""Training speed on one GPU, as the train stage runs it: the projected time of the seed's 600 epochs.
+"""Training speed on one GPU, as the train stage runs it: the projected time of the seed's 600
+epochs.
 
     python benchmarks/gpu.py                        # the full table: ~4 min on an H100-class GPU
     python benchmarks/gpu.py --json gpu.json        # also keep the rows as JSON

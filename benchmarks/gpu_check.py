@@ -248,12 +248,13 @@ def resolve_md5(args) -> None:
         return
     if not args.data.is_file():
         raise PipelineError(f"--data {args.data}: no such file. Pass the real CIFAR-10 subset "
-                        f"(../{SUBSET.relative_to(ROOT.parent)}) or cifar-10-python.tar.gz")
+                            f"(../{SUBSET.relative_to(ROOT.parent)}) or cifar-10-python.tar.gz")
     known = (SUBSET_MD5, yaml.safe_load((ROOT / "params.yaml").read_text())["data"]["md5"])
     args.md5 = file_digest(args.data, "md5")
     if args.md5 not in known:
-        raise PipelineError(f"--data {args.data}: md5 {args.md5} is neither the real subset's nor the "
-                        "official archive's; pass --md5 with the md5 of the archive you trust")
+        raise PipelineError(f"--data {args.data}: md5 {args.md5} is neither the real subset's nor "
+                            "the official archive's; pass --md5 with the md5 of the archive you "
+                            "trust")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,10 +38,10 @@ def load_samples(path: Path) -> np.ndarray:
             images = f["images"]
     except (OSError, KeyError, ValueError) as e:
         raise PipelineError(f"{path}: not a gpu_check samples file ({e}); run "
-                       "benchmarks/gpu_check.py OUT_DIR first") from None
+                            "benchmarks/gpu_check.py OUT_DIR first") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
         raise PipelineError(f"{path}: {images.dtype} images of shape {images.shape}, expected "
-                       "(N, 32, 32, 3) uint8")
+                            "(N, 32, 32, 3) uint8")
     return images
 
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         report = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise PipelineError(f"{path}: no gpu_check report ({e}); run benchmarks/gpu_check.py "
-                       "OUT_DIR first") from None
+                            "OUT_DIR first") from None
     report["fid"] = score(args)
     write_json(path, report)
     result = report["fid"]

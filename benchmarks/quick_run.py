@@ -26,7 +26,8 @@ import record  # noqa: E402
 from ddpm.runtime import resolve_device  # noqa: E402
 
 STAGE = re.compile(r"Running stage '(\w+)'")
-METRICS = {"train": "metrics/train.json", "sample": "metrics/sample.json", "fid": "metrics/fid.json"}
+METRICS = {"train": "metrics/train.json", "sample": "metrics/sample.json",
+           "fid": "metrics/fid.json"}
 
 
 def run_timed(command: list[str]) -> tuple[int, float, dict[str, float]]:

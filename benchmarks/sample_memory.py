@@ -58,13 +58,14 @@ def main() -> None:
         return
     from ddpm.runtime import resolve_device
     device = resolve_device(args.device).type
-    print(f"| sample.batch_size | memory of one step beyond the weights ({device}, {args.precision}) |")
+    print(f"| sample.batch_size | memory of one step beyond the weights ({device}, "
+          f"{args.precision}) |")
     print("| --- | --- |")
     rows = []
     for batch in map(int, args.batches.split(",")):
-        out = subprocess.run([sys.executable, __file__, "--one", str(batch), "--device", args.device,
-                              "--precision", args.precision], check=True, capture_output=True,
-                             text=True).stdout
+        out = subprocess.run([sys.executable, __file__, "--one", str(batch), "--device",
+                              args.device, "--precision", args.precision], check=True,
+                             capture_output=True, text=True).stdout
         rows.append(json.loads(out))
         print(f"| {batch} | {rows[-1]['step_mb']:.0f} MiB |", flush=True)
     if args.json:

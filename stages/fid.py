@@ -29,7 +29,8 @@ def main() -> None:
     write_json(args.metrics, {"fid": value})
     write_json(args.report, {"num_generated": num_generated, "num_real": num_real,
                              "dims": fid.dims})
-    print(f"fid: {value:.4f} ({num_generated} generated vs {num_real} real images, {fid.dims} dims)")
+    print(f"fid: {value:.4f} ({num_generated} generated vs {num_real} real images, "
+          f"{fid.dims} dims)")
 
 
 if __name__ == "__main__":

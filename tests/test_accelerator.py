@@ -120,7 +120,8 @@ def test_resume_on_the_device_replays_the_uninterrupted_run(tiny, cifar_dir, tmp
         return np.array([[float(v) for v in row.split("\t")[:2]]
                          for row in (folder / "loss.tsv").read_text().splitlines()[1:]])
     np.testing.assert_allclose(rows(tmp_path / "b"), rows(tmp_path / "a"), rtol=1e-4)
-    for a, b in zip(straight.state.model.state_dict().values(), resumed.state.model.state_dict().values()):
+    for a, b in zip(straight.state.model.state_dict().values(),
+                    resumed.state.model.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 

@@ -133,9 +133,9 @@ def reference_fid(real: np.ndarray, fake: np.ndarray, weights, dims: int, tmp_pa
 @pytest.mark.filterwarnings("ignore:The `disp` argument:DeprecationWarning")  # pytorch-fid 0.3
 def test_the_gpu_check_dry_run_runs_every_part_on_a_bare_node_and_is_scored(
         tmp_path, inception_weights):
-    """gpu_check.py --dry-run without pytorch-fid, dvc, torchvision, scipy and pydantic: the CUDA tests
-    (all skipped here), both networks' rows, training on an archive of 25 training images, 16
-    samples and their grid; then gpu_check_fid.py adds pytorch-fid's FID of those samples
+    """gpu_check.py --dry-run without pytorch-fid, dvc, torchvision, scipy and pydantic: the CUDA
+    tests (all skipped here), both networks' rows, training on an archive of 25 training images,
+    16 samples and their grid; then gpu_check_fid.py adds pytorch-fid's FID of those samples
     against the 25 (few: Inception runs at 299 x 299 on the CPU)."""
     archive = tmp_path / "cifar-10-python.tar.gz"
     md5, out = make_cifar_archive(archive, per_batch=5), tmp_path / "out"

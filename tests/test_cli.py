@@ -130,7 +130,8 @@ def test_no_space_is_found_in_the_chain_of_errors():
         try:
             raise OSError(errno.EDQUOT, "Disk quota exceeded")
         except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+            # B904: torch chains it implicitly, as here
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")  # noqa: B904
     except RuntimeError as e:
         assert no_space(e)
     assert not no_space(RuntimeError("[enforce fail at inline_container.cc:672]"))
@@ -174,4 +175,5 @@ def test_ctrl_c_stops_the_sample_stage_with_130_and_its_own_line(tiny, tmp_path)
     assert err.replace("\r", "\n").splitlines()[-1] == (
         "sample: interrupted; the images drawn so far are kept in .out.partial for a run with the "
         "same EMA weights and params. Run the same command again to draw the rest")
-    assert (tmp_path / ".out.partial" / "manifest.json").is_file() and not (tmp_path / "out").exists()
+    assert ((tmp_path / ".out.partial" / "manifest.json").is_file()
+            and not (tmp_path / "out").exists())

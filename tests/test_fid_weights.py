@@ -163,7 +163,8 @@ def fake_wheel(path: Path, member_bytes: bytes | None) -> Path:
 @pytest.mark.parametrize("case", ["other_torchscript", "right_size_wrong_bytes", "wheel_without",
                                   "wheel_wrong_size", "wheel_not_a_zip", "other_state_dict"])
 def test_a_wrong_file_says_which_and_what_was_expected(tmp_path, case):
-    """Each one a PipelineError naming the file and what it should have been; convert writes nothing."""
+    """Each one a PipelineError naming the file and what it should have been;
+    convert writes nothing."""
     if case == "other_state_dict":
         path = tmp_path / "weights.pt"
         torch.save({"x": torch.zeros(1)}, path)

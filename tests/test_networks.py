@@ -107,7 +107,8 @@ def test_the_seed_network_has_one_attention_layer_three_skips_and_no_residual_pa
 
 
 def test_the_seed_network_is_the_default_and_the_paper_network_one_switch_away(base_params):
-    """params.yaml builds the seed's network; the README's DDPM-paper overrides build Ho et al.'s."""
+    """params.yaml builds the seed's network;
+    the README's DDPM-paper overrides build Ho et al.'s."""
     import copy
     assert n_parameters(networks.build(parse_params(base_params).model)) == SEED_PARAMETERS
     raw = copy.deepcopy(base_params)

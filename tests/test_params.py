@@ -24,8 +24,8 @@ SEED = {
     "model": dict(arch="seed", channels=(96, 192, 384, 384), res_blocks=2,
                   attention_resolutions=(16,), heads=8, dropout=0.1, time_dim=64),
     "diffusion": dict(timesteps=1000, beta_start=1e-4, beta_end=0.02, schedule="linear"),
-    "train": dict(epochs=600, batch_size=128, batch_gpu="auto", fid_every=0, lr=2e-4, warmup_steps=0, ema_decay=0.9999,
-                  ema_warmup=False,
+    "train": dict(epochs=600, batch_size=128, batch_gpu="auto", fid_every=0, lr=2e-4,
+                  warmup_steps=0, ema_decay=0.9999, ema_warmup=False,
                   grad_clip=1.0, precision="auto", gpus=1, checkpoint_every=2, sample_every=5),
     "sample": dict(num_images=5000, batch_size=250, sampler="ddpm", steps=1000,
                    clip_denoised=False),
@@ -58,7 +58,8 @@ def raw(base_params):
     ("train", "ema_decay", 1.0, "train.ema_decay = 1.0: expected a finite number in [0, 1)"),
     ("train", "compile", "yes", "train.compile = 'yes': expected auto, true, false or a "
                                 "torch.compile mode (default, reduce-overhead, max-autotune"),
-    ("train", "compile", 1, "train.compile = 1: expected auto, true, false or a torch.compile mode"),
+    ("train", "compile", 1, "train.compile = 1: expected auto, true, false or a torch.compile "
+                            "mode"),
     ("train", "batch_gpu", 0, "train.batch_gpu = 0: expected auto or an integer in [1, 65536]"),
     ("train", "fid_every", -1, "train.fid_every = -1: expected an integer in [0, 100000]"),
     ("train", "fid_images", 1, "train.fid_images = 1: expected an integer in [2, 100000]"),
@@ -122,7 +123,8 @@ def test_top_level_values_are_checked(raw):
 
 def test_unknown_and_missing_keys_are_named(raw):
     raw["train"]["learning_rate"] = 1e-4
-    with pytest.raises(ParamsError, match=r"^train\.learning_rate: unknown key \(accepted here: epochs"):
+    with pytest.raises(ParamsError,
+                       match=r"^train\.learning_rate: unknown key \(accepted here: epochs"):
         parse_params(raw)
     del raw["train"]["learning_rate"], raw["sample"]["eta"]
     with pytest.raises(ParamsError, match=r"^sample\.eta: missing"):
@@ -247,7 +249,7 @@ def test_compile_settings_resolve_per_device(raw, setting, monkeypatch):
     params = parse_params(raw)
     assert params.train.compile == params.sample.compile == setting
     for triton in (True, False):
-        monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: triton)
+        monkeypatch.setattr(torch.utils._triton, "has_triton", lambda triton=triton: triton)
         assert (compile_mode(setting, torch.device("cpu")) is not None) is (setting is True)
         on_gpu = triton if setting == "auto" else setting
         assert (compile_mode(setting, torch.device("cuda", 0)) is not None) is on_gpu
@@ -334,7 +336,8 @@ def test_check_params_says_what_the_run_will_hold(tmp_path):
 
 def test_the_json_schema_for_editors_is_the_one_the_code_checks():
     """params.schema.json (for editors: completion and checks of params.yaml) is generated from the
-    classes that validate; regenerate it with `python -m ddpm.params schema > params.schema.json`."""
+    classes that validate; regenerate it with
+    `python -m ddpm.params schema > params.schema.json`."""
     import json
     from ddpm.params import json_schema
     committed = json.loads((ROOT / "params.schema.json").read_text())

@@ -41,7 +41,8 @@ def test_params_yaml_is_the_composition_of_the_defaults(tmp_path):
 
 def test_a_hand_edit_of_params_yaml_is_kept_by_the_composition(tmp_path):
     text = (ROOT / "params.yaml").read_text().replace("lr: 0.0002", "lr: 0.0003")
-    assert yaml.safe_load(composed(tmp_path, "sample.steps=100", params=text))["train"]["lr"] == 3e-4
+    assert (yaml.safe_load(composed(tmp_path, "sample.steps=100", params=text))["train"]["lr"]
+            == 3e-4)
 
 
 @pytest.mark.parametrize("overrides, expected", [

@@ -209,7 +209,8 @@ def test_other_weights_or_params_or_no_manifest_start_clean_and_say_why(resume, 
 
     trained = root / "trained.pt"
     checkpoint.save({"ema": {}, "other": 1}, trained)
-    assert sample_manifest(trained, params, "fp32", CPU, World())["ema.sha256"] != wanted["ema.sha256"]
+    assert (sample_manifest(trained, params, "fp32", CPU, World())["ema.sha256"]
+            != wanted["ema.sha256"])
     wider = dataclasses.replace(params, sample=dataclasses.replace(params.sample, batch_size=2))
     assert sample_manifest(root / "ema.pt", wider, "fp32", CPU, World())["sample.batch_size"] == 2
 

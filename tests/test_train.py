@@ -95,7 +95,8 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny, cifar_dir, tmp_pa
     straight = run(tiny, tmp_path / "a", cifar_dir, arch, epochs=3, sample_every=0)
     run(tiny, tmp_path / "b", cifar_dir, arch, epochs=1, sample_every=0)
     resumed = run(tiny, tmp_path / "b", cifar_dir, arch, epochs=3, sample_every=0)
-    assert resumed.state.progress.step == straight.state.progress.step == 3 * straight.steps_per_epoch
+    assert (resumed.state.progress.step == straight.state.progress.step
+            == 3 * straight.steps_per_epoch)
     assert_same_weights(straight.state.model.state_dict(), resumed.state.model.state_dict())
     assert_same_weights(checkpoint.load(tmp_path / "a" / "ema.pt")["ema"],
                         checkpoint.load(tmp_path / "b" / "ema.pt")["ema"])
@@ -274,7 +275,8 @@ def test_outputs_hold_the_metrics_report_loss_log_and_previews(tiny, cifar_dir, 
         2 * trainer.steps_per_epoch * 16 / metrics["seconds"], rel=1e-3)
     report = json.loads((tmp_path / "train_report.json").read_text())
     parameters = sum(p.numel() for p in trainer.state.model.parameters())
-    assert report == {"arch": "seed", "parameters": parameters, "steps": 2 * trainer.steps_per_epoch,
+    assert report == {"arch": "seed", "parameters": parameters,
+                      "steps": 2 * trainer.steps_per_epoch,
                       "batch_size": 16, "batch_gpu": 8, "rounds": 2, "processes": 1,
                       "precision": "fp32", "device": "cpu", "device_name": report["device_name"],
                       "compile": "eager",
@@ -385,7 +387,8 @@ def test_one_step_is_the_same_whatever_the_micro_batch(tiny, cifar_128, tmp_path
     for batch_gpu in (128, 64, 32):
         trainer, seen = one_step(tiny, cifar_128, tmp_path / str(batch_gpu), batch_gpu)
         assert (trainer.micro, trainer.rounds) == (batch_gpu, BATCH // batch_gpu)
-        assert trainer.state.progress.step == 1 and sorted(seen["idx"].tolist()) == list(range(BATCH))
+        assert (trainer.state.progress.step == 1
+                and sorted(seen["idx"].tolist()) == list(range(BATCH)))
         runs[batch_gpu] = trainer, seen
     start = Trainer(parse_params(one_step_params(tiny, 128)), train_paths(tmp_path, cifar_128),
                     World(), torch.device("cpu"), dtype=torch.float64).state.model.state_dict()
@@ -395,7 +398,8 @@ def test_one_step_is_the_same_whatever_the_micro_batch(tiny, cifar_128, tmp_path
         for key in ("idx", "flip", "t", "noise"):
             assert torch.equal(seen[key], reference_seen[key]), key
         torch.testing.assert_close(seen["loss"], reference_seen["loss"], rtol=1e-13, atol=0)
-        assert_same_step(reference.state.model.state_dict(), trainer.state.model.state_dict(), start)
+        assert_same_step(reference.state.model.state_dict(), trainer.state.model.state_dict(),
+                         start)
         assert_same_step(reference.state.ema.state_dict(), trainer.state.ema.state_dict(), start)
 
 

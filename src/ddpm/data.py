@@ -75,7 +75,7 @@ def extract_cifar10(archive: Path, dest: Path) -> None:
     missing = sorted(set(CIFAR_FILES) - found)
     if missing:
         raise PipelineError(f"{archive}: not the CIFAR-10 python archive: {ARCHIVE_FOLDER}/"
-                        f"{', '.join(missing)} missing")
+                            f"{', '.join(missing)} missing")
 
 
 def check_member(archive: Path, member: tarfile.TarInfo, name: PurePosixPath,
@@ -84,12 +84,13 @@ def check_member(archive: Path, member: tarfile.TarInfo, name: PurePosixPath,
     of gzip) and a second file of one name (which copy wins would be the archive's choice);
     links and folders are never copied, so only files count."""
     if member.size > MAX_MEMBER:
-        raise PipelineError(f"{archive}: member {member.name} holds {member.size:,} bytes, over the "
-                        f"{MAX_MEMBER:,} any CIFAR-10 file needs: not the CIFAR-10 python archive")
+        raise PipelineError(f"{archive}: member {member.name} holds {member.size:,} bytes, over "
+                            f"the {MAX_MEMBER:,} any CIFAR-10 file needs: not the CIFAR-10 python "
+                            "archive")
     if member.isfile():
         if name in files:  # PurePosixPath folds "a//b" and "./a/b" into "a/b"
             raise PipelineError(f"{archive}: member {member.name} comes twice: not the CIFAR-10 "
-                            "python archive")
+                                "python archive")
         files.add(name)
 
 
@@ -107,12 +108,12 @@ def download_cifar10(url: str, md5: str, out_dir: str | Path) -> None:
             archive = Path(tmp) / "cifar-10-python.tar.gz"
             fetch(url, archive)
         elif not archive.is_file():
-            raise PipelineError(f"data.url = {url!r}: no such file. Put cifar-10-python.tar.gz there "
-                            f"or set data.url to its path or URL")
+            raise PipelineError(f"data.url = {url!r}: no such file. Put cifar-10-python.tar.gz "
+                                f"there or set data.url to its path or URL")
         got = file_digest(archive, "md5")
         if got != md5:
             raise PipelineError(f"{url}: md5 {got} does not match data.md5 {md5}: the file is "
-                            "corrupt, incomplete, or not cifar-10-python.tar.gz")
+                                "corrupt, incomplete, or not cifar-10-python.tar.gz")
         with atomic_dir(out_dir) as staging:
             extract_cifar10(archive, staging)
 
@@ -155,10 +156,11 @@ def load_batch(path: Path) -> np.ndarray:
         with open(path, "rb") as f:
             if (size := os.fstat(f.fileno()).st_size) > MAX_MEMBER:  # read whole by pickle
                 raise PipelineError(f"{path}: {size:,} bytes, over the {MAX_MEMBER:,} any CIFAR-10 "
-                                f"file needs: not a CIFAR-10 batch file; {REDO}")
+                                    f"file needs: not a CIFAR-10 batch file; {REDO}")
             batch = BatchUnpickler(f, encoding="latin1").load()  # Python 2 pickles
     except FileNotFoundError:
-        raise PipelineError(f"{path}: missing; run the download stage (dvc repro download)") from None
+        raise PipelineError(f"{path}: missing; run the download stage "
+                            "(dvc repro download)") from None
     except OSError as e:
         raise PipelineError(f"{path}: cannot be read ({e})") from None
     except PipelineError:
@@ -166,7 +168,7 @@ def load_batch(path: Path) -> np.ndarray:
     except Exception as e:  # the bytes are untrusted: whatever they make numpy or pickle raise
         message = (str(e).splitlines() or [""])[0][:200]
         raise PipelineError(f"{path}: not a CIFAR-10 batch file ({type(e).__name__}: {message}); "
-                        f"{REDO}") from None
+                            f"{REDO}") from None
     return check_batch(path, batch).reshape(-1, 3, 32, 32)
 
 
@@ -190,7 +192,8 @@ def check_batch(path: Path, batch: object) -> np.ndarray:
 
 
 def load_cifar10(cifar_dir: str | Path, split: str, limit: int = 0) -> np.ndarray:
-    """The images of a split as (N, 3, 32, 32) uint8, in dataset order; limit > 0 keeps the first N."""
+    """The images of a split as (N, 3, 32, 32) uint8, in dataset order;
+    limit > 0 keeps the first N."""
     images = []
     for name in SPLITS[split]:
         images.append(load_batch(Path(cifar_dir) / name))

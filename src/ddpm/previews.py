@@ -3,8 +3,9 @@
 Deterministic DDIM from per-image fixed noise makes the grids of successive epochs comparable
 image by image. The predicted x0 is clipped to [-1, 1] inside every step (Ho et al.'s sampling):
 early in training the eps error at large t, amplified by 1 / sqrt(alpha_bar_t) (156x at t = 999),
-otherwise turns a few DDIM steps into saturated noise that hides what the model has learnt. Grids are kept beside the checkpoint (a persistent output), so a resumed run
-still shows the grids of the epochs it did not redo.
+otherwise turns a few DDIM steps into saturated noise that hides what the model has learnt. Grids
+are kept beside the checkpoint (a persistent output), so a resumed run still shows the grids of the
+epochs it did not redo.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def preview_grid(model: torch.nn.Module, sched: Schedule, num_images: int, steps
 
 
 def grid_files(folder: Path, up_to_epoch: int | None = None) -> list[tuple[int, Path]]:
-    """(epoch, path) of the preview grids in folder, by epoch; optionally only those <= up_to_epoch."""
+    """(epoch, path) of the preview grids in folder, by epoch;
+    optionally only those <= up_to_epoch."""
     found = []
     for path in folder.glob("epoch_*.png") if folder.is_dir() else []:
         match = GRID_NAME.fullmatch(path.name)

@@ -97,7 +97,8 @@ class RunFolders:
             holder = handle.read(32).strip() or "unknown"
             handle.close()
             raise PipelineError(f"{self.work} is in use by another trainer of the same run (pid "
-                           f"{holder}): wait for it to finish, or stop it, then run this again")
+                                f"{holder}): wait for it to finish, or stop it, then run this "
+                                "again") from None
         except OSError as e:  # a filesystem without locks (some FUSE mounts): train unlocked
             print(f"train: cannot lock {self.work} ({e.strerror}): make sure that no other "
                   "trainer of this run is running", file=sys.stderr)

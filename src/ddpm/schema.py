@@ -1,7 +1,7 @@
 """Declared schemas: frozen dataclasses whose annotations say what each field accepts, one function
 that validates a parsed mapping against them, and the JSON schema they imply.
 
-    lr: Float("Adam's learning rate", gt=0, le=1)     # Annotated[float, Range(gt=0, le=1), Doc(...)]
+    lr: Float("Adam's learning rate", gt=0, le=1)    # Annotated[float, Range(gt=0, le=1), Doc(...)]
 
 A value that does not fit is a ParamsError of one line naming the key and what it accepts, in
 words made from the same annotations (`accepted`). Integers are not floats' booleans: a bool is
@@ -30,7 +30,8 @@ class Range:
 
     def words(self) -> str:
         low = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else ""
-        high = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else ""
+        high = (f"{self.le}]" if self.le is not None
+                else f"{self.lt})" if self.lt is not None else "")
         if low and high:
             return f" in {low}, {high}"
         return f" {'>=' if low[:1] == '['  else '>'} {low[1:]}" if low else ""
@@ -201,7 +202,8 @@ def json_schema(annotation: Any) -> dict[str, Any]:
     else:
         schema["type"] = {bool: "boolean", int: "integer", float: "number", str: "string"}[base]
         bounds, pattern, size = find(meta, Range), find(meta, Pattern), find(meta, Length)
-        names = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+        names = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum",
+                 "lt": "exclusiveMaximum"}
         schema.update({names[k]: v for k, v in dataclasses.asdict(bounds or Range()).items()
                        if v is not None})
         schema.update({"pattern": f"^(?:{pattern.regex})$"} if pattern else {})

@@ -24,14 +24,16 @@ IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
 
 
 def env() -> dict[str, str]:
-    """The test's Python first on PATH (DVC runs `python stages/...`), no analytics, a git author."""
+    """The test's Python first on PATH (DVC runs `python stages/...`),
+    no analytics, a git author."""
     bin_dir = str(Path(sys.executable).parent)
     return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
                 DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
                 GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com")
 
 
-def sh(repo: Path, *cmd: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def sh(repo: Path, *cmd: str, check: bool = True,
+       timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a command in the repo; stdout and stderr together in .stdout."""
     result = subprocess.run(cmd, cwd=repo, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, timeout=timeout)
@@ -54,7 +56,8 @@ def make_repo(path: Path, params: dict) -> Path:
             shutil.copytree(src, dst, ignore=IGNORE)
         else:
             shutil.copy2(src, dst)
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))  # its own Hydra config
+    # its own Hydra config
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(path, "git", "init", "-q", "-b", "main")
     commit(path, "project with tiny params")
     return path

@@ -1,6 +1,6 @@
-"""A change of fid.* (or train.fid_*) after a finished run costs little: train re-runs (DVC cannot see that
-train.fid_every = 0 leaves fid.* unread) but resumes the published checkpoint at its last epoch
-and ends at once, rewriting models/ema.pt byte for byte, so sample is skipped."""
+"""A change of fid.* (or train.fid_*) after a finished run costs little: train re-runs (DVC
+cannot see that train.fid_every = 0 leaves fid.* unread) but resumes the published checkpoint at
+its last epoch and ends at once, rewriting models/ema.pt byte for byte, so sample is skipped."""
 from __future__ import annotations
 
 import hashlib

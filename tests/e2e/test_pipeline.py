@@ -47,7 +47,8 @@ def read_json(path):
 def test_repro_runs_every_stage_in_order(repro):
     _, out = repro
     ran = re.findall(r"Running stage '(\w+)'", out)
-    assert ran == ["check_params", "download", "export_real", "real_stats", "train", "sample", "fid"]
+    assert ran == ["check_params", "download", "export_real", "real_stats", "train", "sample",
+                   "fid"]
 
 
 def test_download_and_export_reproduce_the_archive_pixel_for_pixel(repro, tiny):

@@ -30,10 +30,13 @@ def test_sigkill_at_any_moment_then_repro_gives_the_uninterrupted_weights(new_re
     dvc(repo, "repro", "download")
     start = time.monotonic()
     repro = ("repro", "train")
-    dvc_killed_when(repo, repro, lambda: time.monotonic() - start > 1.0)    # while starting up
+    # while starting up
+    dvc_killed_when(repo, repro, lambda: time.monotonic() - start > 1.0)
     assert unfinished_epoch(repo) == 0
-    dvc_killed_when(repo, repro, lambda: unfinished_epoch(repo) >= 1)       # right after a checkpoint
-    dvc_killed_when(repo, repro, lambda: unfinished_epoch(repo) >= 3, 0.3)  # in the middle of an epoch
+    # right after a checkpoint
+    dvc_killed_when(repo, repro, lambda: unfinished_epoch(repo) >= 1)
+    # in the middle of an epoch
+    dvc_killed_when(repo, repro, lambda: unfinished_epoch(repo) >= 3, 0.3)
     killed_at = unfinished_epoch(repo)
     assert 3 <= killed_at < TRAIN["epochs"]
     out = dvc(repo, "repro", "train").stdout
@@ -45,8 +48,10 @@ def test_sigkill_at_any_moment_then_repro_gives_the_uninterrupted_weights(new_re
     assert got["steps"] == expected["steps"]
     for name, tensor in expected["ema"].items():
         assert torch.equal(got["ema"][name], tensor), name  # bitwise, on the CPU
-    loss = [r.split("\t")[:2] for r in (reference / "plots/train/loss.tsv").read_text().splitlines()]
-    assert [r.split("\t")[:2] for r in (repo / "plots/train/loss.tsv").read_text().splitlines()] == loss
+    loss = [r.split("\t")[:2]
+            for r in (reference / "plots/train/loss.tsv").read_text().splitlines()]
+    assert [r.split("\t")[:2]
+            for r in (repo / "plots/train/loss.tsv").read_text().splitlines()] == loss
     grids = sorted(p.name for p in (repo / "plots/samples").iterdir())
     assert grids == ["epoch_0002.png", "epoch_0004.png", "epoch_0005.png", "progression.png"]
     assert (repo / "plots/samples/epoch_0002.png").read_bytes() == (
@@ -54,7 +59,8 @@ def test_sigkill_at_any_moment_then_repro_gives_the_uninterrupted_weights(new_re
     # one FID row per epoch, continued across the kills: the same rows as the uninterrupted run's
     fid = [r.split("\t")[:3] for r in (reference / "plots/train/fid.tsv").read_text().splitlines()]
     assert [row[0] for row in fid] == ["epoch", "1", "2", "3", "4", "5"]
-    assert [r.split("\t")[:3] for r in (repo / "plots/train/fid.tsv").read_text().splitlines()] == fid
+    assert [r.split("\t")[:3]
+            for r in (repo / "plots/train/fid.tsv").read_text().splitlines()] == fid
     metrics = json.loads((repo / "metrics/train.json").read_text())
     assert metrics["fid_last"] == pytest.approx(float(fid[-1][2]), rel=1e-5)
     dvc(repo, "plots", "show")  # the fid_during_training plot carries the rows
@@ -105,7 +111,8 @@ def test_sigterm_to_dvc_stops_every_process_of_a_two_process_stage_and_repro_res
     dvc(repo, "repro", "download")
     for group in (False, True):
         before = unfinished_epoch(repo)
-        out = dvc_killed_when(repo, ("repro", "train"), lambda before=before: unfinished_epoch(repo) > before,
+        out = dvc_killed_when(repo, ("repro", "train"),
+                              lambda before=before: unfinished_epoch(repo) > before,
                               sig=signal.SIGTERM, group=group)
         stopped = [line for line in out.splitlines() if "train: interrupted" in line]
         assert len(stopped) == 1 and "Traceback" not in out, out

@@ -34,7 +34,8 @@ def test_push_then_pull_in_a_fresh_clone_restores_results_byte_for_byte(baseline
     dvc(clone, "pull")
     for path in SHARED:
         assert (clone / path).read_bytes() == (baseline / path).read_bytes(), path
-    assert len(list((clone / "data/samples").iterdir())) == len(list((baseline / "data/samples").iterdir()))
+    assert (len(list((clone / "data/samples").iterdir()))
+            == len(list((baseline / "data/samples").iterdir())))
     assert "up to date" in dvc(clone, "status").stdout
 
 

@@ -76,11 +76,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
-        tokens = self.norm(x).flatten(2).transpose(1, 2)                    # (B, HW, C)
+        tokens = self.norm(x).flatten(2).transpose(1, 2)            # (B, HW, C)
         qkv = self.qkv(tokens).view(B, H * W, 3, self.heads, C // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                # each (B, heads, HW, C/heads)
-        h = F.scaled_dot_product_attention(q, k, v)                         # softmax(q k^T / sqrt(d)) v
-        h = self.proj(h.transpose(1, 2).reshape(B, H * W, C))               # (B, HW, C)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                        # each (B, heads, HW, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v)                 # softmax(q k^T / sqrt(d)) v
+        h = self.proj(h.transpose(1, 2).reshape(B, H * W, C))       # (B, HW, C)
         return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
