@@ -1,28 +1,9 @@
 """The seed notebook's UNet (model.arch = seed): 32,655,651 parameters at its defaults.
 
-A plain encoder-decoder without residual paths. Every block is conv, GroupNorm, SiLU, plus its
-own projection of a fixed sinusoidal time embedding (no shared MLP), then conv, GroupNorm, SiLU
-and dropout; where attention is on, multi-head self-attention over the H*W positions replaces
-the features (no norm, no residual). The encoder downsamples with stride-2 convolutions, the
-decoder upsamples with 4x4 transposed convolutions and concatenates one skip per resolution.
-PyTorch's default initialisation throughout, as in the notebook.
-
-With channels (96, 192, 384, 384), two blocks per level and 8 heads at 16x16:
-
-    encoder 32   Block 3->96, Block 96->96 (skip s32), Block 96->192, Block 192->192
-    down 32->16  stride-2 conv 192->192 (skip s16); encoder 16: Block 192->384, Block 384->384
-    down 16->8   stride-2 conv 384->384 (skip s8);  encoder 8: Block 384->384 x2
-    down 8->4    stride-2 conv 384->384;            bottleneck 4: Block 384->384 x2
-    up 4->8      ConvTranspose 384->384, concat s8:  Block 768->384, Block 384->384
-    up 8->16     ConvTranspose 384->192, concat s16: Block 384->192 + attention, Block 192->192
-    up 16->32    ConvTranspose 192->96,  concat s32: Block 192->96, Block 96->96
-    output       3x3 conv 96->3
-
-Read generally: encoder level i (width channels[i]) runs at 32 >> max(i - 1, 0); every level
-from 1 on ends with a stride-2 conv whose output is the skip of the next-lower resolution, and
-level 0's last output is the full-resolution skip; the decoder at each skip's resolution starts
-with a transposed conv to that level's width, concatenates the skip, and runs res_blocks blocks,
-the first of which attends where attention_resolutions names the resolution.
+A plain encoder-decoder without residual paths: conv-norm-time-conv-norm blocks, each with its own
+projection of a fixed sinusoidal time embedding; attention replaces the features where it is on;
+stride-2 convolutions down, transposed convolutions up, one concatenated skip per resolution.
+The layout, level by level, is in docs/model.md.
 """
 from __future__ import annotations
 
