@@ -2,8 +2,9 @@
 pynvml, torch.compile, resuming, and every stage of the pipeline on the device.
 
 On the CUDA GPU where there is one, else on the CPU, where the CPU-meaningful cases run (the
-scaler, bf16 and fp16 autocast, compiled against eager training, the stages; CI has no GPU):
-the GPU-only ones (pynvml, CUDA graphs, compiled sampling's layout) skip there.
+scaler, bf16 and fp16 autocast, compiled against eager training; CI has no GPU): the GPU-only
+ones (pynvml, CUDA graphs, compiled sampling's layout, the stages, which tests/e2e runs on the
+CPU) skip there.
 DDPM_TEST_DEVICE=cuda asks for the GPU (benchmarks/gpu_check.py), skipping all without one.
 """
 from __future__ import annotations
@@ -199,6 +200,7 @@ def test_pynvml_reads_this_gpus_memory():
     del block
 
 
+@pytest.mark.skipif(not ON_GPU, reason="on a CPU the e2e tests run every stage")
 def test_the_stages_run_on_the_device(tiny, tmp_path, inception_weights):
     """download -> export_real -> real_stats -> train -> sample -> fid with device set, precision
     and compile auto: bf16 and torch.compile where the GPU has them, memory from pynvml."""
