@@ -90,3 +90,18 @@ def test_quick_run_times_each_stage_and_records_the_metrics_the_run_left(tmp_pat
     assert recorded["fid_during_training"] == [{"epoch": 7, "step": 434, "fid": 366.8,
                                                 "seconds": 65}]
     assert recorded["params"]["device"] == "cpu"
+
+
+def test_the_quick_run_figures_quoted_are_the_recorded_ones():
+    """docs/quick_run.md and the README quote benchmarks/results/quick_run.json, not numbers
+    typed by hand: its wall time, throughput, final loss and FIDs."""
+    run = json.loads((ROOT / "benchmarks/results/quick_run.json").read_text())
+    doc = (ROOT / "docs/quick_run.md").read_text().replace("\n", " ")
+    readme = (ROOT / "README.md").read_text().replace("\n", " ")
+    train, fid = run["metrics"]["train"], run["metrics"]["fid"]["fid"]
+    assert f"{run['wall_seconds']:,.0f} s in all" in doc
+    assert f"{train['images_per_second']:.1f} images/s, final loss {train['loss']:.3f}" in doc
+    assert f"**{fid:.2f}**" in doc and f"fid stage's {fid:.3f}" in doc
+    assert f"{run['fid_during_training'][0]['fid']:.1f} at epoch 7" in doc
+    assert f"FID {fid:.1f} for its 500 samples" in readme
+    assert f"{run['wall_seconds'] / 60:.0f} minutes" in readme
