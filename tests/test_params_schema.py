@@ -42,7 +42,7 @@ ACCEPTED = {
     "train.fid_every": INT.format(0, 100000), "train.fid_images": INT.format(2, 100000),
     "train.fid_steps": INT.format(1, 100000),
     "sample.num_images": INT.format(1, 1000000), "sample.batch_size": INT.format(1, 8192),
-    "sample.sampler": "ddpm | ddim", "sample.steps": INT.format(1, 100000),
+    "sample.sampler": "ddpm | ddim | dpm-solver++", "sample.steps": INT.format(1, 100000),
     "sample.eta": NUMBER.format("[0, 1]"), "sample.variance": "beta | beta_tilde",
     "sample.clip_denoised": "true or false", "sample.compile": COMPILE,
     "fid.dims": "64 | 192 | 768 | 2048", "fid.batch_size": INT.format(1, 1024),
