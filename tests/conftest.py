@@ -13,6 +13,10 @@ from fakes import PER_BATCH, make_cifar_archive, make_inception_weights  # noqa:
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TQDM_MININTERVAL", "5")  # keep test logs short
+# Every process the tests start (dvc and its stages, torchrun, the benchmarks) in one OpenMP
+# thread: under -n 2 two workers' processes share 2 cores, and OpenMP threads that outnumber the
+# cores spin while they wait for each other (an e2e test ran 3x slower beside another than alone)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The files that take longest, in this order, ahead of the rest. With -n 2 (the README's command)
 # pytest-xdist hands out whole files (--dist loadfile) in collection order
