@@ -19,8 +19,7 @@ os.environ.setdefault("TQDM_MININTERVAL", "5")  # keep test logs short
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The files that take longest, in this order, ahead of the rest. With -n 2 (the README's command)
-# pytest-xdist hands out whole files (--dist loadfile) in collection order
-# (--no-loadscope-reorder, else it starts with the files of most tests, the quick ones): so the
+# pytest-xdist hands out whole files in collection order (pytest_xdist_make_scheduler below): the
 # long files start first, and the many short ones fill the end, with no long file left to run
 # alone while the other worker idles.
 LONGEST_FIRST = ("tests/e2e/test_train_stage.py", "tests/e2e/test_exp_resume.py",
@@ -34,6 +33,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return next((i for i, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix)),
                     len(LONGEST_FIRST))
     items.sort(key=rank)  # stable: the order within a file is kept
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook; without xdist (a bare GPU node) unused
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Whole files per worker (an e2e module builds its repositories once), in collection order:
+    xdist's own file scheduling starts with the files of most tests, the quick ones."""
+    from xdist.scheduler import LoadFileScheduling
+    config.option.loadscopereorder = False
+    return LoadFileScheduling(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -126,7 +126,9 @@ def test_resume_on_the_device_replays_the_uninterrupted_run(tiny, cifar_dir, tmp
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", [True, pytest.param("reduce-overhead", marks=GPU_ONLY)])
+# On a CPU, compiling takes inductor over a minute (C++ codegen, a cold cache): `-m slow` there
+@pytest.mark.parametrize("mode", [pytest.param(True, marks=pytest.mark.slow if not ON_GPU else ()),
+                                  pytest.param("reduce-overhead", marks=GPU_ONLY)])
 def test_compiled_training_follows_eager(tiny, cifar_dir, tmp_path, mode):
     """train.compile, in the default mode and as CUDA graphs (reduce-overhead; on a CPU the same
     Python path without graphs): the compiled UNet's gradients are eager's, and three optimizer

@@ -13,6 +13,7 @@ from PIL import Image
 from fakes import ROOT, cifar_images, make_cifar_archive
 
 
+@pytest.mark.slow  # 90 s; its timing tools are checked in CI by the GPU benchmark's dry run
 def test_the_benchmark_runs_every_section(tmp_path):
     import json
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench.py"), "--quick", "--json",
