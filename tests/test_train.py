@@ -50,6 +50,19 @@ def interrupted(*args, **kwargs) -> str:
     return f"train: interrupted{trainer.where()}"
 
 
+def ctrl_c_in_epoch(monkeypatch, number: int) -> None:
+    """Trainer.epoch raises KeyboardInterrupt as epoch `number` (1-based) starts; the epochs
+    before it run as usual. monkeypatch.undo() restores it."""
+    real_epoch = Trainer.epoch
+
+    def epoch(self, index, bar):
+        if index == number - 1:
+            raise KeyboardInterrupt
+        return real_epoch(self, index, bar)
+
+    monkeypatch.setattr(Trainer, "epoch", epoch)
+
+
 def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
@@ -113,14 +126,7 @@ def test_an_interrupted_run_resumes_from_its_own_folder_whatever_dvc_put_back(
     its folder then moves into models/checkpoints."""
     straight = run(tiny, tmp_path / "a", cifar_dir, epochs=3, sample_every=1)
     other = run(tiny, tmp_path / "b", cifar_dir, epochs=1, sample_every=1, lr=1e-3)
-    real_epoch = Trainer.epoch
-
-    def interrupted_in_epoch_2(self, epoch, bar):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return real_epoch(self, epoch, bar)
-
-    monkeypatch.setattr(Trainer, "epoch", interrupted_in_epoch_2)
+    ctrl_c_in_epoch(monkeypatch, 2)
     message = interrupted(tiny, tmp_path / "b", cifar_dir, epochs=3, sample_every=1)
     assert "\n" not in message and message.startswith("train: interrupted in epoch 2 of 3;")
     assert "(epoch 1), is kept" in message and "Run the same command again" in message
@@ -620,14 +626,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tiny, cifar_di
     With last.pt truncated (a disk that lied about fsync), the run resumes from previous.pt,
     says why, and ends bitwise where an uninterrupted run does."""
     straight = run(tiny, tmp_path / "a", cifar_dir, epochs=3, sample_every=0)
-    real_epoch = Trainer.epoch
-
-    def interrupted_in_epoch_3(self, epoch, bar):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_epoch(self, epoch, bar)
-
-    monkeypatch.setattr(Trainer, "epoch", interrupted_in_epoch_3)
+    ctrl_c_in_epoch(monkeypatch, 3)
     interrupted(tiny, tmp_path / "b", cifar_dir, epochs=3, sample_every=0)
     monkeypatch.undo()
     work = next((tmp_path / "b" / "runs").iterdir())
