@@ -175,7 +175,7 @@ def run_row(row: str, model, sched: Schedule, params: Params, precision: str, ar
     shutil.rmtree(folder)
     result = {"row": row, "sampler": sampler, "steps": steps,
               "grid": grid or ("t" if sampler in ("ddpm", "ddim") else "log-snr"),
-              "num_generated": n, "fid": round(fid, 3), "sample_seconds": round(seconds, 1),
+              "num_generated": n, "fid": round(fid, 3), "sample_seconds": round(seconds, 3),
               "images_per_second": round(n / seconds, 3),
               "fid_seconds": round(time.perf_counter() - t, 1)}
     print(f"{row}: FID {fid:.2f}, sampled in {seconds:.0f} s", flush=True)
