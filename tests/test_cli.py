@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -76,6 +77,37 @@ def test_a_stage_says_where_it_was_interrupted_or_nothing_on_other_ranks(kind, l
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143
     assert err.splitlines() == ([line] if line else [])
+
+
+DVC = """
+import os, subprocess, sys
+stage = subprocess.Popen(sys.argv[1:], env=dict(os.environ, DVC_STAGE="sample"))
+print(stage.pid, flush=True)
+stage.wait()
+"""
+
+
+@pytest.mark.parametrize("through", ["exec", "a shell that waits"])
+def test_a_stage_stops_when_dvc_is_killed_even_through_a_waiting_shell(through):
+    """DVC runs a stage as `$SHELL -c cmd` and has no SIGTERM handler. bash execs cmd, so the
+    stage is DVC's child (PR_SET_PDEATHSIG); /bin/sh as dash, DVC's shell where SHELL is unset,
+    waits for it, and a kill of DVC alone leaves that shell and the stage running. Either way
+    the stage stops with its one line once the process that started it (here a stand-in for
+    DVC) is killed."""
+    command = [sys.executable, "-c", STAGE, str(ROOT / "src"), "wait"]
+    if through != "exec":  # `; exit $?`: no shell execs a command that is not its last
+        command = ["/bin/sh", "-c", " ".join(f"'{arg}'" for arg in command) + "; exit $?"]
+    dvc = subprocess.Popen([sys.executable, "-c", DVC, *command], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    started = int(dvc.stdout.readline())
+    assert dvc.stdout.readline() == "ready\n"  # the stage's, on the same pipe
+    assert (Path(f"/proc/{started}/cmdline").read_bytes().split(b"\0")[0] == b"/bin/sh") == (
+        through != "exec")
+    dvc.send_signal(signal.SIGTERM)  # Python's default, as DVC's: it ends, its children run on
+    _, err = dvc.communicate(timeout=60)  # EOF once the shell and the stage have ended too
+    assert dvc.returncode == -signal.SIGTERM
+    assert err.splitlines() == ["sample: interrupted; run the same command again to redo "
+                                "this stage"]
 
 
 @pytest.mark.parametrize("kind", ["disk-full", "enospc"])

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +15,7 @@ from ddpm.errors import ParamsError, PipelineError, Terminated, exit_code
 from ddpm.files import NO_SPACE
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
+SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"}  # that DVC may run a stage with
 _where: Callable[[], str | None] | None = None  # what an interrupt says (on_interrupt)
 
 
@@ -63,7 +66,10 @@ def stop_with_parent() -> None:
     """Under `dvc repro` or `dvc exp run`: SIGTERM this stage when DVC's process ends.
 
     DVC has no SIGTERM handler: `kill <dvc's pid>` ends DVC and leaves its stage running,
-    orphaned, writing outputs that no dvc.lock will record. Linux only; elsewhere nothing."""
+    orphaned, writing outputs that no dvc.lock will record. DVC starts a stage through
+    `$SHELL -c`; bash execs the command, but /bin/sh (dash: DVC's shell where SHELL is unset, as
+    in many CI containers and services) waits for it and outlives DVC, so then DVC, the shell's
+    parent, is watched too. Linux only; elsewhere nothing."""
     parent = os.getppid()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -71,3 +77,36 @@ def stop_with_parent() -> None:
         return
     if os.getppid() != parent:  # the parent ended before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
+    elif (shells_parent := parent_of_shell(parent)) is not None:
+        stop_when_ended(shells_parent)
+
+
+def parent_of_shell(pid: int) -> int | None:
+    """The parent of process pid if pid is a shell running a `-c` command; otherwise None."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    if Path(os.fsdecode(argv[0])).name.lstrip("-") not in SHELLS or b"-c" not in argv[1:]:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # after "pid (comm)": state, then ppid
+
+
+def stop_when_ended(pid: int) -> None:
+    """SIGTERM this process's main thread when process pid ends: a daemon thread waits on a
+    pidfd (Linux 5.3+; on older kernels nothing is watched)."""
+    main = threading.main_thread().ident
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:  # it has already ended
+        signal.pthread_kill(main, signal.SIGTERM)
+        return
+    except (AttributeError, OSError):
+        return
+
+    def wait() -> None:
+        select.select([pidfd], [], [])  # readable once the process has ended
+        signal.pthread_kill(main, signal.SIGTERM)
+
+    threading.Thread(target=wait, name=f"stop when {pid} ends", daemon=True).start()

@@ -82,15 +82,17 @@ def unfinished_epoch(repo: Path) -> int:
 
 def dvc_killed_when(repo: Path, args: Sequence[str], ready: Callable[[], bool],
                     extra_delay: float = 0.0, sig: int = signal.SIGKILL,
-                    timeout: float = 180, group: bool = True) -> str:
+                    timeout: float = 180, group: bool = True, shell: str | None = None) -> str:
     """Start `dvc *args`, wait until ready() is true, then send `sig` to dvc and its children (as
     Ctrl-C in a terminal reaches the whole foreground process group), or with group=False to
     dvc's process alone (`kill <pid>`); return what it printed once every process that dvc had
-    started has ended (an assertion fails if one outlives it by a minute)."""
+    started has ended (an assertion fails if one outlives it by a minute). shell: the $SHELL
+    that DVC runs the stage's command with (None: this process's)."""
     import psutil
     log = repo / f".dvc-{time.monotonic_ns()}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=env(),
+        environ = env() if shell is None else dict(env(), SHELL=shell)
+        proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=environ,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=default_sigint)
         deadline = time.monotonic() + timeout

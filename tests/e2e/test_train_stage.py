@@ -104,22 +104,24 @@ def test_two_processes_train_and_sample_through_dvc(two_processes):
 def test_sigterm_to_dvc_stops_every_process_of_a_two_process_stage_and_repro_resumes(
         new_repo, two_processes):
     """gpus=2: SIGTERM to dvc's process alone (DVC has no handler: its stage would run on,
-    orphaned), then to its whole process group (as `timeout` and systemd send it). Each time
-    the workers stop with the one-line message and no process of the stage survives dvc; then
-    `dvc repro` resumes and ends bitwise where the uninterrupted run ended."""
+    orphaned), with the stage run by bash (which execs it) and by /bin/sh (dash waits for it:
+    DVC's shell where SHELL is unset, as in many CI containers), then to its whole process group
+    (as `timeout` and systemd send it). Each time the workers stop with the one-line message and
+    no process of the stage survives dvc; then `dvc repro` resumes and ends bitwise where the
+    uninterrupted run ended."""
     repo = new_repo("sigterm", train=TWO)
     dvc(repo, "repro", "download")
-    for group in (False, True):
+    for group, shell in ((False, "/bin/bash"), (False, "/bin/sh"), (True, None)):
         before = unfinished_epoch(repo)
         out = dvc_killed_when(repo, ("repro", "train"),
                               lambda before=before: unfinished_epoch(repo) > before,
-                              sig=signal.SIGTERM, group=group)
+                              sig=signal.SIGTERM, group=group, shell=shell)
         stopped = [line for line in out.splitlines() if "train: interrupted" in line]
-        assert len(stopped) == 1 and "Traceback" not in out, out
+        assert len(stopped) == 1 and "Traceback" not in out, (shell, out)
         assert re.search(r"its last checkpoint, models/runs/\w+/last.pt \(epoch \d\), is kept",
                          stopped[0]), out
     killed_at = unfinished_epoch(repo)
-    assert 2 <= killed_at < TWO["epochs"]
+    assert 3 <= killed_at < TWO["epochs"]
     out = dvc(repo, "repro", "train").stdout
     assert re.search(rf"resuming from models/runs/\w+/last.pt at epoch {killed_at}", out), out
     expected = torch.load(two_processes[0] / "models/ema.pt", weights_only=True)
