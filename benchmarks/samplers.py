@@ -21,7 +21,9 @@ Rows, as SAMPLER-STEPS:
 
 --diffusers-check runs ours and diffusers' second order on the same network, noise and
 timesteps and prints the largest difference (pip install -r requirements-bench.txt). --out is
-rewritten after every row; a rerun with the same --out skips the rows it already holds.
+rewritten after every row; a rerun with the same --out (and EMA file, real statistics, images)
+reuses the rows it already holds, and the diffusers check and ODE errors measured before, so a
+killed run goes on and a row can be added.
 --ode-error K measures, instead of FIDs, how far the deterministic rows' first K images are from
 the finest ODE solution the schedule allows, and adds that to --out.
 """
@@ -198,9 +200,9 @@ def diffusers_check(model, sched: Schedule, params: Params, steps_list: list[int
     return found
 
 
-def finished_rows(out: Path, results: dict) -> dict[str, dict]:
-    """The rows of an earlier run in `out` with the same EMA file, images and real statistics,
-    by name: a rerun after a kill skips them (their seconds are that run's)."""
+def earlier_run(out: Path, results: dict) -> dict:
+    """The earlier run in `out` if it had the same EMA file, images and real statistics (its
+    rows are then reused: a rerun after a kill, or with rows added, skips them), else {}."""
     try:
         earlier = json.loads(out.read_text())
     except (OSError, ValueError):
@@ -208,7 +210,7 @@ def finished_rows(out: Path, results: dict) -> dict[str, dict]:
     results = json.loads(json.dumps(results))  # tuples as the file holds them, lists
     same = all(earlier.get(key) == results[key] for key in
                ("ema", "real_stats", "images", "batch_size", "clip_denoised", "torch"))
-    return {row["row"]: row for row in earlier.get("rows", [])} if same else {}
+    return earlier if same else {}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -289,9 +291,14 @@ def main() -> None:
                                           args.batch_size)
         args.out.write_text(json.dumps(earlier, indent=2) + "\n")
         return
+    earlier = earlier_run(args.out, results)
     if args.diffusers_check:
         results["diffusers_max_abs_difference"] = diffusers_check(model, sched, params, [10, 20])
-    done = finished_rows(args.out, results)
+    for kept in ("diffusers_max_abs_difference", "ode_error"):  # measured before, not redone
+        if kept in earlier and kept not in results:
+            results[kept] = earlier[kept]
+    done = {row["row"]: row for row in earlier.get("rows", [])}
+    started -= earlier.get("wall_seconds", 0.0) if done else 0.0  # of both runs together
     results["rows"] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="samplers.") as work:

@@ -264,3 +264,13 @@ def test_the_sampler_benchmark_scores_every_row(tiny, tmp_path):
     assert ode["reference"] == "dpm-solver++-40" and ode["images"] == 2  # every timestep
     assert ode["rows"]["dpm-solver++-40"]["rms_levels"] == 0  # the reference itself
     assert ode["rows"]["ddim-4"]["rms_levels"] > 0 < ode["rows"]["dpm-solver++-4"]["max_levels"]
+    before = json.loads((tmp_path / "s.json").read_text())
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/samplers.py"), "--ema",
+                    str(tmp_path / "ema.pt"), "--params", str(tmp_path / "params.yaml"),
+                    "--real-stats", str(tmp_path / "real.npz"),
+                    "--weights", fid["weights"], "--images", "3", "--batch-size", "2",
+                    "--rows", "ddim-4,dpm-solver++-2,ddim-2", "--threads", "1", "--out",
+                    str(tmp_path / "s.json")], check=True, capture_output=True, timeout=300)
+    added = json.loads((tmp_path / "s.json").read_text())  # a row added: the rest is kept
+    assert added["rows"][:2] == before["rows"] and added["rows"][2]["row"] == "ddim-2"
+    assert added["ode_error"] == ode and added["wall_seconds"] > before["wall_seconds"]
