@@ -106,3 +106,30 @@ def test_the_quick_run_figures_quoted_are_the_recorded_ones():
     assert f"{run['fid_during_training'][0]['fid']:.1f} at epoch 7" in doc
     assert f"FID {fid:.1f} for its 500 samples" in readme
     assert f"{run['wall_seconds'] / 60:.0f} minutes" in readme
+
+
+def test_the_sampler_table_is_the_recorded_one():
+    """docs/benchmarks.md's sampler table, row by row, and its ODE errors are those of
+    benchmarks/results/samplers.json (sampler, network evaluations, FID, seconds, images/s), and
+    so are the README's."""
+    run = json.loads((ROOT / "benchmarks/results/samplers.json").read_text())
+    doc = (ROOT / "docs/benchmarks.md").read_text()
+    section = doc.split("## Samplers", 1)[1].split("\n## ", 1)[0]
+    tables = [[[cell.strip() for cell in line.strip().strip("|").split("|")]
+               for line in block.splitlines() if line.startswith("| ")]
+              for block in section.split("\n\n") if block.startswith("| ")]
+    fids, odes = tables[0][2:], tables[1][2:]  # after the header and the rule
+    assert [row[2:6] for row in fids] == [
+        [str(r["steps"]), f"{r['fid']:.2f}", f"{r['sample_seconds']:.0f}",
+         f"{r['images_per_second']:.2f}"] for r in run["rows"]]
+    assert all(r["sampler"].removesuffix("-3m") in row[0] for row, r in zip(fids, run["rows"]))
+    ode = run["ode_error"]["rows"]
+    assert [row[:1] + row[2:] for row in odes] == [
+        [row, f"{e['rms_levels']:.2f}", str(e["max_levels"])] for row, e in ode.items()]
+    readme = (ROOT / "README.md").read_text().replace("\n", " ")
+    ddpm, ddim50, ddim100 = ({"fid": r["fid"], "s": r["sample_seconds"]} for name in
+                             ("ddpm-1000", "ddim-50", "ddim-100")
+                             for r in run["rows"] if r["row"] == name)
+    assert (f"DDPM-1000 scored {ddpm['fid']:.2f} in {ddpm['s']:,.0f} s; DDIM-50 "
+            f"{ddim50['fid']:.2f} in {ddim50['s']:.0f} s and DDIM-100 {ddim100['fid']:.2f}"
+            ) in readme

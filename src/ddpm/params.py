@@ -120,7 +120,8 @@ class TrainParams:
     fid_every: Int(0, 100_000, "epochs between FIDs of the EMA weights during training; 0 = off",
                    RESUMABLE)
     fid_images: Int(2, 100_000, "images per training FID, against data/real_stats.npz", RESUMABLE)
-    fid_steps: Int(1, 100_000, "deterministic sampler steps per training FID image", RESUMABLE)
+    fid_steps: Int(1, 100_000, "deterministic DDIM steps per training FID image (50 scored as 100 "
+                   "at half the cost: docs/benchmarks.md, Samplers)", RESUMABLE)
 
 
 @section
