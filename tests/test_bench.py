@@ -231,13 +231,19 @@ def test_the_sampler_benchmark_scores_every_row(tiny, tmp_path):
     fid = tiny["fid"]
     save_statistics(tmp_path / "real.npz", *folder_statistics(
         tmp_path / "real", fid["dims"], fid["batch_size"], fid["weights"], torch.device("cpu")))
-    rows = "ddim-4,dpm-solver++-4,dpm-solver++-4@t,dpm-solver++-4@quad"
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/samplers.py"), "--ema",
-                          str(tmp_path / "ema.pt"), "--params", str(tmp_path / "params.yaml"),
-                          "--real-stats", str(tmp_path / "real.npz"),
-                          "--weights", fid["weights"], "--images", "3", "--batch-size", "2",
-                          "--rows", rows, "--threads", "1", "--out", str(tmp_path / "s.json")],
-                         check=True, capture_output=True, text=True, timeout=300).stdout
+    def samplers(*args: str) -> str:  # on this network and statistics, into s.json
+        return subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks/samplers.py"), "--ema",
+             str(tmp_path / "ema.pt"), "--params", str(tmp_path / "params.yaml"), "--real-stats",
+             str(tmp_path / "real.npz"), "--threads", "1", "--out", str(tmp_path / "s.json"),
+             *args],
+            check=True, capture_output=True, text=True, timeout=300).stdout
+
+    def fid_rows(rows: str) -> str:
+        return samplers("--weights", fid["weights"], "--images", "3", "--batch-size", "2",
+                        "--rows", rows)
+
+    out = fid_rows("ddim-4,dpm-solver++-4,dpm-solver++-4@t,dpm-solver++-4@quad")
     assert "| sampler | timesteps | network evaluations | FID |" in out
     result = json.loads((tmp_path / "s.json").read_text())
     assert [(r["sampler"], r["grid"], r["steps"]) for r in result["rows"]] == [
@@ -246,31 +252,16 @@ def test_the_sampler_benchmark_scores_every_row(tiny, tmp_path):
     assert all(r["num_generated"] == 3 and r["fid"] > 0 and
                0 < r["sample_seconds"] < result["wall_seconds"] for r in result["rows"])
     assert result["real_stats"]["num_real"] == 8 and result["ema"]["epochs"] == 2
-    subprocess.run([sys.executable, str(ROOT / "benchmarks/samplers.py"), "--ema",
-                    str(tmp_path / "ema.pt"), "--params", str(tmp_path / "params.yaml"),
-                    "--real-stats", str(tmp_path / "real.npz"),
-                    "--weights", fid["weights"], "--images", "3", "--batch-size", "2",
-                    "--rows", "ddim-4,dpm-solver++-2", "--threads", "1", "--out",
-                    str(tmp_path / "s.json")], check=True, capture_output=True, timeout=300)
+    fid_rows("ddim-4,dpm-solver++-2")
     again = json.loads((tmp_path / "s.json").read_text())["rows"]  # a rerun keeps done rows
     assert again[0] == result["rows"][0] and again[1]["row"] == "dpm-solver++-2"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks/samplers.py"), "--ema",
-                    str(tmp_path / "ema.pt"), "--params", str(tmp_path / "params.yaml"),
-                    "--real-stats", str(tmp_path / "real.npz"),
-                    "--ode-error", "2", "--rows", "ddim-4,dpm-solver++-4,dpm-solver++-40",
-                    "--threads", "1", "--out", str(tmp_path / "s.json")],
-                   check=True, capture_output=True, timeout=300)
+    samplers("--ode-error", "2", "--rows", "ddim-4,dpm-solver++-4,dpm-solver++-40")
     ode = json.loads((tmp_path / "s.json").read_text())["ode_error"]
     assert ode["reference"] == "dpm-solver++-40" and ode["images"] == 2  # every timestep
     assert ode["rows"]["dpm-solver++-40"]["rms_levels"] == 0  # the reference itself
     assert ode["rows"]["ddim-4"]["rms_levels"] > 0 < ode["rows"]["dpm-solver++-4"]["max_levels"]
     before = json.loads((tmp_path / "s.json").read_text())
-    subprocess.run([sys.executable, str(ROOT / "benchmarks/samplers.py"), "--ema",
-                    str(tmp_path / "ema.pt"), "--params", str(tmp_path / "params.yaml"),
-                    "--real-stats", str(tmp_path / "real.npz"),
-                    "--weights", fid["weights"], "--images", "3", "--batch-size", "2",
-                    "--rows", "ddim-4,dpm-solver++-2,ddim-2", "--threads", "1", "--out",
-                    str(tmp_path / "s.json")], check=True, capture_output=True, timeout=300)
+    fid_rows("ddim-4,dpm-solver++-2,ddim-2")
     added = json.loads((tmp_path / "s.json").read_text())  # a row added: the rest is kept
     assert added["rows"][:2] == before["rows"] and added["rows"][2]["row"] == "ddim-2"
     assert added["ode_error"] == ode and added["wall_seconds"] > before["wall_seconds"]
