@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def test_a_stage_stops_when_dvc_is_killed_even_through_a_waiting_shell(through):
     DVC) is killed."""
     command = [sys.executable, "-c", STAGE, str(ROOT / "src"), "wait"]
     if through != "exec":  # `; exit $?`: no shell execs a command that is not its last
-        command = ["/bin/sh", "-c", " ".join(f"'{arg}'" for arg in command) + "; exit $?"]
+        command = ["/bin/sh", "-c", shlex.join(command) + "; exit $?"]
     dvc = subprocess.Popen([sys.executable, "-c", DVC, *command], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     started = int(dvc.stdout.readline())

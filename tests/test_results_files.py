@@ -127,9 +127,8 @@ def test_the_sampler_table_is_the_recorded_one():
     assert [row[:1] + row[2:] for row in odes] == [
         [row, f"{e['rms_levels']:.2f}", str(e["max_levels"])] for row, e in ode.items()]
     readme = (ROOT / "README.md").read_text().replace("\n", " ")
-    ddpm, ddim50, ddim100 = ({"fid": r["fid"], "s": r["sample_seconds"]} for name in
-                             ("ddpm-1000", "ddim-50", "ddim-100")
-                             for r in run["rows"] if r["row"] == name)
-    assert (f"DDPM-1000 scored {ddpm['fid']:.2f} in {ddpm['s']:,.0f} s; DDIM-50 "
-            f"{ddim50['fid']:.2f} in {ddim50['s']:.0f} s and DDIM-100 {ddim100['fid']:.2f}"
-            ) in readme
+    rows = {r["row"]: r for r in run["rows"]}
+    ddpm, ddim50, ddim100 = rows["ddpm-1000"], rows["ddim-50"], rows["ddim-100"]
+    assert (f"DDPM-1000 scored {ddpm['fid']:.2f} in {ddpm['sample_seconds']:,.0f} s; DDIM-50 "
+            f"{ddim50['fid']:.2f} in {ddim50['sample_seconds']:.0f} s and DDIM-100 "
+            f"{ddim100['fid']:.2f}") in readme
