@@ -43,12 +43,14 @@ from timing import ROOT, synchronize  # noqa: E402
 from gpu_check_report import (failed, junit_counts, one_line, row_line, setup,  # noqa: E402
                               summary, timing_rows)
 from ddpm.errors import PipelineError
-from ddpm.data import download_cifar10, load_cifar10  # noqa: E402
+from ddpm import dataset  # noqa: E402
+from ddpm.files import atomic_dir  # noqa: E402
 from ddpm.diffusion import Schedule  # noqa: E402
 from ddpm.files import file_digest, write_json  # noqa: E402
 from ddpm.generate import generate, load_ema_model  # noqa: E402
 from ddpm.images import grid, list_pngs, read_png, save_png  # noqa: E402
-from ddpm.params import Params, parse_params  # noqa: E402
+from ddpm.params import Params, load_params, parse_params  # noqa: E402
+from ddpm.sources import listing, prepare  # noqa: E402
 from ddpm.runtime import World, resolve_precision  # noqa: E402
 from ddpm.train import Trainer, TrainPaths  # noqa: E402
 
@@ -129,11 +131,20 @@ def train_params(args, plan, device: torch.device, mode: str, epochs: int) -> Pa
     return parse_params(raw)
 
 
-def train(params: Params, cifar: Path, work: Path, device: torch.device
+def prepare_data(args, out: Path) -> None:
+    """The data stage's work on args.data (a cifar-10-python.tar.gz): the dataset train reads."""
+    raw = load_params(ROOT / "params.yaml").to_dict()
+    raw["data"].update(source="cifar10", url=str(args.data), md5=args.md5)
+    data = parse_params(raw).data
+    with atomic_dir(out) as staging:
+        prepare(data, staging, listing(data))
+
+
+def train(params: Params, data: Path, work: Path, device: torch.device
           ) -> tuple[dict, list, Path]:
-    """The train stage's run of `params` (Trainer.run) on the extracted batches in `cifar`:
-    its metrics/train.json, its loss rows (step, loss, images/s) and its EMA weights file."""
-    paths = TrainPaths(cifar=cifar, checkpoints=work / "checkpoints", runs=work / "runs",
+    """The train stage's run of `params` (Trainer.run) on the dataset folder `data`: its
+    metrics/train.json, its loss rows (step, loss, images/s) and its EMA weights file."""
+    paths = TrainPaths(data=data, checkpoints=work / "checkpoints", runs=work / "runs",
                        ema=work / "ema.pt", metrics=work / "train.json",
                        report=work / "report.json", loss=work / "loss.tsv",
                        samples=work / "previews", real_stats=work / "real_stats.npz",
@@ -146,12 +157,12 @@ def train(params: Params, cifar: Path, work: Path, device: torch.device
 def draw(params: Params, ema: Path, work: Path, device: torch.device) -> tuple[np.ndarray, float]:
     """sample.num_images images of the EMA weights as the sample stage draws them:
     (N, 32, 32, 3) uint8 and the seconds it took."""
-    model = load_ema_model(ema, params, device)
+    model, shape = load_ema_model(ema, params, device)
     sched = Schedule(**dataclasses.asdict(params.diffusion)).to(device)
     folder = work / "samples"
     folder.mkdir()
     start = time.perf_counter()
-    generate(model, sched, params, resolve_precision(params.train.precision, device),
+    generate(model, sched, shape, params, resolve_precision(params.train.precision, device),
              range(params.sample.num_images), folder)
     synchronize(device)
     seconds = time.perf_counter() - start
@@ -160,16 +171,16 @@ def draw(params: Params, ema: Path, work: Path, device: torch.device) -> tuple[n
 
 def train_and_sample(args, plan, rows: list[dict], device: torch.device,
                      work: Path) -> tuple[dict, dict]:
-    """Part 3: trains on work/cifar10 for about args.train_seconds in the fastest seed row's
+    """Part 3: trains on work/dataset for about args.train_seconds in the fastest seed row's
     mode (epochs from its rate), samples, and writes samples.npz and grid.png into args.out."""
-    cifar = work / "cifar10"
-    count = len(load_cifar10(cifar, "train", plan.limit))
+    data = work / "dataset"
+    count = len(dataset.load(data, "train", plan.limit))
     best = fastest(rows)
     per_epoch = count // plan.batch * plan.batch
     epochs = max(1, round(args.train_seconds * best.get("images_per_second", 0) / per_epoch))
     params = train_params(args, plan, device, best["mode"], epochs)
     start = time.perf_counter()
-    metrics, loss_rows, ema = train(params, cifar, work, device)
+    metrics, loss_rows, ema = train(params, data, work, device)
     wall = time.perf_counter() - start
     images, seconds = draw(params, ema, work, device)
     np.savez_compressed(args.out / "samples.npz", images=images)
@@ -209,7 +220,7 @@ def check(args) -> int:
     report = {"setup": setup(device, args)}
     with tempfile.TemporaryDirectory(prefix="gpu_check.") as tmp:
         work = Path(tmp)
-        download_cifar10(str(args.data), args.md5, work / "cifar10")  # a bad archive stops here
+        prepare_data(args, work / "dataset")  # a bad archive stops here
         if not args.no_tests:
             part(report, args.out, ("tests",), run_tests, args.out, work, args.test_timeout)
         # a compiled row takes one to two minutes; part 3 needs about three at least

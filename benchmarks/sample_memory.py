@@ -27,7 +27,7 @@ def one(batch: int, device_name: str, precision: str) -> dict:
     from ddpm import networks
     from ddpm.params import load_params
     device = resolve_device(device_name)
-    model = networks.build(load_params(ROOT / "params.yaml").model)  # params.yaml's network
+    model = networks.build(load_params(ROOT / "params.yaml").model, (3, 32, 32))  # its network
     model = for_sampling(model.to(device), None)  # the stage's layout, eager
     x = torch.randn(batch, 3, 32, 32, device=device)
     t = torch.full((batch,), 999, device=device)

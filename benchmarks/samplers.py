@@ -65,6 +65,8 @@ ROWS = ("ddpm-1000,ddim-100,ddim-50,ddim-20,dpm-solver++-10,dpm-solver++-15,dpm-
         "dpm-solver++-25")
 STAGE_SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 
+SHAPE = (3, 32, 32)  # the quick run's CIFAR-10 images
+
 
 def parse_row(row: str) -> tuple[str, int, str]:
     """'dpm-solver++-20@quad' -> ('dpm-solver++', 20, 'quad'); the grid is '' for the default."""
@@ -163,7 +165,7 @@ def run_row(row: str, model, sched: Schedule, params: Params, precision: str, ar
     if sampler in STAGE_SAMPLERS and not grid:
         sample = dataclasses.replace(params.sample, num_images=args.images, sampler=sampler,
                                      steps=steps, eta=0.0, batch_size=args.batch_size)
-        generate(model, sched, dataclasses.replace(params, sample=sample), precision,
+        generate(model, sched, SHAPE, dataclasses.replace(params, sample=sample), precision,
                  range(args.images), folder, progress=False)
     else:
         for first in range(0, args.images, args.batch_size):
@@ -269,7 +271,7 @@ def main() -> None:
     state = checkpoint.load(args.ema, "EMA weights file")
     params = trained_params(load_params(args.params), state.get("config", {}))
     precision = resolve_precision(params.train.precision, device)
-    model = load_ema_model(args.ema, params, device)
+    model, _ = load_ema_model(args.ema, params, device)
     sched = Schedule(**dataclasses.asdict(params.diffusion))
     real = load_statistics(args.real_stats, params.fid.dims)
     started = time.perf_counter()

@@ -18,6 +18,7 @@ from ddpm.files import atomic_file
 from ddpm.networks import checked_size, state_bytes
 from ddpm.params import load_params_or_exit
 from ddpm.runtime import check_hardware
+from ddpm.sources import CHANNELS, check
 
 MARKER = "params.yaml is valid\n"  # constant, so that downstream stages do not re-run on it
 
@@ -29,12 +30,15 @@ def main() -> None:
     params = load_params_or_exit()
     try:
         hardware = check_hardware(params.device, params.train.precision, params.train.gpus)
-        count = checked_size(params.model)
+        resolution = params.data.resolution
+        count = checked_size(params.model, (CHANNELS, resolution, resolution))
+        check(params.data)
     except ParamsError as e:
         raise ParamsError(f"params.yaml: {e}") from None
     with atomic_file(args.out) as tmp:
         tmp.write_text(MARKER)
-    print(f"check_params: params.yaml is valid: the {params.model.arch} network, {count:,} "
+    print(f"check_params: params.yaml is valid: the {params.model.arch} network at "
+          f"{resolution} x {resolution}, {count:,} "
           f"parameters ({state_bytes(count) / 2**30:.2f} GiB of weights, gradients, Adam moments "
           f"and EMA), {hardware}")
 

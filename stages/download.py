@@ -1,19 +1,36 @@
-"""download: fetch cifar-10-python.tar.gz (data.url), verify data.md5, extract the batches."""
+"""download: data.source's images, fetched, checked and converted once (RGB, data.resolution)
+into the dataset every later stage reads (ddpm.dataset), with a report of what it holds."""
 import argparse
+import json
+from pathlib import Path
 
 import _src  # noqa: F401  (ddpm from this checkout)
 from ddpm.cli import run
-from ddpm.data import download_cifar10
+from ddpm.errors import PipelineError
+from ddpm.files import atomic_dir, write_json
 from ddpm.params import load_params_or_exit
+from ddpm.sources import prepare
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", required=True, help="folder for the extracted python batches")
+    parser.add_argument("--listing", required=True, type=Path, help="the source stage's JSON")
+    parser.add_argument("--out", required=True, type=Path, help="dataset folder to write")
+    parser.add_argument("--report", required=True, type=Path, help="JSON report to write")
     args = parser.parse_args()
     params = load_params_or_exit()
-    download_cifar10(params.data.url, params.data.md5, args.out)
-    print(f"download: CIFAR-10 batches in {args.out}")
+    try:
+        listed = json.loads(args.listing.read_text())
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{args.listing}: no readable source listing ({e}); run the source "
+                            "stage first (dvc repro source)") from None
+    with atomic_dir(args.out) as staging:
+        report = prepare(params.data, staging, listed)
+    write_json(args.report, report)
+    counts = ", ".join(f"{split} {entry['images']:,}" for split, entry in report["splits"].items())
+    classes = f", {len(report['classes'])} classes" if report["classes"] else ", no classes"
+    print(f"download: {params.data.source}: {counts} images at {params.data.resolution} x "
+          f"{params.data.resolution}{classes} -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -29,12 +29,12 @@ def main() -> None:
         sweep_temporaries(args.out.parent, args.metrics.parent, args.grid.parent)
     keep_freed_host_memory(device)  # on CPUs: no page faults on every step's activations
     precision = resolve_precision(params.train.precision, device)
-    model = load_ema_model(args.ema, params, device)
+    model, shape = load_ema_model(args.ema, params, device)
     sched = Schedule(**dataclasses.asdict(params.diffusion)).to(device)
     wanted = sample_manifest(args.ema, params, precision, device, world)  # what kept images share
     cli.on_interrupt(lambda: where(args.out) if world.main else None)
     start = time.perf_counter()
-    kept = generate_folder(model, sched, params, precision, args.out, world, wanted)
+    kept = generate_folder(model, sched, shape, params, precision, args.out, world, wanted)
     seconds = time.perf_counter() - start
     if world.main:
         first = [read_png(path) for path in list_pngs(args.out)[:64]]

@@ -1,4 +1,5 @@
-"""train: the DDPM UNet on CIFAR-10, resuming from its last checkpoint when it fits this run.
+"""train: the DDPM UNet on the data stage's images, resuming from its last checkpoint when it
+fits this run.
 
 With train.gpus > 1 this script relaunches itself under torchrun (one process per GPU); under a
 launcher you started yourself (several nodes) it joins the existing process group instead.
@@ -16,7 +17,7 @@ from ddpm.params import TrainParams, load_params_or_exit
 from ddpm.runtime import keep_freed_host_memory, start_processes
 from ddpm.train import Trainer, TrainPaths
 
-PATHS = [("cifar", "folder of the extracted batches"),
+PATHS = [("data", "the data stage's dataset folder"),
          ("checkpoints", "persistent folder for the finished run's last.pt and grids"),
          ("runs", "folder (outside DVC) for unfinished runs, one per config"),
          ("ema", "EMA weights file to write"), ("metrics", "metrics JSON to write"),

@@ -116,10 +116,10 @@ def tiny_params(base: dict, archive: Path, md5: str, weights: Path) -> dict:
     return p
 
 
-def train_paths(root: Path, cifar: Path):
-    """The train stage's outputs under root, reading the extracted batches in cifar."""
+def train_paths(root: Path, data: Path):
+    """The train stage's outputs under root, reading the data stage's dataset folder `data`."""
     from ddpm.train import TrainPaths
-    return TrainPaths(cifar=cifar, checkpoints=root / "checkpoints", runs=root / "runs",
+    return TrainPaths(data=data, checkpoints=root / "checkpoints", runs=root / "runs",
                       ema=root / "ema.pt", metrics=root / "train.json",
                       report=root / "train_report.json", loss=root / "loss.tsv",
                       samples=root / "samples", real_stats=root / "real_stats.npz",
@@ -136,6 +136,16 @@ def run_stage(script: str, cwd: Path, *args: str, **overrides) -> subprocess.Com
     (cwd / "params.yaml").write_text(yaml.safe_dump(config))
     return subprocess.run([sys.executable, str(ROOT / "stages" / script), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
+
+
+def run_data_stages(cwd: Path, out: str = "dataset", **overrides) -> subprocess.CompletedProcess:
+    """The source stage, then the data stage (download) writing `out` in cwd, as dvc.yaml runs
+    them (params as run_stage takes them): the first that fails, else the data stage's result."""
+    listed = run_stage("source.py", cwd, "--out", "source.json", **overrides)
+    if listed.returncode != 0:
+        return listed
+    return run_stage("download.py", cwd, "--listing", "source.json", "--out", out, "--report",
+                     "data.json", **overrides)
 
 
 def record_draws(trainer) -> dict:

@@ -11,6 +11,7 @@ import pickle
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import fakes
@@ -41,6 +42,14 @@ def weights_file(path: Path, marker: Path) -> Path:
     with weights_only=False (what torch.hub.load_state_dict_from_url does by default)."""
     torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "x": CreatesFile(marker)}, path)
     return path
+
+
+def object_array(marker: Path) -> bytes:
+    """A .npy file of an object array holding CreatesFile: np.load(allow_pickle=True) unpickles
+    it and creates `marker`."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([CreatesFile(marker, "os.system")], dtype=object), allow_pickle=True)
+    return buffer.getvalue()
 
 
 def tar_gz(path: Path, members: list[tuple[str, bytes | int]]) -> Path:

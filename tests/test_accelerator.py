@@ -46,8 +46,8 @@ def gpu_params(tiny: dict, **train) -> dict:
     return raw
 
 
-def trainer(tiny: dict, root, cifar_dir, **train) -> Trainer:
-    return Trainer(parse_params(gpu_params(tiny, **train)), train_paths(root, cifar_dir), World(),
+def trainer(tiny: dict, root, dataset_dir, **train) -> Trainer:
+    return Trainer(parse_params(gpu_params(tiny, **train)), train_paths(root, dataset_dir), World(),
                    DEVICE)
 
 
@@ -55,7 +55,8 @@ def perturbed_unet(tiny: dict, **model) -> torch.nn.Module:
     """The network of tiny's model.* (with `model` overrides), its weights perturbed as after
     some training."""
     torch.manual_seed(0)
-    model = networks.build(parse_params(dict(tiny, model=dict(tiny["model"], **model))).model)
+    model = networks.build(parse_params(dict(tiny, model=dict(tiny["model"], **model))).model,
+                           (3, 32, 32))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -84,10 +85,10 @@ def test_mixed_precision_loss_and_gradients_follow_fp32(tiny, precision):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_training_runs_at_each_precision(tiny, cifar_dir, tmp_path, precision):
+def test_training_runs_at_each_precision(tiny, dataset_dir, tmp_path, precision):
     if precision == "bf16" and ON_GPU and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    t = trainer(tiny, tmp_path, cifar_dir, precision=precision, sample_every=1)
+    t = trainer(tiny, tmp_path, dataset_dir, precision=precision, sample_every=1)
     progress = t.run()
     metrics = json.loads((tmp_path / "train.json").read_text())
     report = json.loads((tmp_path / "train_report.json").read_text())
@@ -106,14 +107,14 @@ def test_training_runs_at_each_precision(tiny, cifar_dir, tmp_path, precision):
         assert scaler == {}
 
 
-def test_resume_on_the_device_replays_the_uninterrupted_run(tiny, cifar_dir, tmp_path):
+def test_resume_on_the_device_replays_the_uninterrupted_run(tiny, dataset_dir, tmp_path):
     """Stop after epoch 1, resume to 3: the same losses and weights as a run without a stop. Not
     bitwise on a GPU (cuDNN may pick reduction orders per call), but far closer than a replay
     with any other noise, data order or optimizer state would be."""
-    straight = trainer(tiny, tmp_path / "a", cifar_dir, epochs=3, sample_every=0)
+    straight = trainer(tiny, tmp_path / "a", dataset_dir, epochs=3, sample_every=0)
     straight.run()
-    trainer(tiny, tmp_path / "b", cifar_dir, epochs=1, sample_every=0).run()
-    resumed = trainer(tiny, tmp_path / "b", cifar_dir, epochs=3, sample_every=0)
+    trainer(tiny, tmp_path / "b", dataset_dir, epochs=1, sample_every=0).run()
+    resumed = trainer(tiny, tmp_path / "b", dataset_dir, epochs=3, sample_every=0)
     assert resumed.resume().startswith("resuming")
     resumed.run()
 
@@ -129,7 +130,7 @@ def test_resume_on_the_device_replays_the_uninterrupted_run(tiny, cifar_dir, tmp
 # On a CPU, compiling takes inductor over a minute (C++ codegen, a cold cache): `-m slow` there
 @pytest.mark.parametrize("mode", [pytest.param(True, marks=pytest.mark.slow if not ON_GPU else ()),
                                   pytest.param("reduce-overhead", marks=GPU_ONLY)])
-def test_compiled_training_follows_eager(tiny, cifar_dir, tmp_path, mode):
+def test_compiled_training_follows_eager(tiny, dataset_dir, tmp_path, mode):
     """train.compile, in the default mode and as CUDA graphs (reduce-overhead; on a CPU the same
     Python path without graphs): the compiled UNet's gradients are eager's, and three optimizer
     steps of 2 accumulation rounds give eager's losses. Without dropout: compiled code draws its
@@ -139,7 +140,7 @@ def test_compiled_training_follows_eager(tiny, cifar_dir, tmp_path, mode):
     results = []
     no_dropout = dict(tiny, model=dict(tiny["model"], dropout=0.0))
     for compile in (False, mode):
-        t = trainer(no_dropout, tmp_path / str(compile), cifar_dir, compile=compile,
+        t = trainer(no_dropout, tmp_path / str(compile), dataset_dir, compile=compile,
                     batch_size=32, batch_gpu=16)
         expected = {False: None, True: "default"}.get(compile, compile)
         assert compile_mode(t.params.train.compile, DEVICE) == expected
@@ -169,7 +170,7 @@ def test_sampling_is_batch_independent_and_compiles_to_the_same_images(tiny, tmp
         p = dataclasses.replace(params, sample=dataclasses.replace(params.sample, batch_size=batch))
         net = for_sampling(copy.deepcopy(model), mode)
         (tmp_path / name).mkdir()
-        generate(net, sched, p, "fp32", range(6), tmp_path / name, progress=False)
+        generate(net, sched, (3, 32, 32), p, "fp32", range(6), tmp_path / name, progress=False)
         outputs[name] = np.stack([np.asarray(Image.open(tmp_path / name / f"{i}.png"))
                                   for i in range(6)]).astype(int)
     assert outputs["a"].std() > 10
@@ -204,17 +205,19 @@ def test_pynvml_reads_this_gpus_memory():
 
 @pytest.mark.skipif(not ON_GPU, reason="on a CPU the e2e tests run every stage")
 def test_the_stages_run_on_the_device(tiny, tmp_path, inception_weights):
-    """download -> export_real -> real_stats -> train -> sample -> fid with device set, precision
+    """source -> download -> export_real -> real_stats -> train -> sample -> fid with device set, precision
     and compile auto: bf16 and torch.compile where the GPU has them, memory from pynvml."""
     over = {"device": DEVICE.type, "train__precision": "auto", "train__compile": "auto",
             "sample__compile": "auto"}
     for section in ("data", "model", "diffusion", "train", "sample", "fid"):
         for key, value in tiny[section].items():
             over.setdefault(f"{section}__{key}", value)
-    steps = [("download.py", "--out", "cifar"),
-             ("export_real.py", "--cifar", "cifar", "--out", "real"),
+    steps = [("source.py", "--out", "source.json"),
+             ("download.py", "--listing", "source.json", "--out", "dataset", "--report",
+              "data.json"),
+             ("export_real.py", "--data", "dataset", "--out", "real"),
              ("real_stats.py", "--images", "real", "--out", "real.npz"),
-             ("train.py", "--cifar", "cifar", "--checkpoints", "ckpt", "--runs", "runs",
+             ("train.py", "--data", "dataset", "--checkpoints", "ckpt", "--runs", "runs",
               "--ema", "ema.pt", "--metrics", "train.json", "--report", "train_report.json",
               "--loss", "loss.tsv", "--samples", "previews",
               "--real-stats", "real.npz", "--fid", "fid.tsv", "--curves", "curves"),

@@ -224,8 +224,8 @@ def test_the_sampler_benchmark_scores_every_row(tiny, tmp_path):
     torch.manual_seed(0)
     config = run_config(params)
     config["data"]["images"] = "0123456789abcdef"  # the data digest, as the train stage adds it
-    checkpoint.save({"ema": networks.build(params.model).state_dict(), "config": config,
-                     "epochs": 2, "steps": 6}, tmp_path / "ema.pt")
+    checkpoint.save({"ema": networks.build(params.model, (3, 32, 32)).state_dict(),
+                     "config": config, "epochs": 2, "steps": 6}, tmp_path / "ema.pt")
     (tmp_path / "real").mkdir()
     write_pngs(cifar_images("train", per_batch=16)[:8].transpose(0, 2, 3, 1), tmp_path / "real")
     fid = tiny["fid"]

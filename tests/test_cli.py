@@ -187,8 +187,8 @@ def test_ctrl_c_stops_the_sample_stage_with_130_and_its_own_line(tiny, tmp_path)
     params = parse_params(raw)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     torch.manual_seed(0)
-    checkpoint.save({"ema": networks.build(params.model).state_dict(), "config": params.to_dict()},
-                    tmp_path / "ema.pt")
+    checkpoint.save({"ema": networks.build(params.model, (3, 32, 32)).state_dict(),
+                     "config": params.to_dict()}, tmp_path / "ema.pt")
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "stages/sample.py"), "--ema", "ema.pt", "--out", "out",
          "--metrics", "m.json", "--report", "r.json", "--grid", "grid.png"], cwd=tmp_path,

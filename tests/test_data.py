@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import re
@@ -14,7 +15,8 @@ import pytest
 from PIL import Image
 
 import fakes
-from fakes import PER_BATCH, run_stage
+from fakes import PER_BATCH, run_data_stages, run_stage
+from ddpm import dataset
 from ddpm.errors import PipelineError
 from ddpm.data import download_cifar10, load_batch, load_cifar10
 
@@ -192,13 +194,12 @@ def test_missing_local_archive_names_data_url(tmp_path):
 
 @pytest.fixture(scope="module")
 def downloaded(cifar_archive, tmp_path_factory) -> Path:
-    """data/cifar10 as the download stage script writes it."""
+    """data/dataset as the source and download stage scripts write it."""
     archive, archive_md5 = cifar_archive
     cwd = tmp_path_factory.mktemp("stage")
-    result = run_stage("download.py", cwd, "--out", "data/cifar10",
-                       data__url=str(archive), data__md5=archive_md5)
+    result = run_data_stages(cwd, "data/dataset", data__url=str(archive), data__md5=archive_md5)
     assert result.returncode == 0, result.stderr
-    return cwd / "data" / "cifar10"
+    return cwd / "data" / "dataset"
 
 
 def read_folder(folder: Path) -> np.ndarray:
@@ -209,13 +210,24 @@ def read_folder(folder: Path) -> np.ndarray:
                     ).transpose(0, 3, 1, 2)
 
 
-def test_download_stage_writes_the_batches(downloaded):
-    assert sorted(os.listdir(downloaded)) == BATCH_FILES
+def test_download_stage_writes_the_dataset_and_its_report(downloaded):
+    """The archive's images and labels as arrays, nothing else (no pickle reaches data/); the
+    report names the classes of batches.meta with their counts."""
+    assert sorted(os.listdir(downloaded)) == ["dataset.json", "test.npy", "test_labels.npy",
+                                              "train.npy", "train_labels.npy"]
+    for split in ("train", "test"):
+        images, labels = dataset.load(downloaded, split, labels=True)
+        assert np.array_equal(images, fakes.cifar_images(split, PER_BATCH))
+        assert labels.tolist() == [i % 10 for i in range(len(images))]  # as fakes labels them
+    report = json.loads((downloaded.parent.parent / "data.json").read_text())
+    assert report["classes"] == fakes.LABELS and report["resolution"] == 32
+    assert report["splits"]["train"] == {"images": 5 * PER_BATCH, "classes": {
+        name: 5 * PER_BATCH // 10 for name in fakes.LABELS}}
 
 
 def test_export_real_stage_writes_the_archive_pixels(downloaded, tmp_path):
     """Each exported PNG equals the archive's image pixel for pixel, in dataset order."""
-    result = run_stage("export_real.py", tmp_path, "--cifar", str(downloaded), "--out", "real")
+    result = run_stage("export_real.py", tmp_path, "--data", str(downloaded), "--out", "real")
     assert result.returncode == 0, result.stderr
     assert np.array_equal(read_folder(tmp_path / "real"), fakes.cifar_images("train", PER_BATCH))
 
@@ -223,7 +235,7 @@ def test_export_real_stage_writes_the_archive_pixels(downloaded, tmp_path):
 def test_export_real_stage_limit_and_test_split(downloaded, tmp_path):
     """data.real_split=test and data.limit=10: the first 10 test images (a limit that valid params
     allow only with a batch that fits it)."""
-    result = run_stage("export_real.py", tmp_path, "--cifar", str(downloaded), "--out", "real",
+    result = run_stage("export_real.py", tmp_path, "--data", str(downloaded), "--out", "real",
                        data__real_split="test", data__limit=10, train__batch_size=10)
     assert result.returncode == 0, result.stderr
     assert np.array_equal(read_folder(tmp_path / "real"),
@@ -232,8 +244,9 @@ def test_export_real_stage_limit_and_test_split(downloaded, tmp_path):
 
 def test_bad_params_value_is_one_line_and_exit_code_2(cifar_archive, tmp_path):
     """DESIGN: a wrong params value is one line naming the key, exit code 2, nothing written."""
-    result = run_stage("download.py", tmp_path, "--out", "data/cifar10",
-                       data__url=str(cifar_archive[0]), data__md5="xyz")
+    result = run_stage("download.py", tmp_path, "--listing", "source.json", "--out",
+                       "data/dataset", "--report", "data.json", data__url=str(cifar_archive[0]),
+                       data__md5="xyz")
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "data.md5" in lines[0]
@@ -242,8 +255,9 @@ def test_bad_params_value_is_one_line_and_exit_code_2(cifar_archive, tmp_path):
 
 def test_download_stage_failure_is_one_error_line(cifar_archive, tmp_path):
     """A wrong md5 from the script: exit 1, the message on stderr, no traceback."""
-    result = run_stage("download.py", tmp_path, "--out", "data/cifar10",
-                       data__url=str(cifar_archive[0]), data__md5="0" * 32)
+    result = run_data_stages(tmp_path, "data/dataset", data__url=str(cifar_archive[0]),
+                             data__md5="0" * 32)
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
-    assert not (tmp_path / "data" / "cifar10").exists()
+    assert len(result.stderr.splitlines()) == 1 and "md5" in result.stderr
+    assert not (tmp_path / "data" / "dataset").exists()

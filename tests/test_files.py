@@ -135,7 +135,7 @@ def test_every_output_on_a_full_disk_is_one_line_and_leaves_the_old_file(small_d
         "grid": (disk / "sample_grid.png", lambda: images.save_png(big_image(), disk /
                                                                    "sample_grid.png")),
         "progression": (disk / "progression.png", lambda: previews.progression_figure(
-            [1] * 12, [grid] * 12, disk / "progression.png")),
+            [1] * 12, [grid] * 12, disk / "progression.png", 32)),
         "json": (disk / "train.json", lambda: write_json(disk / "train.json",
                                                          {"rows": list(range(10_000))})),
         "pngs": (disk / "0.png", lambda: images.write_pngs(big_image()[None], disk)),

@@ -17,8 +17,8 @@ import fakes
 import hostile
 from ddpm.errors import PipelineError
 from ddpm.data import MAX_MEMBER, download_cifar10, load_batch, load_cifar10
-from fakes import PER_BATCH, run_stage
-from test_data import BATCH_FILES, md5, real_members, tree
+from fakes import PER_BATCH, run_data_stages
+from test_data import md5, real_members, tree
 
 
 def one_line(error: pytest.ExceptionInfo) -> str:
@@ -47,19 +47,19 @@ def test_a_batch_that_would_create_a_file_is_refused_and_creates_nothing(tmp_pat
     assert "dvc repro --force download" in message
 
 
-def test_the_export_real_stage_refuses_it_in_one_line(cifar_dir, tmp_path):
-    """The loader that export_real and train share: the stage exits 1 with one error line."""
-    cifar = tmp_path / "cifar10"
-    cifar.mkdir()
-    for name in BATCH_FILES:
-        (cifar / name).write_bytes((cifar_dir / name).read_bytes())
+def test_the_data_stage_refuses_it_in_one_line(cifar_archive, tmp_path):
+    """An archive whose md5 the user vouched for (data.md5 = its md5) with a crafted batch: the
+    data stage exits 1 with one error line naming the batch, and writes no dataset."""
+    members = real_members(cifar_archive[0])
     marker = tmp_path / "created_by_the_pickle"
-    (cifar / "data_batch_1").write_bytes(hostile.batch_pickle(marker, "os.system"))
-    result = run_stage("export_real.py", tmp_path, "--cifar", str(cifar), "--out", "real")
+    members["cifar-10-batches-py/data_batch_1"] = hostile.batch_pickle(marker, "os.system")
+    archive = hostile.tar_gz(tmp_path / "cifar-10-python.tar.gz", list(members.items()))
+    result = run_data_stages(tmp_path, data__url=str(archive), data__md5=md5(archive))
     assert result.returncode == 1
-    assert result.stderr.startswith(f"error: {cifar / 'data_batch_1'}: not a CIFAR-10 batch")
-    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
-    assert not marker.exists() and not (tmp_path / "real").exists()
+    assert re.fullmatch(r"error: \S+/data_batch_1: not a CIFAR-10 batch file \(.*posix\.system.*"
+                        r"\n", result.stderr), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not marker.exists() and not (tmp_path / "dataset").exists()
 
 
 def test_numpy_1_names_in_an_official_batch_load_the_same_pixels(cifar_dir, tmp_path):

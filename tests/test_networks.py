@@ -110,10 +110,11 @@ def test_the_seed_network_is_the_default_and_the_paper_network_one_switch_away(b
     """params.yaml builds the seed's network;
     the README's DDPM-paper overrides build Ho et al.'s."""
     import copy
-    assert n_parameters(networks.build(parse_params(base_params).model)) == SEED_PARAMETERS
+    seed = networks.build(parse_params(base_params).model, (3, 32, 32))
+    assert n_parameters(seed) == SEED_PARAMETERS
     raw = copy.deepcopy(base_params)
     raw["model"].update(arch="ddpm", channels=[128, 256, 256, 256], heads=1)
-    model = networks.build(parse_params(raw).model)
+    model = networks.build(parse_params(raw).model, (3, 32, 32))
     assert isinstance(model, DDPMUNet) and n_parameters(model) == PAPER_PARAMETERS
 
 
@@ -133,7 +134,7 @@ def test_what_the_seed_network_cannot_honour_is_a_params_error(base_params, over
     raw = copy.deepcopy(base_params)
     raw["model"].update(overrides)
     with pytest.raises(ParamsError) as info:
-        networks.checked_size(parse_params(raw).model)
+        networks.checked_size(parse_params(raw).model, (3, 32, 32))
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
@@ -144,8 +145,8 @@ def test_a_network_too_large_to_train_is_a_params_error_with_its_size(base_param
     raw["model"]["channels"] = [4096] * 4
     with pytest.raises(ParamsError, match=r"^model\.\*: the seed network of these values has "
                                           r"6,464,143,363 parameters \(129 GB of weights"):
-        networks.checked_size(parse_params(raw).model)
-    assert networks.checked_size(parse_params(base_params).model) == SEED_PARAMETERS
+        networks.checked_size(parse_params(raw).model, (3, 32, 32))
+    assert networks.checked_size(parse_params(base_params).model, (3, 32, 32)) == SEED_PARAMETERS
 
 
 # -- both networks --------------------------------------------------------------------------------

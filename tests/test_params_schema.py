@@ -21,12 +21,14 @@ COMPILE = ("auto, true, false or a torch.compile mode (default, reduce-overhead,
 # What each key accepts, in the words of its errors (written out, not derived from the schema).
 ACCEPTED = {
     "seed": INT.format(0, 2**63 - 1), "device": "auto | cpu | cuda | cuda:N",
-    "data.url": "a non-empty string", "data.md5": "32 lowercase hex digits",
+    "data.url": "a non-empty string",
+    "data.md5": '32 lowercase hex digits, or "" (not checked; not for cifar10)',
     "data.real_split": "train | test", "data.limit": INT.format(0, 1000000),
+    "data.source": "a non-empty string", "data.resolution": "16 | 32 | 64 | 128 | 256",
     "model.arch": "seed | ddpm",
     "model.channels": "a list of 1 to 6 items, each an integer in [1, 4096]",
     "model.res_blocks": INT.format(1, 16),
-    "model.attention_resolutions": "a list of 0 to 6 items, each an integer in [1, 32]",
+    "model.attention_resolutions": "a list of 0 to 6 items, each an integer in [1, 256]",
     "model.heads": INT.format(1, 64), "model.dropout": NUMBER.format("[0, 1)"),
     "model.time_dim": INT.format(4, 4096),
     "diffusion.timesteps": INT.format(1, 100000), "diffusion.beta_start": NUMBER.format("(0, 1)"),
@@ -48,11 +50,12 @@ ACCEPTED = {
     "fid.dims": "64 | 192 | 768 | 2048", "fid.batch_size": INT.format(1, 1024),
     "fid.weights": "a string",
 }
-ITEMS = {"model.channels": INT.format(1, 4096), "model.attention_resolutions": INT.format(1, 32)}
+ITEMS = {"model.channels": INT.format(1, 4096),
+         "model.attention_resolutions": INT.format(1, 256)}
 # Values a pattern accepts and values just beside it (patterns cannot be inverted generically).
 PATTERNS = {"device": (["auto", "cpu", "cuda", "cuda:0", "cuda:123"],
                        ["gpu", "CUDA", "cuda:", "cuda:1234", "cuda:-1", " cpu", "cpu\n"]),
-            "data.md5": (["0" * 32, "c58f30108f718f92721af3b95e74349a"],
+            "data.md5": (["0" * 32, "c58f30108f718f92721af3b95e74349a", ""],
                          ["C58F30108F718F92721AF3B95E74349A", "0" * 31, "0" * 33, "g" * 32])}
 
 

@@ -62,7 +62,7 @@ def test_each_preset_composes_into_valid_params(tmp_path, overrides, expected):
     what it says, and combines with other presets and -S values (later wins)."""
     composed(tmp_path, *overrides)
     params = load_params(tmp_path / "params.yaml")
-    checked_size(params.model)
+    checked_size(params.model, (3, params.data.resolution, params.data.resolution))
     for key, value in expected.items():
         section, _, name = key.rpartition(".")
         assert getattr(getattr(params, section) if section else params, name) == value, key
@@ -74,7 +74,7 @@ def test_the_ddpm_preset_is_the_papers_network():
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     base["model"].update(preset["model"])
     from ddpm.params import parse_params
-    assert checked_size(parse_params(base).model) == 35_746_307
+    assert checked_size(parse_params(base).model, (3, 32, 32)) == 35_746_307
 
 
 def test_docs_params_md_is_generated_from_the_schema():

@@ -58,4 +58,5 @@ def test_every_exp_run_of_the_readme_composes_into_valid_params(command, tmp_pat
         shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
         compose_and_dump(folder / "params.yaml", str(folder), None, "params", "",
                          list(combination))
-        checked_size(load_params(folder / "params.yaml").model)
+        checked_size((p := load_params(folder / "params.yaml")).model,
+                     (3, p.data.resolution, p.data.resolution))

@@ -4,29 +4,29 @@ and pickle alone."""
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from ddpm.data import load_cifar10
+from ddpm import dataset
 from ddpm.params import parse_params
 from ddpm.runtime import World
 from ddpm.train import Trainer
-from fakes import run_stage, train_paths
+from fakes import run_data_stages, run_stage, train_paths
 from real_data import PER_BATCH, REAL_ARCHIVE, REAL_MD5, archive_member, require
 
 
 @pytest.fixture(scope="module")
 def real_cifar(tmp_path_factory):
-    """The download stage's output for the real archive (data.url, data.md5 as a user sets them)."""
+    """The data stage's dataset of the real archive (data.url, data.md5 as a user sets them)."""
     require(REAL_ARCHIVE)
     cwd = tmp_path_factory.mktemp("real")
-    done = run_stage("download.py", cwd, "--out", "cifar10", data__url=str(REAL_ARCHIVE),
-                     data__md5=REAL_MD5)
+    done = run_data_stages(cwd, data__url=str(REAL_ARCHIVE), data__md5=REAL_MD5)
     assert done.returncode == 0, done.stderr
-    return cwd / "cifar10"
+    return cwd / "dataset"
 
 
 def rows_as_images(batch: dict) -> np.ndarray:
@@ -37,20 +37,25 @@ def rows_as_images(batch: dict) -> np.ndarray:
 
 
 def test_the_real_subset_downloads_and_loads_in_archive_order(real_cifar):
-    train, test = load_cifar10(real_cifar, "train"), load_cifar10(real_cifar, "test")
+    train, test = dataset.load(real_cifar, "train"), dataset.load(real_cifar, "test")
     assert train.shape == (5 * PER_BATCH, 3, 32, 32) and test.shape == (PER_BATCH, 3, 32, 32)
     expected = np.concatenate([rows_as_images(archive_member(f"data_batch_{i}"))
                                for i in range(1, 6)])
     assert np.array_equal(train.transpose(0, 2, 3, 1), expected)
     assert np.array_equal(test.transpose(0, 2, 3, 1), rows_as_images(archive_member("test_batch")))
-    assert load_cifar10(real_cifar, "train", limit=1500).shape[0] == 1500  # spans two batches
+    assert dataset.load(real_cifar, "train", limit=1500).shape[0] == 1500  # spans two batches
+    report = json.loads((real_cifar.parent / "data.json").read_text())
+    labels = [archive_member(f"data_batch_{i}")["labels"] for i in range(1, 6)]
+    names = archive_member("batches.meta")["label_names"]
+    assert report["classes"] == names and report["splits"]["train"]["classes"] == {
+        name: sum(batch.count(k) for batch in labels) for k, name in enumerate(names)}
 
 
 def test_export_writes_the_archive_pixels_exactly_the_first_is_a_frog(real_cifar):
     """export_real over the whole real training split: 0.png is data_batch_1's first row (label
     6, 'frog'), pixel for pixel, and image 1017 is data_batch_2's first row."""
     cwd = real_cifar.parent
-    done = run_stage("export_real.py", cwd, "--cifar", "cifar10", "--out", "real_png",
+    done = run_stage("export_real.py", cwd, "--data", "dataset", "--out", "real_png",
                      data__limit=0, data__real_split="train")
     assert done.returncode == 0, done.stderr
     pngs = list((cwd / "real_png").iterdir())

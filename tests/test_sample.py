@@ -20,6 +20,7 @@ from ddpm.params import parse_params
 from ddpm.runtime import World
 
 CPU = torch.device("cpu")
+SHAPE = (3, 32, 32)  # the fake CIFAR-10 images
 
 
 @pytest.fixture(params=["seed", "ddpm"])
@@ -28,7 +29,7 @@ def setup(request, tiny, tmp_path):
     zero-initialised layers would otherwise make every image the same)."""
     params = parse_params(dict(tiny, model=dict(tiny["model"], arch=request.param)))
     torch.manual_seed(0)
-    model = networks.build(params.model)
+    model = networks.build(params.model, SHAPE)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -44,7 +45,7 @@ def pngs(folder, n):
 def test_images_do_not_depend_on_the_batch_size_or_the_split(setup, sampler):
     params, root = setup
     params = dataclasses.replace(params, sample=dataclasses.replace(params.sample, sampler=sampler))
-    model = load_ema_model(root / "ema.pt", params, torch.device("cpu"))
+    model, shape = load_ema_model(root / "ema.pt", params, torch.device("cpu"))
     sched = Schedule(**dataclasses.asdict(params.diffusion))
     n = 6
     outputs = []
@@ -54,7 +55,7 @@ def test_images_do_not_depend_on_the_batch_size_or_the_split(setup, sampler):
         folder.mkdir()
         p = dataclasses.replace(params, sample=dataclasses.replace(params.sample, batch_size=batch))
         for indices in parts:  # as two processes would, each with its share
-            generate(model, sched, p, "fp32", indices, folder, progress=False)
+            generate(model, sched, SHAPE, p, "fp32", indices, folder, progress=False)
         outputs.append(pngs(folder, n))
     assert outputs[0].std() > 10  # real images, not a constant
     for other in outputs[1:]:
@@ -65,11 +66,11 @@ def test_images_do_not_depend_on_the_batch_size_or_the_split(setup, sampler):
 
 def test_another_seed_gives_other_images(setup):
     params, root = setup
-    model = load_ema_model(root / "ema.pt", params, torch.device("cpu"))
+    model, shape = load_ema_model(root / "ema.pt", params, torch.device("cpu"))
     sched = Schedule(**dataclasses.asdict(params.diffusion))
     for seed in (0, 1):
         (root / str(seed)).mkdir()
-        generate(model, sched, dataclasses.replace(params, seed=seed), "fp32", range(2),
+        generate(model, sched, SHAPE, dataclasses.replace(params, seed=seed), "fp32", range(2),
                  root / str(seed), progress=False)
     assert not np.array_equal(pngs(root / "0", 2), pngs(root / "1", 2))
 
@@ -111,10 +112,10 @@ def test_compiled_sampling_gives_the_eager_images(setup):
     compiled = dataclasses.replace(params, sample=dataclasses.replace(params.sample, compile=True))
     outputs = []
     for name, p in (("eager", params), ("compiled", compiled)):
-        model = load_ema_model(root / "ema.pt", p, torch.device("cpu"))
+        model, shape = load_ema_model(root / "ema.pt", p, torch.device("cpu"))
         assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule) == (name == "compiled")
         (root / name).mkdir()
-        generate(model, sched, p, "fp32", range(3), root / name, progress=False)
+        generate(model, sched, SHAPE, p, "fp32", range(3), root / name, progress=False)
         outputs.append(pngs(root / name, 3).astype(int))
     assert outputs[0].std() > 10
     assert np.abs(outputs[0] - outputs[1]).max() <= 1
@@ -130,7 +131,7 @@ def resume(setup):
     """(params, root, model, schedule) for 7 images from the seed network's weights."""
     params, root = setup
     params = dataclasses.replace(params, sample=dataclasses.replace(params.sample, **RESUME))
-    model = load_ema_model(root / "ema.pt", params, CPU)
+    model, shape = load_ema_model(root / "ema.pt", params, CPU)
     return params, root, model, Schedule(**dataclasses.asdict(params.diffusion))
 
 
@@ -158,13 +159,13 @@ def test_an_interrupted_run_keeps_its_whole_batches_and_ends_as_an_uninterrupted
     params, root, model, sched = resume
     params = dataclasses.replace(params, sample=dataclasses.replace(params.sample, sampler=sampler))
     wanted = sample_manifest(root / "ema.pt", params, "fp32", CPU, World())
-    generate_folder(model, sched, params, "fp32", root / "straight", World(), wanted)
+    generate_folder(model, sched, SHAPE, params, "fp32", root / "straight", World(), wanted)
     straight = files(root / "straight")
     assert sorted(straight, key=lambda name: int(name[:-4])) == [f"{i}.png" for i in range(7)]
 
     steps = params.sample.steps
     with pytest.raises(KeyboardInterrupt):  # in the 2nd batch
-        generate_folder(Forwards(model, stop=steps + 3), sched, params, "fp32", root / "out",
+        generate_folder(Forwards(model, stop=steps + 3), sched, SHAPE, params, "fp32", root / "out",
                         World(), wanted)
     staging = root / ".out.partial"
     assert set(files(staging)) == {MANIFEST, "0.png", "1.png", "2.png"}
@@ -175,7 +176,8 @@ def test_an_interrupted_run_keeps_its_whole_batches_and_ends_as_an_uninterrupted
     capsys.readouterr()
 
     counting = Forwards(model)
-    assert generate_folder(counting, sched, params, "fp32", root / "out", World(), wanted) == 3
+    assert generate_folder(counting, sched, SHAPE, params, "fp32", root / "out", World(),
+                           wanted) == 3
     assert counting.calls == 2 * steps  # batches [3, 4, 5] and [6] only
     assert files(root / "out") == straight  # byte for byte, without the manifest
     assert not staging.exists()
@@ -200,7 +202,7 @@ def test_other_weights_or_params_or_no_manifest_start_clean_and_say_why(resume, 
             (staging / f"{i}.png").write_bytes(b"")
         if found:
             (staging / MANIFEST).write_text(json.dumps(found))
-        assert keep_or_clean(staging, wanted, params, World()) == 0
+        assert keep_or_clean(staging, wanted, params, World(), 32) == 0
         assert set(files(staging)) == {MANIFEST}
         assert json.loads((staging / MANIFEST).read_text()) == wanted
         assert (f"sample: discarding 3 images of an interrupted run in {staging}: {why}"
@@ -234,7 +236,8 @@ def test_two_processes_resume_each_its_share(resume):
         gate = threading.Barrier(2)
         worlds = [ThreadWorld(rank, 2, gate=gate) for rank in range(2)]
         threads = [threading.Thread(target=generate_folder, args=(
-            models[rank], sched, params, "fp32", out, worlds[rank], wanted)) for rank in range(2)]
+            models[rank], sched, SHAPE, params, "fp32", out, worlds[rank], wanted))
+            for rank in range(2)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -281,7 +284,7 @@ def test_non_finite_images_are_refused_not_written_black(resume):
     assert to_uint8(torch.full((1, 3, 2, 2), float("nan"))).max() == 0  # the silent failure
     steps = params.sample.steps
     with pytest.raises(PipelineError) as info:
-        generate(Diverging(model, bad=1, at=2 * steps), sched, params, "fp32", range(7),
+        generate(Diverging(model, bad=1, at=2 * steps), sched, SHAPE, params, "fp32", range(7),
                  root, progress=False)
     assert str(info.value).startswith("images 3-5 came out NaN or infinite (fp32, ddpm, 8 steps)"
                                       " and were not written")
@@ -312,7 +315,7 @@ def test_an_interrupt_leaves_the_staging_folder_and_the_stage_says_where(resume)
         def stop(x, t, interrupt=interrupt):
             raise interrupt
         with pytest.raises(interrupt):
-            generate_folder(stop, sched, params, "fp32", root / "out", World(), wanted)
+            generate_folder(stop, sched, SHAPE, params, "fp32", root / "out", World(), wanted)
         assert (root / ".out.partial" / MANIFEST).is_file()
     assert where(root / "out") == (f"; the images drawn so far are kept in {root}/.out.partial "
                                    "for a run with the same EMA weights and params. Run the same "
@@ -346,14 +349,14 @@ def test_generate_samples_with_the_sampler_options_of_params(setup):
     same per-image generators; and each setting gives other images than the rest, so none of
     them is dropped on the way without this test failing."""
     params, root = setup
-    model = load_ema_model(root / "ema.pt", params, CPU)
+    model, shape = load_ema_model(root / "ema.pt", params, CPU)
     sched = Schedule(**dataclasses.asdict(params.diffusion))
     outputs = []
     for k, options in enumerate(OPTIONS):
         p = dataclasses.replace(params, sample=dataclasses.replace(params.sample, batch_size=3,
                                                                    **options))
         (root / str(k)).mkdir()
-        generate(model, sched, p, "fp32", range(3), root / str(k), progress=False)
+        generate(model, sched, SHAPE, p, "fp32", range(3), root / str(k), progress=False)
         outputs.append(pngs(root / str(k), 3))
         assert np.array_equal(outputs[-1], direct(model, sched, params, range(3), **options)), \
             options
@@ -379,7 +382,7 @@ def test_the_sample_stage_draws_with_the_sampler_options_of_params_yaml(setup):
     assert done.returncode == 0, done.stderr
     report = json.loads((root / "r.json").read_text())
     assert (report["sampler"], report["num_images"]) == ("ddim", 4)
-    model = load_ema_model(root / "ema.pt", params, CPU)
+    model, shape = load_ema_model(root / "ema.pt", params, CPU)
     sched = Schedule(**dataclasses.asdict(params.diffusion))
     expected = direct(model, sched, params, range(4), **options).astype(int)
     got = pngs(root / "out", 4).astype(int)

@@ -32,7 +32,8 @@ def batch(tiny):
     """(images, draws) of one optimizer step of 8 fake CIFAR images."""
     images = torch.from_numpy(cifar_images("train", per_batch=4))[:BATCH]
     generator = torch.Generator().manual_seed(0)
-    flip, t, noise = batches.draw(generator, BATCH, tiny["diffusion"]["timesteps"])
+    flip, t, noise = batches.draw(generator, BATCH, tiny["diffusion"]["timesteps"],
+                                 (3, 32, 32))
     return images, Draws(torch.arange(BATCH), flip, t, noise)
 
 
@@ -43,7 +44,7 @@ def at_the_optimizer_step(tiny, batch, precision: str, dtype: torch.dtype, grad_
     the scale the fp16 scaler used (1 without it)."""
     params = step_params(tiny)
     sched = diffusion.Schedule(**tiny["diffusion"])
-    state = new_state(params, precision, CPU, World(), dtype)
+    state = new_state(params, (3, 32, 32), precision, CPU, World(), dtype)
     if init_scale is not None:  # a scale whose first step does not overflow in fp16
         state.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
     scale = state.scaler.get_scale() if state.scaler.is_enabled() else 1.0
@@ -67,7 +68,7 @@ def reference_gradient(tiny, batch) -> torch.Tensor:
     """The gradient of the batch's mean loss, by one float64 forward+backward of the whole batch
     on the same initial network: no micro-batches, no clip, no scaler."""
     params = step_params(tiny)
-    model = new_state(params, "fp32", CPU, World(), torch.float64).model
+    model = new_state(params, (3, 32, 32), "fp32", CPU, World(), torch.float64).model
     images, draws = batch
     x0 = batches.augment(images[draws.idx], draws.flip).double()
     sched = diffusion.Schedule(**tiny["diffusion"])
@@ -115,7 +116,7 @@ def test_with_the_fp16_scaler_the_clip_acts_on_unscaled_gradients(tiny, batch):
 
 @pytest.mark.parametrize("warmup", [True, False])
 def test_the_trainers_ema_is_the_closed_form_average_of_the_weight_history(
-        tiny, cifar_dir, tmp_path, warmup):
+        tiny, dataset_dir, tmp_path, warmup):
     """Over 2 epochs of 3 steps, resumed after the first: with w_0 the initial weights, w_k those
     after step k and d_k the decay of update k (min(0.9, (1 + k) / (10 + k)) with train.ema_warmup,
     0.9 without), the EMA is prod_k d_k w_0 + sum_k (1 - d_k) prod_{j>k} d_j w_{k+1}: the step
@@ -126,7 +127,7 @@ def test_the_trainers_ema_is_the_closed_form_average_of_the_weight_history(
 
     def trainer(epochs: int) -> Trainer:
         t = Trainer(parse_params(dict(raw, train=dict(raw["train"], epochs=epochs))),
-                    train_paths(tmp_path, cifar_dir), World(), CPU, dtype=torch.float64)
+                    train_paths(tmp_path, dataset_dir), World(), CPU, dtype=torch.float64)
         real_step = t.step
 
         def recording(draws):

@@ -103,11 +103,11 @@ def test_ema_warmup_ramps_the_decay_from_0_1_to_the_configured_decay():
 
 
 @pytest.mark.parametrize("arch", ["seed", "ddpm"])
-def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny, cifar_dir, tmp_path, arch):
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny, dataset_dir, tmp_path, arch):
     """Stopping after epoch 1 and resuming gives the same weights, EMA and loss log as no stop."""
-    straight = run(tiny, tmp_path / "a", cifar_dir, arch, epochs=3, sample_every=0)
-    run(tiny, tmp_path / "b", cifar_dir, arch, epochs=1, sample_every=0)
-    resumed = run(tiny, tmp_path / "b", cifar_dir, arch, epochs=3, sample_every=0)
+    straight = run(tiny, tmp_path / "a", dataset_dir, arch, epochs=3, sample_every=0)
+    run(tiny, tmp_path / "b", dataset_dir, arch, epochs=1, sample_every=0)
+    resumed = run(tiny, tmp_path / "b", dataset_dir, arch, epochs=3, sample_every=0)
     assert (resumed.state.progress.step == straight.state.progress.step
             == 3 * straight.steps_per_epoch)
     assert_same_weights(straight.state.model.state_dict(), resumed.state.model.state_dict())
@@ -119,21 +119,21 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny, cifar_dir, tmp_pa
 
 
 def test_an_interrupted_run_resumes_from_its_own_folder_whatever_dvc_put_back(
-        tiny, cifar_dir, tmp_path, monkeypatch, capsys):
+        tiny, dataset_dir, tmp_path, monkeypatch, capsys):
     """Ctrl-C in epoch 2 ends in one line; then models/checkpoints is replaced by
     another run's published checkpoint (what `dvc exp run` restores from dvc.lock). The run
     resumes from models/runs/<id> at epoch 1 and ends bitwise where an uninterrupted run does;
     its folder then moves into models/checkpoints."""
-    straight = run(tiny, tmp_path / "a", cifar_dir, epochs=3, sample_every=1)
-    other = run(tiny, tmp_path / "b", cifar_dir, epochs=1, sample_every=1, lr=1e-3)
+    straight = run(tiny, tmp_path / "a", dataset_dir, epochs=3, sample_every=1)
+    other = run(tiny, tmp_path / "b", dataset_dir, epochs=1, sample_every=1, lr=1e-3)
     ctrl_c_in_epoch(monkeypatch, 2)
-    message = interrupted(tiny, tmp_path / "b", cifar_dir, epochs=3, sample_every=1)
+    message = interrupted(tiny, tmp_path / "b", dataset_dir, epochs=3, sample_every=1)
     assert "\n" not in message and message.startswith("train: interrupted in epoch 2 of 3;")
     assert "(epoch 1), is kept" in message and "Run the same command again" in message
     monkeypatch.undo()
     assert other.state.progress.epoch == 1  # its checkpoint is the published one, another config
     capsys.readouterr()
-    resumed = run(tiny, tmp_path / "b", cifar_dir, epochs=3, sample_every=1)
+    resumed = run(tiny, tmp_path / "b", dataset_dir, epochs=3, sample_every=1)
     assert "/runs/" in capsys.readouterr().err.split("resuming from ")[1].split(" at epoch 1")[0]
     assert_same_weights(straight.state.ema.state_dict(), resumed.state.ema.state_dict())
     assert not list((tmp_path / "b" / "runs").iterdir())  # finished: moved, not copied
@@ -143,7 +143,7 @@ def test_an_interrupted_run_resumes_from_its_own_folder_whatever_dvc_put_back(
         "epoch_0001.png", "epoch_0002.png", "epoch_0003.png"]
 
 
-def test_unfinished_runs_of_other_configs_are_named_with_their_size(tiny, cifar_dir, tmp_path,
+def test_unfinished_runs_of_other_configs_are_named_with_their_size(tiny, dataset_dir, tmp_path,
                                                                     capsys, monkeypatch):
     """Another config's folder in models/runs (its checkpoint, and 3 MiB more here) is named
     with the bytes of all its files, in MiB, when a run of this config starts."""
@@ -152,7 +152,7 @@ def test_unfinished_runs_of_other_configs_are_named_with_their_size(tiny, cifar_
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Trainer, "end_of_epoch", checkpoint_then_ctrl_c)
-    interrupted(tiny, tmp_path, cifar_dir, epochs=2, sample_every=0, lr=1e-3)
+    interrupted(tiny, tmp_path, dataset_dir, epochs=2, sample_every=0, lr=1e-3)
     monkeypatch.undo()
     other, = (tmp_path / "runs").iterdir()
     (other / "previews").mkdir()
@@ -161,19 +161,19 @@ def test_unfinished_runs_of_other_configs_are_named_with_their_size(tiny, cifar_
                for folder, _, names in os.walk(other) for name in names)
     assert size > 3.5 * 2**20  # the checkpoint counts too
     capsys.readouterr()
-    run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0)
+    run(tiny, tmp_path, dataset_dir, epochs=1, sample_every=0)
     err = capsys.readouterr().err
     assert (f"train: {other} holds an unfinished run of another config ({size / 2**20:.0f} MiB; "
             "resumed if that config runs again, else rm -r it)\n") in err
 
 
-def test_a_changed_config_starts_fresh_and_says_why(tiny, cifar_dir, tmp_path, capsys):
+def test_a_changed_config_starts_fresh_and_says_why(tiny, dataset_dir, tmp_path, capsys):
     """lr 1e-3 after a finished run of lr 2e-4: the checkpoint is named as another run's and the
     run ends bitwise where a run of lr 1e-3 in an empty folder ends."""
-    fresh = run(tiny, tmp_path / "fresh", cifar_dir, epochs=1, sample_every=0, lr=1e-3)
-    run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0)
+    fresh = run(tiny, tmp_path / "fresh", dataset_dir, epochs=1, sample_every=0, lr=1e-3)
+    run(tiny, tmp_path, dataset_dir, epochs=1, sample_every=0)
     capsys.readouterr()
-    again = run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0, lr=1e-3)
+    again = run(tiny, tmp_path, dataset_dir, epochs=1, sample_every=0, lr=1e-3)
     err = capsys.readouterr().err
     assert (f"train: {tmp_path}/checkpoints/last.pt is from another run (train.lr differ); "
             "starting fresh;") in err
@@ -188,7 +188,7 @@ def test_warmup_ramps_the_learning_rate_linearly(step, expected):
     assert train.learning_rate(2e-4, 0, step) == 2e-4  # 0 = no warmup, the seed's
 
 
-def test_the_trainer_steps_adam_with_the_warmup_learning_rate(tiny, cifar_dir, tmp_path,
+def test_the_trainer_steps_adam_with_the_warmup_learning_rate(tiny, dataset_dir, tmp_path,
                                                              monkeypatch):
     """Three steps into a warmup of 4: Adam steps at lr x 0, 1/4, 2/4; and a checkpoint of
     another warmup is another run (the learning rates differ)."""
@@ -200,35 +200,35 @@ def test_the_trainer_steps_adam_with_the_warmup_learning_rate(tiny, cifar_dir, t
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
-    trainer = run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0, warmup_steps=4)
+    trainer = run(tiny, tmp_path, dataset_dir, epochs=1, sample_every=0, warmup_steps=4)
     lr = tiny["train"]["lr"]
     assert trainer.steps_per_epoch == 3 and used == pytest.approx([0.0, lr / 4, lr / 2])
     again = Trainer(parse_params(dict(tiny, train=dict(tiny["train"], warmup_steps=8))),
-                    train_paths(tmp_path, cifar_dir), World(), torch.device("cpu"))
+                    train_paths(tmp_path, dataset_dir), World(), torch.device("cpu"))
     assert "train.warmup_steps differ" in again.resume()
 
 
-def test_more_epochs_resume_a_finished_run(tiny, cifar_dir, tmp_path, capsys):
+def test_more_epochs_resume_a_finished_run(tiny, dataset_dir, tmp_path, capsys):
     """train.epochs is not part of the config a checkpoint must match: 1 -> 2 epochs continues.
     The bar counts the whole stage's images, resumed ones included (48 of 96, then 96 of 96,
     with its rate: img/s, or s/img below one image per second), and the epochs out of
     train.epochs."""
-    run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0)
+    run(tiny, tmp_path, dataset_dir, epochs=1, sample_every=0)
     capsys.readouterr()
-    run(tiny, tmp_path, cifar_dir, epochs=2, sample_every=0)
+    run(tiny, tmp_path, dataset_dir, epochs=2, sample_every=0)
     err = capsys.readouterr().err
     assert "resuming" in err
     assert "48/96 [" in err and "epoch=2/2" in err
     assert re.search(r"96/96 \[[^]]*(img/s|s/img)", err)
 
 
-def test_the_hardware_keys_are_not_part_of_the_run(tiny, cifar_dir, tmp_path):
+def test_the_hardware_keys_are_not_part_of_the_run(tiny, dataset_dir, tmp_path):
     """train.gpus, batch_gpu and compile leave the resume config and the run folder's id alone."""
     configs = []
     for overrides in ({}, dict(gpus=2, batch_gpu=4, compile=True)):
         raw = copy.deepcopy(tiny)
         raw["train"].update(overrides)
-        trainer = Trainer(parse_params(raw), train_paths(tmp_path, cifar_dir), World(),
+        trainer = Trainer(parse_params(raw), train_paths(tmp_path, dataset_dir), World(),
                           torch.device("cpu"))
         configs.append((trainer.config, trainer.folders.work))
     assert configs[0] == configs[1]
@@ -236,22 +236,22 @@ def test_the_hardware_keys_are_not_part_of_the_run(tiny, cifar_dir, tmp_path):
     assert "world_size" not in configs[0][0]
 
 
-def test_a_corrupt_checkpoint_is_named_and_training_starts_fresh(tiny, cifar_dir, tmp_path,
+def test_a_corrupt_checkpoint_is_named_and_training_starts_fresh(tiny, dataset_dir, tmp_path,
                                                                 capsys):
     """Garbage as the published last.pt: named, not resumed, and the run is a fresh one (bitwise
     the run of an empty folder)."""
-    fresh = run(tiny, tmp_path / "fresh", cifar_dir, epochs=1, sample_every=0)
+    fresh = run(tiny, tmp_path / "fresh", dataset_dir, epochs=1, sample_every=0)
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
     capsys.readouterr()
-    trainer = run(tiny, tmp_path, cifar_dir, epochs=1, sample_every=0)
+    trainer = run(tiny, tmp_path, dataset_dir, epochs=1, sample_every=0)
     assert (f"train: {tmp_path}/checkpoints/last.pt: not a readable checkpoint (" in
             capsys.readouterr().err)
     assert trainer.state.progress.step == trainer.steps_per_epoch
     assert_same_weights(fresh.state.ema.state_dict(), trainer.state.ema.state_dict())
 
 
-def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, cifar_dir, tmp_path,
+def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, dataset_dir, tmp_path,
                                                                     monkeypatch):
     real_loss, calls = train.diffusion.loss, []
 
@@ -262,7 +262,7 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, cifar_
 
     monkeypatch.setattr(train.diffusion, "loss", loss_that_diverges)
     with pytest.raises(PipelineError, match="non-finite|nan"):
-        run(tiny, tmp_path, cifar_dir, epochs=4, sample_every=0)
+        run(tiny, tmp_path, dataset_dir, epochs=4, sample_every=0)
     unfinished, = (tmp_path / "runs").glob("*/last.pt")  # kept where the next run resumes it
     state = checkpoint.load(unfinished)
     assert state["progress"]["epoch"] == 2
@@ -270,9 +270,9 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, cifar_
     assert not (tmp_path / "ema.pt").exists()
 
 
-def test_outputs_hold_the_metrics_report_loss_log_and_previews(tiny, cifar_dir, tmp_path):
+def test_outputs_hold_the_metrics_report_loss_log_and_previews(tiny, dataset_dir, tmp_path):
     """metrics/train.json holds what experiments compare; reports/train.json what the run was."""
-    trainer = run(tiny, tmp_path, cifar_dir, epochs=2, sample_every=1)
+    trainer = run(tiny, tmp_path, dataset_dir, epochs=2, sample_every=1)
     import json
     metrics = json.loads((tmp_path / "train.json").read_text())
     assert metrics.keys() == {"loss", "epochs", "seconds", "images_per_second", "peak_memory_mb"}
@@ -296,7 +296,7 @@ def test_outputs_hold_the_metrics_report_loss_log_and_previews(tiny, cifar_dir, 
     assert ema["config"]["model"]["channels"] == [16, 32, 32] and ema["epochs"] == 2
 
 
-def test_too_few_images_for_one_step_is_a_clear_error(tiny, cifar_dir, tmp_path):
+def test_too_few_images_for_one_step_is_a_clear_error(tiny, dataset_dir, tmp_path):
     """check_params refuses a data.limit below the batch; a data set that is itself smaller than
     one batch (10 images for 16) stops the trainer with the keys to change."""
     raw = copy.deepcopy(tiny)
@@ -305,11 +305,11 @@ def test_too_few_images_for_one_step_is_a_clear_error(tiny, cifar_dir, tmp_path)
     with pytest.raises(PipelineError, match="10 training images cannot fill one optimizer step of "
                                             "16 images .* raise data.limit or lower "
                                             "train.batch_size"):
-        Trainer(parse_params(raw), train_paths(tmp_path, cifar_dir), World(), torch.device("cpu"),
+        Trainer(parse_params(raw), train_paths(tmp_path, dataset_dir), World(), torch.device("cpu"),
                 images=images)
 
 
-def test_two_processes_end_with_identical_weights(tiny, cifar_dir, tmp_path):
+def test_two_processes_end_with_identical_weights(tiny, dataset_dir, tmp_path):
     """Data-parallel training (torchrun, gloo): every rank holds the same model and EMA."""
     import yaml
     raw = copy.deepcopy(tiny)
@@ -318,7 +318,7 @@ def test_two_processes_end_with_identical_weights(tiny, cifar_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                     "--nproc-per-node=2", str(ROOT / "tests" / "ddp_worker.py"),
-                    str(tmp_path / "params.yaml"), str(cifar_dir), str(tmp_path)],
+                    str(tmp_path / "params.yaml"), str(dataset_dir), str(tmp_path)],
                    check=True, env=env, timeout=300)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert_same_weights(rank0["model"], rank1["model"])
@@ -328,12 +328,12 @@ def test_two_processes_end_with_identical_weights(tiny, cifar_dir, tmp_path):
     assert any(not torch.equal(start[k], rank0["model"][k]) for k in start)  # it did train
 
 
-def test_out_of_memory_says_which_params_to_change(tiny, cifar_dir, tmp_path, monkeypatch):
+def test_out_of_memory_says_which_params_to_change(tiny, dataset_dir, tmp_path, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(Trainer, "step", out_of_memory)
-    trainer = make(tiny, tmp_path, cifar_dir, epochs=1)
+    trainer = make(tiny, tmp_path, dataset_dir, epochs=1)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         trainer.run()
     sys.path.insert(0, str(ROOT / "stages"))
@@ -431,18 +431,18 @@ def test_one_and_two_processes_take_the_same_step(tiny, cifar_128, tmp_path):
         assert_same_step(single.state.ema.state_dict(), rank["ema"], rank["init"])
 
 
-def test_resume_across_a_batch_gpu_change_continues_the_run(tiny, cifar_dir, tmp_path, capsys):
+def test_resume_across_a_batch_gpu_change_continues_the_run(tiny, dataset_dir, tmp_path, capsys):
     """A checkpoint written with batch_gpu 8 (2 rounds) resumes with batch_gpu 16 (1 round) and
     ends where an uninterrupted run does (float64, no dropout: equal to rounding)."""
     common = dict(dtype=torch.float64, dropout=0.0, sample_every=0, precision="fp32")
-    straight = run(tiny, tmp_path / "a", cifar_dir, epochs=2, batch_gpu=16, **common)
-    run(tiny, tmp_path / "b", cifar_dir, epochs=1, batch_gpu=8, **common)
+    straight = run(tiny, tmp_path / "a", dataset_dir, epochs=2, batch_gpu=16, **common)
+    run(tiny, tmp_path / "b", dataset_dir, epochs=1, batch_gpu=8, **common)
     capsys.readouterr()
-    resumed = run(tiny, tmp_path / "b", cifar_dir, epochs=2, batch_gpu=16, **common)
+    resumed = run(tiny, tmp_path / "b", dataset_dir, epochs=2, batch_gpu=16, **common)
     assert "resuming from" in capsys.readouterr().err and resumed.rounds == 1
     assert resumed.state.progress.step == straight.state.progress.step == 2 * 3
     start = Trainer(parse_params(dict(tiny, model=dict(tiny["model"], dropout=0.0))),
-                    train_paths(tmp_path / "c", cifar_dir), World(), torch.device("cpu"),
+                    train_paths(tmp_path / "c", dataset_dir), World(), torch.device("cpu"),
                     dtype=torch.float64).state.model.state_dict()
     assert_same_step(straight.state.model.state_dict(), resumed.state.model.state_dict(), start)
 
@@ -470,11 +470,11 @@ def test_batch_gpu_auto_probes_down_from_the_share_on_a_gpu(share, fitting, trie
         batches.resolve_batch_gpu("auto", share, torch.device("cuda", 0), lambda images: False)
 
 
-def test_the_oom_probe_runs_forward_and_backward_and_leaves_no_trace(tiny, cifar_dir, tmp_path):
+def test_the_oom_probe_runs_forward_and_backward_and_leaves_no_trace(tiny, dataset_dir, tmp_path):
     """The trainer's probe on a network whose forward raises CUDA's OOM above 32 images (faked on
     the CPU): auto then picks 32 of a share of 128; no gradients and no random draws remain."""
     raw = copy.deepcopy(tiny)
-    trainer = Trainer(parse_params(raw), train_paths(tmp_path, cifar_dir), World(),
+    trainer = Trainer(parse_params(raw), train_paths(tmp_path, dataset_dir), World(),
                       torch.device("cpu"))
     real_forward, sizes = trainer.state.model.forward, []
 
@@ -486,7 +486,8 @@ def test_the_oom_probe_runs_forward_and_backward_and_leaves_no_trace(tiny, cifar
 
     trainer.state.model.forward = forward
     before = torch.get_rng_state()
-    fits = batches.probe(trainer.state.model, trainer.sched.timesteps, "fp32", torch.device("cpu"))
+    fits = batches.probe(trainer.state.model, trainer.sched.timesteps, trainer.shape, "fp32",
+                         torch.device("cpu"))
     assert batches.resolve_batch_gpu("auto", 128, torch.device("cuda", 0), fits) == 32
     assert sizes == [128, 64, 32]
     assert torch.equal(torch.get_rng_state(), before)
@@ -495,7 +496,7 @@ def test_the_oom_probe_runs_forward_and_backward_and_leaves_no_trace(tiny, cifar
 
 # -- FID during training ------------------------------------------------------------------------
 
-def test_fid_during_training_is_the_fid_stage_on_the_same_images(tiny, cifar_dir, tmp_path,
+def test_fid_during_training_is_the_fid_stage_on_the_same_images(tiny, dataset_dir, tmp_path,
                                                                  monkeypatch, capsys):
     """fid_every=1 over 2 epochs: one fid.tsv row per epoch; the metrics hold the last and best;
     and each value equals what stages/fid.py computes from the very images (kept here as they
@@ -519,7 +520,7 @@ def test_fid_during_training_is_the_fid_stage_on_the_same_images(tiny, cifar_dir
         return real_statistics(folder, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "folder_statistics", keeping)
-    trainer = run(tiny, tmp_path, cifar_dir, epochs=2, sample_every=0, fid_every=1,
+    trainer = run(tiny, tmp_path, dataset_dir, epochs=2, sample_every=0, fid_every=1,
                   fid_images=6, fid_steps=4)
     assert "train: epoch 2: FID" in capsys.readouterr().err
     rows = [r.split("\t") for r in (tmp_path / "fid.tsv").read_text().splitlines()]
@@ -544,10 +545,10 @@ def test_fid_during_training_is_the_fid_stage_on_the_same_images(tiny, cifar_dir
             value, rel=1e-6)
 
 
-def test_fid_during_training_needs_the_real_statistics(tiny, cifar_dir, tmp_path):
+def test_fid_during_training_needs_the_real_statistics(tiny, dataset_dir, tmp_path):
     from ddpm.fid import PipelineError
     with pytest.raises(PipelineError, match="real_stats.npz"):
-        run(tiny, tmp_path, cifar_dir, epochs=1, fid_every=1)
+        run(tiny, tmp_path, dataset_dir, epochs=1, fid_every=1)
 
 
 # -- stops, locks, fallbacks and non-finite values ---------------------------------------------
@@ -575,16 +576,16 @@ def wait_for(condition, proc: subprocess.Popen, what: str, limit: float = 300) -
 
 
 def test_sigterm_stops_training_in_one_line_and_a_second_trainer_meets_the_lock(
-        tiny, cifar_dir, tmp_path, capsys, monkeypatch):
+        tiny, dataset_dir, tmp_path, capsys, monkeypatch):
     """A trainer of the run holds models/runs/<id>: a second one started by hand stops in one
     line naming the first one's pid and changes nothing. SIGTERM then stops the first as Ctrl-C
     does: one line naming the checkpoint kept, exit code 143, no temporary file left. The next
     start resumes there and sweeps what killed writers left (not what a live one writes)."""
-    first = start_train_stage(tmp_path, tiny, cifar_dir, epochs=10_000, sample_every=1)
+    first = start_train_stage(tmp_path, tiny, dataset_dir, epochs=10_000, sample_every=1)
     try:
         wait_for(lambda: list(tmp_path.glob("runs/*/last.pt")), first, "a checkpoint")
         work = next(tmp_path.glob("runs/*"))
-        second = start_train_stage(tmp_path, tiny, cifar_dir, epochs=10_000, sample_every=1)
+        second = start_train_stage(tmp_path, tiny, dataset_dir, epochs=10_000, sample_every=1)
         _, err = second.communicate(timeout=300)
         assert second.returncode == 1
         assert err.splitlines()[-1] == (
@@ -615,26 +616,26 @@ def test_sigterm_stops_training_in_one_line_and_a_second_trainer_meets_the_lock(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Trainer, "epoch", stop)
-    interrupted(tiny, tmp_path, cifar_dir, epochs=10_000, sample_every=1)
+    interrupted(tiny, tmp_path, dataset_dir, epochs=10_000, sample_every=1)
     assert f"resuming from {work}/last.pt at epoch {epoch}" in capsys.readouterr().err
     assert not any(path.exists() for path in stale) and live.exists()
 
 
-def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tiny, cifar_dir, tmp_path,
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tiny, dataset_dir, tmp_path,
                                                                  monkeypatch, capsys):
     """Stopped in epoch 3, the run folder holds last.pt (epoch 2) and previous.pt (epoch 1).
     With last.pt truncated (a disk that lied about fsync), the run resumes from previous.pt,
     says why, and ends bitwise where an uninterrupted run does."""
-    straight = run(tiny, tmp_path / "a", cifar_dir, epochs=3, sample_every=0)
+    straight = run(tiny, tmp_path / "a", dataset_dir, epochs=3, sample_every=0)
     ctrl_c_in_epoch(monkeypatch, 3)
-    interrupted(tiny, tmp_path / "b", cifar_dir, epochs=3, sample_every=0)
+    interrupted(tiny, tmp_path / "b", dataset_dir, epochs=3, sample_every=0)
     monkeypatch.undo()
     work = next((tmp_path / "b" / "runs").iterdir())
     assert checkpoint.load(work / "previous.pt")["progress"]["epoch"] == 1
     last = work / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])
     capsys.readouterr()
-    resumed = run(tiny, tmp_path / "b", cifar_dir, epochs=3, sample_every=0)
+    resumed = run(tiny, tmp_path / "b", dataset_dir, epochs=3, sample_every=0)
     err = capsys.readouterr().err
     assert f"{last}: not a readable checkpoint" in err
     assert f"resuming from {work / 'previous.pt'} at epoch 1" in err
@@ -642,7 +643,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tiny, cifar_di
     assert not work.exists()  # finished: previous.pt went with the work folder
 
 
-def test_non_finite_weights_are_never_checkpointed_or_published(tiny, cifar_dir, tmp_path,
+def test_non_finite_weights_are_never_checkpointed_or_published(tiny, dataset_dir, tmp_path,
                                                                 monkeypatch):
     """A NaN from the last update of epoch 2 (step 6): that step's loss, computed before the
     update, is finite, so only the weights show it. Training stops naming the step; the
@@ -658,7 +659,7 @@ def test_non_finite_weights_are_never_checkpointed_or_published(tiny, cifar_dir,
 
     monkeypatch.setattr(Trainer, "step", step_that_breaks_a_weight)
     with pytest.raises(PipelineError) as info:
-        run(tiny, tmp_path, cifar_dir, epochs=4, sample_every=0)
+        run(tiny, tmp_path, dataset_dir, epochs=4, sample_every=0)
     message = str(info.value)
     assert message.startswith("the model weights became non-finite (") and "\n" not in message
     assert "at optimizer step 6: training stopped and the last good checkpoint" in message
@@ -670,7 +671,7 @@ def test_non_finite_weights_are_never_checkpointed_or_published(tiny, cifar_dir,
     assert not (tmp_path / "ema.pt").exists() and not (tmp_path / "checkpoints").exists()
 
 
-def test_a_missing_inception_file_fails_before_the_first_epoch(tiny, cifar_dir, tmp_path):
+def test_a_missing_inception_file_fails_before_the_first_epoch(tiny, dataset_dir, tmp_path):
     """train.fid_every > 0: the FID network loads when the trainer is built, so a wrong
     fid.weights stops the stage at once instead of after fid_every epochs."""
     import numpy as np
@@ -682,12 +683,12 @@ def test_a_missing_inception_file_fails_before_the_first_epoch(tiny, cifar_dir, 
     raw["train"].update(fid_every=5, epochs=10)
     raw["fid"]["weights"] = str(tmp_path / "missing.pth")
     with pytest.raises(PipelineError, match=r"fid.weights = .*missing.pth.: no such file"):
-        Trainer(parse_params(raw), train_paths(tmp_path, cifar_dir), World(), torch.device("cpu"))
+        Trainer(parse_params(raw), train_paths(tmp_path, dataset_dir), World(), torch.device("cpu"))
     assert not (tmp_path / "runs").exists()
 
 
 def test_two_processes_wait_out_a_training_fid_longer_than_the_collective_timeout(
-        tiny, cifar_dir, tmp_path):
+        tiny, dataset_dir, tmp_path):
     """gloo with a 5 s process-group timeout, and a training FID on rank 0 that takes 15 s
     while rank 1 waits: the run completes, both ranks with the same weights."""
     import numpy as np
@@ -702,7 +703,7 @@ def test_two_processes_wait_out_a_training_fid_longer_than_the_collective_timeou
     save_statistics(tmp_path / "real_stats.npz", np.zeros(dims), np.eye(dims), 2)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                     "--nproc-per-node=2", str(ROOT / "tests" / "ddp_worker.py"),
-                    str(tmp_path / "params.yaml"), str(cifar_dir), str(tmp_path), "slow-fid"],
+                    str(tmp_path / "params.yaml"), str(dataset_dir), str(tmp_path), "slow-fid"],
                    check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0["steps"] == rank1["steps"] == 3

@@ -6,7 +6,7 @@ one process puts through forward+backward at once (params.split_batch derives th
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -21,28 +21,28 @@ CPU_BATCH_GPU = 32  # batch_gpu auto on a CPU, where host memory is no limit to 
 
 class Draws(NamedTuple):
     """This process's share of one optimizer step, image by image: data indices (B,), left-right
-    flips (B,), timesteps (B,) and noise (B, 3, 32, 32), all on the device."""
+    flips (B,), timesteps (B,) and noise (B, C, H, W), all on the device."""
     idx: torch.Tensor
     flip: torch.Tensor
     t: torch.Tensor
     noise: torch.Tensor
 
 
-def draw(generator: torch.Generator, batch: int, timesteps: int
+def draw(generator: torch.Generator, batch: int, timesteps: int, shape: Sequence[int]
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The randomness of one optimizer step, per image k of its batch: a left-right flip
-    (probability 1/2), t ~ U{0..T-1} and eps ~ N(0, I), (B,), (B,) and (B, 3, 32, 32). Every
+    (probability 1/2), t ~ U{0..T-1} and eps ~ N(0, I), (B,), (B,) and (B, *shape). Every
     process draws the whole batch's and takes its share, so image k's draws never depend on how
     the batch is split."""
     device = generator.device
     flip = torch.rand(batch, device=device, generator=generator) < 0.5
     t = torch.randint(0, timesteps, (batch,), device=device, generator=generator)
-    noise = torch.randn((batch, 3, 32, 32), device=device, generator=generator)
+    noise = torch.randn((batch, *shape), device=device, generator=generator)
     return flip, t, noise
 
 
 def epoch_draws(seed: int, epoch: int, num_images: int, batch: int, timesteps: int,
-                world: World, device: torch.device) -> Iterator[Draws]:
+                shape: Sequence[int], world: World, device: torch.device) -> Iterator[Draws]:
     """Every optimizer step of an epoch, this process's share: the data order and the draws
     come from (seed, epoch) alone and are the same on every process, so a resumed epoch replays
     an uninterrupted one. The N % batch images left over by the shuffle wait for another epoch."""
@@ -53,17 +53,17 @@ def epoch_draws(seed: int, epoch: int, num_images: int, batch: int, timesteps: i
     mine = slice(world.rank * share, (world.rank + 1) * share)
     for step in range(num_images // batch):
         idx = order[step * batch:(step + 1) * batch]
-        flip, t, noise = draw(generator, batch, timesteps)
+        flip, t, noise = draw(generator, batch, timesteps, shape)
         yield Draws(idx[mine], flip[mine], t[mine], noise[mine])
 
 
 def augment(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) on the device -> float [-1, 1], image i flipped left-right if flip[i]."""
+    """uint8 (B, C, H, W) on the device -> float [-1, 1], image i flipped left-right if flip[i]."""
     x = to_float(images)
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def probe(model: torch.nn.Module, timesteps: int, precision: str,
+def probe(model: torch.nn.Module, timesteps: int, shape: Sequence[int], precision: str,
           device: torch.device) -> Callable[[int], bool]:
     """fits(n): whether one eager forward+backward of n random images runs without running out
     of memory. It leaves no gradients and advances no random stream."""
@@ -71,7 +71,7 @@ def probe(model: torch.nn.Module, timesteps: int, precision: str,
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
                     autocast(precision, device):
-                x = torch.randn(images, 3, 32, 32, device=device,
+                x = torch.randn(images, *shape, device=device,
                                 dtype=next(model.parameters()).dtype)
                 t = torch.randint(0, timesteps, (images,), device=device)
                 model(x, t).float().square().mean().backward()

@@ -56,6 +56,19 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if plain(old) == plain(new) else [prefix.rstrip(".") or "config"]
 
 
+def image_shape(state: dict[str, Any], path: str | Path) -> tuple[int, int, int]:
+    """(C, H, W) of the images an EMA file's network was trained on; files written before the
+    shape was recorded hold CIFAR-10 networks."""
+    shape = state.get("image_shape")
+    if shape is None:
+        from ddpm.data import SHAPE
+        return SHAPE
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3
+            and all(type(v) is int and 1 <= v <= 1 << 16 for v in shape)):
+        raise CheckpointError(f"{path}: its image_shape {str(shape)[:40]} is not (C, H, W)")
+    return tuple(shape)
+
+
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], saved: dict | None,
                  wanted: ModelParams, path: str | Path) -> None:
     """Load a state_dict saved with model config `saved` into `model` (built from `wanted`).

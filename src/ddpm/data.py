@@ -24,6 +24,7 @@ SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batc
 CIFAR_FILES = (*SPLITS["train"], *SPLITS["test"], "batches.meta")
 MAX_MEMBER = 64 << 20  # bytes; an official batch file is 31 MB
 MAX_ARCHIVE = 512 << 20  # bytes; the official archive is 170,498,071
+SHAPE = (3, 32, 32)  # every CIFAR-10 image: (C, H, W)
 PIXELS = 3 * 32 * 32
 NUM_CLASSES = 10
 REDO = "extract it again from the md5-checked archive: dvc repro --force download"
@@ -152,6 +153,11 @@ class BatchUnpickler(pickle.Unpickler):
 
 def load_batch(path: Path) -> np.ndarray:
     """One CIFAR-10 batch file -> (N, 3, 32, 32) uint8 in the archive's order."""
+    return read_batch(path)[0]
+
+
+def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 batch file -> (N, 3, 32, 32) uint8 images and (N,) int64 labels."""
     try:
         with open(path, "rb") as f:
             if (size := os.fstat(f.fileno()).st_size) > MAX_MEMBER:  # read whole by pickle
@@ -169,7 +175,7 @@ def load_batch(path: Path) -> np.ndarray:
         message = (str(e).splitlines() or [""])[0][:200]
         raise PipelineError(f"{path}: not a CIFAR-10 batch file ({type(e).__name__}: {message}); "
                             f"{REDO}") from None
-    return check_batch(path, batch).reshape(-1, 3, 32, 32)
+    return check_batch(path, batch).reshape(-1, *SHAPE), np.array(batch["labels"], dtype=np.int64)
 
 
 def check_batch(path: Path, batch: object) -> np.ndarray:
@@ -191,13 +197,36 @@ def check_batch(path: Path, batch: object) -> np.ndarray:
     raise PipelineError(f"{path}: not a CIFAR-10 batch file ({problem}); {REDO}")
 
 
-def load_cifar10(cifar_dir: str | Path, split: str, limit: int = 0) -> np.ndarray:
-    """The images of a split as (N, 3, 32, 32) uint8, in dataset order;
-    limit > 0 keeps the first N."""
-    images = []
+def load_cifar10(cifar_dir: str | Path, split: str, limit: int = 0, labels: bool = False
+                 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """The images of a split as (N, 3, 32, 32) uint8, in dataset order (with labels=True also
+    their (N,) class indices); limit > 0 keeps the first N."""
+    images, classes = [], []
     for name in SPLITS[split]:
-        images.append(load_batch(Path(cifar_dir) / name))
+        batch, batch_labels = read_batch(Path(cifar_dir) / name)
+        images.append(batch)
+        classes.append(batch_labels)
         if limit and sum(map(len, images)) >= limit:
             break
-    images = np.concatenate(images)
-    return images[:limit] if limit else images
+    end = limit or None
+    images, classes = np.concatenate(images)[:end], np.concatenate(classes)[:end]
+    return (images, classes) if labels else images
+
+
+def class_names(cifar_dir: str | Path) -> list[str]:
+    """The ten class names of batches.meta (airplane ... truck), in label order."""
+    path = Path(cifar_dir) / "batches.meta"
+    try:
+        with open(path, "rb") as f:
+            meta = BatchUnpickler(f, encoding="latin1").load() if os.fstat(
+                f.fileno()).st_size <= MAX_MEMBER else None
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot be read ({e})") from None
+    except Exception as e:  # untrusted bytes, as in load_batch
+        raise PipelineError(f"{path}: not CIFAR-10's batches.meta ({type(e).__name__}); "
+                            f"{REDO}") from None
+    names = meta.get("label_names") if isinstance(meta, dict) else None
+    if not (isinstance(names, list) and len(names) == NUM_CLASSES
+            and all(isinstance(n, str) and 0 < len(n) <= 100 for n in names)):
+        raise PipelineError(f"{path}: no list of {NUM_CLASSES} class names in it; {REDO}")
+    return names

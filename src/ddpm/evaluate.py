@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -25,8 +26,8 @@ class TrainingFid:
         self.reference = load_statistics(real_stats, params.fid.dims)[:2]  # mu, sigma
         self.inception = inception(params.fid.dims, params.fid.weights, device)
 
-    def __call__(self, model: torch.nn.Module, sched: Schedule, precision: str, folder: Path,
-                 desc: str) -> float:
+    def __call__(self, model: torch.nn.Module, sched: Schedule, shape: Sequence[int],
+                 precision: str, folder: Path, desc: str) -> float:
         """FID of `model` (eval mode) against the real statistics. Image i comes from the sample
         stage's seed of i, through generate() with sample.batch_size and clip_denoised but
         SAMPLER and train.fid_steps (so train's params need list no other sample.* key);
@@ -37,7 +38,7 @@ class TrainingFid:
         folder.mkdir(parents=True)
         sample = dataclasses.replace(params.sample, num_images=train.fid_images, sampler=SAMPLER,
                                      steps=train.fid_steps, eta=0.0, variance="beta")
-        generate(model, sched, dataclasses.replace(params, sample=sample), precision,
+        generate(model, sched, shape, dataclasses.replace(params, sample=sample), precision,
                  range(train.fid_images), folder, progress=False)
         mu, sigma, _ = folder_statistics(folder, params.fid.dims, params.fid.batch_size,
                                          params.fid.weights, sched.device, desc,

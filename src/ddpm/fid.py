@@ -55,7 +55,7 @@ def inception(dims: int, weights: str, device: torch.device) -> torch.nn.Module:
 def folder_statistics(folder: str | Path, dims: int, batch_size: int, weights: str,
                       device: torch.device, desc: str | None = None,
                       model: torch.nn.Module | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """mu (dims,), sigma (dims, dims) of the Inception features of a folder of 32x32 PNGs; N.
+    """mu (dims,), sigma (dims, dims) of the Inception features of a folder of square RGB PNGs; N.
 
     desc: what the progress bar says it is doing (default: "Inception features of <folder>").
     model: inception(dims, weights, device), if the caller has it already.

@@ -12,7 +12,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -29,18 +29,21 @@ MANIFEST = "manifest.json"  # in the staging folder while it fills; never in the
 WEIGHTS_KEY = "ema.sha256"
 
 
-def load_ema_model(path: str | Path, params: Params, device: torch.device) -> torch.nn.Module:
-    """The network of params.model with the EMA weights of models/ema.pt, ready to sample."""
+def load_ema_model(path: str | Path, params: Params, device: torch.device
+                   ) -> tuple[torch.nn.Module, tuple[int, int, int]]:
+    """The network of params.model with the EMA weights of models/ema.pt, ready to sample, and
+    the (C, H, W) of the images it was trained on."""
     state = checkpoint.load(path, "EMA weights file")
     if "ema" not in state:
         raise checkpoint.CheckpointError(f"{path}: no 'ema' weights in it (keys: {sorted(state)})")
     if bad := checkpoint.non_finite(state["ema"]):
         raise checkpoint.CheckpointError(f"{path}: its EMA weights hold NaN or infinite values "
                                          f"({', '.join(bad[:3])}): retrain (dvc repro train)")
-    model = networks.build(params.model)
+    shape = checkpoint.image_shape(state, path)
+    model = networks.build(params.model, shape)
     checkpoint.load_weights(model, state["ema"], state.get("config", {}).get("model"),
                             params.model, path)
-    return for_sampling(model.to(device), compile_mode(params.sample.compile, device))
+    return for_sampling(model.to(device), compile_mode(params.sample.compile, device)), shape
 
 
 def for_sampling(model: torch.nn.Module, mode: str | None) -> torch.nn.Module:
@@ -91,10 +94,10 @@ def sample_manifest(ema: Path, params: Params, precision: str, device: torch.dev
     return json.loads(json.dumps(plain(flat)))  # as the manifest will hold it
 
 
-def generate(model: torch.nn.Module, sched: Schedule, params: Params, precision: str,
-             indices: range, folder: Path, progress: bool = True) -> None:
-    """Sample images `indices` in batches of sample.batch_size and write them as {i}.png,
-    skipping the batches whose images are all in `folder` already.
+def generate(model: torch.nn.Module, sched: Schedule, shape: Sequence[int], params: Params,
+             precision: str, indices: range, folder: Path, progress: bool = True) -> None:
+    """Sample images `indices` of `shape` (C, H, W) in batches of sample.batch_size and write
+    them as {i}.png, skipping the batches whose images are all in `folder` already.
 
     The bar counts images and advances per denoising step, so it moves within a batch; its
     images/s and ETA are for the whole share, and kept images count from the start.
@@ -114,7 +117,7 @@ def generate(model: torch.nn.Module, sched: Schedule, params: Params, precision:
             # so that fractions do not add up to 2.9999 images.
             done, size, step = bar.n, len(ids), itertools.count(1)
             with autocast(precision, device):
-                x = sample(model, sched, (size, 3, 32, 32), sp.sampler, sp.steps, gens,
+                x = sample(model, sched, (size, *shape), sp.sampler, sp.steps, gens,
                            eta=sp.eta, variance=sp.variance, clip_denoised=sp.clip_denoised,
                            progress=lambda done=done, size=size, step=step: bar.update(
                                done + size * next(step) / steps - bar.n))
@@ -126,7 +129,8 @@ def generate(model: torch.nn.Module, sched: Schedule, params: Params, precision:
             write_pngs(to_uint8(x), folder, start=ids.start)
 
 
-def keep_or_clean(staging: Path, wanted: dict[str, Any], params: Params, world: World) -> int:
+def keep_or_clean(staging: Path, wanted: dict[str, Any], params: Params, world: World,
+                  size: int) -> int:
     """Main process: keep the staging folder's images if its manifest is `wanted`, in whole
     batches, else start it afresh; say which, and why. Returns the number of images kept."""
     n = params.sample.num_images
@@ -137,7 +141,7 @@ def keep_or_clean(staging: Path, wanted: dict[str, Any], params: Params, world: 
     if found == wanted:
         kept = _keep_whole_batches(staging, n, [ids for rank in range(world.size) for ids in
                                                 batches(shard(n, World(rank, world.size)),
-                                                        params.sample.batch_size)])
+                                                        params.sample.batch_size)], size)
         if kept:
             print(f"sample: kept {kept:,} of {n:,} images from an interrupted run (same EMA "
                   f"weights and params); drawing {n - kept:,}", file=sys.stderr, flush=True)
@@ -161,16 +165,16 @@ def _why(found: dict[str, Any] | None, wanted: dict[str, Any]) -> str:
                                 for key in keys)
 
 
-def _keep_whole_batches(staging: Path, num_images: int, layout: list[range]) -> int:
-    """Remove all but the manifest and the readable images of complete batches (a kill leaves
-    temp files and part of the batch it was writing); return how many images are kept."""
+def _keep_whole_batches(staging: Path, num_images: int, layout: list[range], size: int) -> int:
+    """Remove all but the manifest and the readable size x size images of complete batches (a
+    kill leaves temp files and part of the batch it was writing); return how many are kept."""
     names = {f"{i}.png" for i in range(num_images)}
     readable = set()
     for path in staging.iterdir():
         if path.name == MANIFEST:
             continue
         try:
-            if path.name in names and read_png(path, pixels=False) is None:
+            if path.name in names and read_png(path, size, pixels=False) is None:
                 readable.add(int(path.stem))
                 continue
         except PipelineError:
@@ -196,8 +200,9 @@ def where(out: Path) -> str:
             "EMA weights and params. Run the same command again to draw the rest")
 
 
-def generate_folder(model: torch.nn.Module, sched: Schedule, params: Params, precision: str,
-                    out: Path, world: World, wanted: dict[str, Any]) -> int:
+def generate_folder(model: torch.nn.Module, sched: Schedule, shape: Sequence[int],
+                    params: Params, precision: str, out: Path, world: World,
+                    wanted: dict[str, Any]) -> int:
     """All sample.num_images images into `out`, split across processes; `out` appears complete,
     without the manifest, as an uninterrupted run's. Returns how many images were kept.
 
@@ -206,10 +211,10 @@ def generate_folder(model: torch.nn.Module, sched: Schedule, params: Params, pre
     interrupted run is kept before the others look, and renames the folder once all finished.
     """
     staging = staging_folder(out)
-    kept = keep_or_clean(staging, wanted, params, world) if world.main else 0
+    kept = keep_or_clean(staging, wanted, params, world, shape[1]) if world.main else 0
     world.barrier()
-    generate(model, sched, params, precision, shard(params.sample.num_images, world), staging,
-             progress=world.main)
+    generate(model, sched, shape, params, precision, shard(params.sample.num_images, world),
+             staging, progress=world.main)
     world.barrier()
     if world.main:
         (staging / MANIFEST).unlink(missing_ok=True)

@@ -72,17 +72,32 @@ def list_pngs(folder: str | Path, min_count: int = 1) -> list[Path]:
                                         int(p.stem) if p.stem.isdigit() else 0, p.name))
 
 
-def read_png(path: str | Path, size: int = 32, pixels: bool = True) -> np.ndarray | None:
-    """One PNG as (size, size, 3) uint8; anything else is an PipelineError naming the file.
+def png_size(path: str | Path) -> int:
+    """The side of a square RGB PNG, from its header; anything else is a PipelineError."""
+    try:
+        with Image.open(path, formats=["PNG"]) as img:
+            if img.mode == "RGB" and img.width == img.height:
+                return img.width
+            raise PipelineError(f"{path}: a {img.mode} {img.width}x{img.height} image, expected "
+                                "a square RGB PNG")
+    except (OSError, SyntaxError) as e:
+        raise PipelineError(f"{path}: not a readable PNG image ({e})") from None
+
+
+def read_png(path: str | Path, size: int | None = None, pixels: bool = True
+             ) -> np.ndarray | None:
+    """One PNG as (size, size, 3) uint8 (size None: any square size); anything else is a
+    PipelineError naming the file.
 
     pixels=False skips decoding (cheap for 50,000 files): it checks the header and the chunk
     checksums, so a truncated file fails here rather than inside pytorch-fid; returns None.
     """
     try:
         with Image.open(path) as img:
-            if img.format != "PNG" or img.mode != "RGB" or img.size != (size, size):
+            side = size or img.width
+            if img.format != "PNG" or img.mode != "RGB" or img.size != (side, side):
                 raise PipelineError(f"{path}: a {img.format} {img.mode} {img.size[0]}x"
-                                    f"{img.size[1]} image, expected a {size}x{size} RGB PNG")
+                                    f"{img.size[1]} image, expected a {side}x{side} RGB PNG")
             if not pixels:
                 img.verify()  # reads every chunk: a truncated or corrupted file raises
                 return None
@@ -91,8 +106,10 @@ def read_png(path: str | Path, size: int = 32, pixels: bool = True) -> np.ndarra
         raise PipelineError(f"{path}: not a readable PNG image ({e})") from None
 
 
-def check_pngs(files: list[Path], size: int = 32) -> None:
-    """Raise PipelineError for the first file that is not a size x size RGB PNG."""
+def check_pngs(files: list[Path], size: int | None = None) -> None:
+    """Raise PipelineError for the first file that is not a size x size RGB PNG (size None: the
+    first file's, which must be square)."""
+    size = size or png_size(files[0])
     with ThreadPoolExecutor(_workers()) as pool:
         list(pool.map(lambda path: read_png(path, size, pixels=False), files))
 

@@ -31,6 +31,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 VARIANCES = ("beta", "beta_tilde")
 FID_DIMS = (64, 192, 768, 2048)
+RESOLUTIONS = (16, 32, 64, 128, 256)
 # torch.compile modes that train.compile and sample.compile accept besides auto/true/false
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Keys that were removed, and what replaced them: the error a stale params.yaml gets.
@@ -53,12 +54,24 @@ section = dataclass(frozen=True)
 @section
 class DataParams:
     url: Annotated[str, Length(min=1), Doc(
-        "cifar-10-python.tar.gz: an http(s) URL, a file:// URL or a local path")]
-    md5: Annotated[str, Pattern(r"[0-9a-f]{32}"), Accepts("32 lowercase hex digits"),
-                   Doc("the archive's md5, checked before anything is extracted")]
+        "cifar10 only: cifar-10-python.tar.gz, an http(s) URL, a file:// URL or a local path")]
+    md5: Annotated[str, Pattern(r"[0-9a-f]{32}|"), Accepts('32 lowercase hex digits, or "" '
+                                                          "(not checked; not for cifar10)"),
+                   Doc("the archive's md5 (data.url's for cifar10, else data.source's), checked "
+                       "before anything is extracted; CIFAR-10's own md5 counts as not given "
+                       "for another source")]
     real_split: Annotated[Literal["train", "test"], Doc(
-        "the split exported as the FID reference (the seed: the 50,000 training images)")]
-    limit: Int(0, 1_000_000, "0 = every image; N = the first N (training and the reference)")
+        "the split exported as the FID reference (the seed: the 50,000 training images); a "
+        "folder has only train")]
+    limit: Int(0, 1_000_000, "0 = every image; N = the first N in dataset order (a folder's: "
+                             "sorted by path), for training and the reference")
+    source: Annotated[str, Length(min=1), Doc(
+        "cifar10 (data.url) | a folder of PNG, JPEG, WebP or BMP images, class subfolders = "
+        "labels | a .zip, .tar or .tar.gz of one: a path or an http(s) URL "
+        "(docs/own_images.md)")]
+    resolution: Annotated[Literal[RESOLUTIONS], Doc(
+        "images are made resolution x resolution once, in the data stage (RGB, shorter side "
+        "resized, centre crop: docs/own_images.md); the network must accept it")]
 
 
 @section
@@ -68,7 +81,7 @@ class ModelParams:
     channels: Annotated[tuple[Int(1, 4096, "a level's width"), ...],
                         Length(1, 6), Doc("one width per encoder level")]
     res_blocks: Int(1, 16, "blocks per level")
-    attention_resolutions: Annotated[tuple[Int(1, 32, "a resolution"), ...], Length(0, 6),
+    attention_resolutions: Annotated[tuple[Int(1, 256, "a resolution"), ...], Length(0, 6),
                                      Doc("seed: the decoder's first block there attends; ddpm: "
                                          "every block there")]
     heads: Int(1, 64, "self-attention heads (each has width / heads channels)")
@@ -293,6 +306,9 @@ def check_rules(p: Params) -> None:
         _require(value <= T, key, value, f"at most diffusion.timesteps={T}")
     tp = p.train
     split_batch(tp.batch_size, tp.gpus, tp.batch_size if tp.batch_gpu == "auto" else tp.batch_gpu)
+    _require(p.data.source == "cifar10" or p.data.real_split == "train", "data.real_split",
+             p.data.real_split, f"train: data.source = {short(p.data.source)} is a folder, "
+             "which has no test split")
     _require(not p.data.limit or p.data.limit >= tp.batch_size, "data.limit", p.data.limit,
              f"0 (every image) or at least train.batch_size={tp.batch_size} images (one "
              "optimizer step)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,14 +27,15 @@ GRID_NAME = re.compile(r"epoch_(\d+)\.png")
 PROGRESSION = "progression.png"
 
 
-def preview_grid(model: torch.nn.Module, sched: Schedule, num_images: int, steps: int,
-                 seed: int, precision: str) -> np.ndarray:
-    """A grid of num_images samples from fixed noise: image i's noise depends on (seed, i) only."""
+def preview_grid(model: torch.nn.Module, sched: Schedule, shape: Sequence[int], num_images: int,
+                 steps: int, seed: int, precision: str) -> np.ndarray:
+    """A grid of num_images samples of `shape` (C, H, W) from fixed noise: image i's noise
+    depends on (seed, i) only."""
     device = sched.device
     gens = [torch.Generator(device).manual_seed(derive_seed(seed, i, "preview"))
             for i in range(num_images)]
     with autocast(precision, device):
-        x = sample(model, sched, (num_images, 3, 32, 32), "ddim", steps, generator=gens,
+        x = sample(model, sched, (num_images, *shape), "ddim", steps, generator=gens,
                    clip_denoised=True)
     return img.grid(img.to_uint8(x))
 
@@ -54,9 +56,10 @@ def clear(store: Path) -> None:
     shutil.rmtree(store, ignore_errors=True)
 
 
-def publish(store: Path, plots: Path, up_to_epoch: int, max_rows: int = 10) -> None:
+def publish(store: Path, plots: Path, up_to_epoch: int, tile: int, max_rows: int = 10) -> None:
     """Copy the grids of epochs <= up_to_epoch from the store to plots, with a progression
-    figure; each file is replaced whole (dvc plots may read them while training runs)."""
+    figure of their top rows of `tile`-pixel images; each file is replaced whole (dvc plots may
+    read them while training runs)."""
     plots.mkdir(parents=True, exist_ok=True)
     grids = grid_files(store, up_to_epoch)
     for _, path in grids:
@@ -65,10 +68,10 @@ def publish(store: Path, plots: Path, up_to_epoch: int, max_rows: int = 10) -> N
     if grids:
         rows = sorted({round(i) for i in np.linspace(0, len(grids) - 1, min(max_rows, len(grids)))})
         progression_figure([grids[i][0] for i in rows], [grids[i][1] for i in rows],
-                           plots / PROGRESSION)
+                           plots / PROGRESSION, tile)
 
 
-def progression_figure(epochs: list[int], paths: list[Path], out: Path, tile: int = 32,
+def progression_figure(epochs: list[int], paths: list[Path], out: Path, tile: int,
                        pad: int = 2) -> None:
     """One row per preview epoch: the top row of that epoch's grid (the same noise each time)."""
     import matplotlib

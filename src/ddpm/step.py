@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -59,13 +59,13 @@ class TrainState:
         self.progress = Progress(**state["progress"])
 
 
-def new_state(params: Params, precision: str, device: torch.device, world: World,
-              dtype: torch.dtype = torch.float32) -> TrainState:
-    """A fresh network (initialised from params.seed), its EMA copy, fused Adam and the fp16
-    gradient scaler (a no-op in other precisions); the forward wrapped for DDP and compile.
-    dtype: of the weights, float64 only to check exactness (tests)."""
+def new_state(params: Params, shape: Sequence[int], precision: str, device: torch.device,
+              world: World, dtype: torch.dtype = torch.float32) -> TrainState:
+    """A fresh network for images of `shape` (C, H, W), initialised from params.seed, its EMA
+    copy, fused Adam and the fp16 gradient scaler (a no-op in other precisions); the forward
+    wrapped for DDP and compile. dtype: of the weights, float64 only to check exactness (tests)."""
     torch.manual_seed(derive_seed(params.seed, "init"))
-    model = networks.build(params.model).to(device, dtype)
+    model = networks.build(params.model, shape).to(device, dtype)
     if device.type == "cuda":  # NHWC for cuDNN's tensor-core convolutions
         model = model.to(memory_format=torch.channels_last)
     net = model
@@ -88,7 +88,7 @@ def learning_rate(lr: float, warmup_steps: int, step: int) -> float:
 def train_step(state: TrainState, sched: diffusion.Schedule, images: torch.Tensor, draws: Draws,
                micro: int, precision: str, lr: float, grad_clip: float) -> torch.Tensor:
     """One Adam step and one EMA update from this process's share of the batch, in micro-batches
-    of `micro` images. images: the (N, 3, 32, 32) uint8 data set on the device. Returns the
+    of `micro` images. images: the (N, C, H, W) uint8 data set on the device. Returns the
     share's mean loss, a 0-dim tensor left on the device (reading it would synchronise)."""
     model, dtype = state.model, next(state.model.parameters()).dtype
     rounds = len(draws.idx) // micro

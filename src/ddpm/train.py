@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ddpm import batches, checkpoint, curves, diffusion, networks, previews
-from ddpm.data import load_cifar10
+from ddpm import batches, checkpoint, curves, dataset, diffusion, networks, previews
 from ddpm.errors import PipelineError
 from ddpm.evaluate import SAMPLER, TrainingFid
 from ddpm.files import sweep_temporaries, write_json, write_tsv
@@ -38,7 +37,7 @@ FID_HEADER = ["epoch", "step", "fid", "seconds"]
 
 @dataclass(frozen=True)
 class TrainPaths:
-    cifar: Path        # extracted CIFAR-10 batches (input)
+    data: Path         # the data stage's dataset folder (input: ddpm.dataset)
     checkpoints: Path  # persistent DVC output: the finished run's last.pt and preview grids
     runs: Path         # outside DVC: unfinished runs' last.pt and grids, one folder per config
     ema: Path          # the EMA weights that sample reads
@@ -56,22 +55,24 @@ class Trainer:
 
     def __init__(self, params: Params, paths: TrainPaths, world: World, device: torch.device,
                  images: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
-        """images: (N, 3, 32, 32) uint8 to train on instead of paths.cifar (benchmarks); dtype:
+        """images: (N, C, H, W) uint8 to train on instead of paths.data's (benchmarks); dtype:
         of the weights, float64 only to check exactness (tests)."""
         self.params, self.paths, self.world, self.device = params, paths, world, device
         self.precision = resolve_precision(params.train.precision, device)
         if images is None:
-            images = torch.from_numpy(load_cifar10(paths.cifar, "train", params.data.limit))
+            images = torch.from_numpy(dataset.load(paths.data, "train", params.data.limit))
         self.images = images.to(device)  # resident on the device
+        self.shape = tuple(images.shape[1:])  # (C, H, W): the network's, the noise's, samples'
         self.steps_per_epoch = len(images) // params.train.batch_size
         if self.steps_per_epoch == 0:
-            raise PipelineError(f"{len(images)} training images cannot fill one optimizer step of "
-                                f"{params.train.batch_size} images (train.batch_size): raise "
-                                "data.limit or lower train.batch_size")
+            raise PipelineError(f"{len(images)} training images (of data.source = "
+                                f"{params.data.source}) cannot fill one optimizer step of "
+                                f"{params.train.batch_size} images (train.batch_size): add "
+                                "images, raise data.limit or lower train.batch_size")
         self.sched = diffusion.Schedule(**dataclasses.asdict(params.diffusion)).to(device)
-        self.state = new_state(params, self.precision, device, world, dtype)
+        self.state = new_state(params, self.shape, self.precision, device, world, dtype)
         self.micro, self.rounds = batches.split(params.train, world, device, batches.probe(
-            self.state.model, self.sched.timesteps, self.precision, device))
+            self.state.model, self.sched.timesteps, self.shape, self.precision, device))
         # What the checkpoints and models/ema.pt record: all that the weights depend on.
         self.config = run_config(params)
         self.config["train"]["precision"] = self.precision
@@ -154,8 +155,8 @@ class Trainer:
         epoch_loss = window = torch.zeros((), device=self.device)
         start = window_start = time.perf_counter()
         for draws in batches.epoch_draws(self.params.seed, epoch, len(self.images),
-                                         train.batch_size, self.sched.timesteps, self.world,
-                                         self.device):
+                                         train.batch_size, self.sched.timesteps, self.shape,
+                                         self.world, self.device):
             loss = self.step(draws)
             epoch_loss, window = epoch_loss + loss, window + loss
             progress.step += 1
@@ -202,12 +203,13 @@ class Trainer:
         epoch, ema = progress.epoch, self.state.ema.model.eval()
         last = epoch == train.epochs
         if train.sample_every and (epoch % train.sample_every == 0 or last):
-            grid = previews.preview_grid(ema, self.sched, train.preview_images,
+            grid = previews.preview_grid(ema, self.sched, self.shape, train.preview_images,
                                          train.preview_steps, self.params.seed, self.precision)
             save_png(grid, self.folders.previews / f"epoch_{epoch:04d}.png")
         if self.fid is not None and (epoch % train.fid_every == 0 or last):
             start = time.perf_counter()  # FID time is logged apart from the training throughput
-            value = self.fid(ema, self.sched, self.precision, self.folders.work / "fid_images",
+            value = self.fid(ema, self.sched, self.shape, self.precision,
+                             self.folders.work / "fid_images",
                              f"train: FID at epoch {epoch}, Inception")
             seconds = time.perf_counter() - start
             progress.fid_rows.append([epoch, progress.step, value, round(seconds, 3)])
@@ -252,10 +254,12 @@ class Trainer:
             "device": self.device.type, "device_name": device_name(self.device),
             "compile": compile_mode(self.params.train.compile, self.device) or "eager",
             "fid_seconds": round(sum(row[3] for row in progress.fid_rows), 3)})
-        previews.publish(self.folders.previews, self.paths.samples, progress.epoch)
+        previews.publish(self.folders.previews, self.paths.samples, progress.epoch,
+                         tile=self.shape[1])
         if final:
             checkpoint.save({"ema": self.state.ema.state_dict(), "config": self.config,
-                             "epochs": progress.epoch, "steps": progress.step}, self.paths.ema)
+                             "image_shape": list(self.shape), "epochs": progress.epoch,
+                             "steps": progress.step}, self.paths.ema)
             print(f"train: {progress.epoch} epochs, {progress.step} steps, loss "
                   f"{progress.loss:.4f}, {rate:.1f} images/s, peak memory "
                   f"{self.memory.peak_mb:.0f} MiB -> {self.paths.ema}", file=sys.stderr)

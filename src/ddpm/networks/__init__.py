@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
@@ -23,10 +23,15 @@ __all__ = ["ArgumentError", "NETWORKS", "build", "checked_size", "parameter_coun
 MAX_PARAMETERS = 1_000_000_000  # 20 GB of fp32 weights, gradients, Adam moments and EMA
 
 
-def build(model: ModelParams) -> nn.Module:
-    """The network of params.model, freshly initialised (seed it before calling); under
-    `torch.device("meta")` it allocates nothing, which is how params are checked."""
-    return NETWORKS[model.arch](**model.network_kwargs())
+def build(model: ModelParams, shape: Sequence[int]) -> nn.Module:
+    """The network of params.model for images of `shape` (C, H, W; square: the data's),
+    freshly initialised (seed it before calling); under `torch.device("meta")` it allocates
+    nothing, which is how params are checked."""
+    channels, height, width = shape
+    if height != width:
+        raise ArgumentError(f"image shape {tuple(shape)}: the networks take square images")
+    return NETWORKS[model.arch](**model.network_kwargs(), image_size=height,
+                                in_channels=channels)
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -38,14 +43,16 @@ def state_bytes(parameters: int) -> int:
     return 20 * parameters
 
 
-def checked_size(model: ModelParams) -> int:
-    """The network of params.model built on the meta device (nothing allocated): its parameter
-    count, or a ParamsError naming the model.* key it rejects or the memory it would take."""
+def checked_size(model: ModelParams, shape: Sequence[int]) -> int:
+    """The network of params.model for images of `shape` (C, H, W) built on the meta device
+    (nothing allocated): its parameter count, or a ParamsError naming the model.* key it
+    rejects at that size or the memory it would take."""
     try:
         with torch.device("meta"):
-            count = parameter_count(build(model))
+            count = parameter_count(build(model, shape))
     except ArgumentError as e:
-        raise ParamsError(f"model.{e}") from None
+        raise ParamsError(f"model.{e} (for {shape[1]} x {shape[2]} images: data.resolution)"
+                          ) from None
     if count > MAX_PARAMETERS:
         raise ParamsError(f"model.*: the {model.arch} network of these values has {count:,} "
                           f"parameters ({state_bytes(count) / 1e9:,.0f} GB of weights, gradients, "
