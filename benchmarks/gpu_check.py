@@ -166,7 +166,7 @@ def draw(params: Params, ema: Path, work: Path, device: torch.device) -> tuple[n
              range(params.sample.num_images), folder)
     synchronize(device)
     seconds = time.perf_counter() - start
-    return np.stack([read_png(path) for path in list_pngs(folder)]), seconds
+    return np.stack([read_png(path, shape[1]) for path in list_pngs(folder)]), seconds
 
 
 def train_and_sample(args, plan, rows: list[dict], device: torch.device,

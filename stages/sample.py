@@ -37,7 +37,7 @@ def main() -> None:
     kept = generate_folder(model, sched, shape, params, precision, args.out, world, wanted)
     seconds = time.perf_counter() - start
     if world.main:
-        first = [read_png(path) for path in list_pngs(args.out)[:64]]
+        first = [read_png(path, shape[1]) for path in list_pngs(args.out)[:64]]
         save_png(grid(first), args.grid)
         sp = params.sample
         drawn = sp.num_images - kept  # this run's work: its seconds and images/s exclude the kept

@@ -102,16 +102,8 @@ def cifar_dir(tmp_path_factory, cifar_archive) -> Path:
 @pytest.fixture(scope="session")
 def dataset_dir(tmp_path_factory, cifar_archive) -> Path:
     """The fake archive through the data stage's code: the dataset folder train reads."""
-    from ddpm.files import atomic_dir
-    from ddpm.params import parse_params
-    from ddpm.sources import listing, prepare
-    from fakes import committed_params
-    raw = committed_params()
-    raw["data"].update(url=str(cifar_archive[0]), md5=cifar_archive[1])
-    data = parse_params(raw).data
-    with atomic_dir(tmp_path_factory.mktemp("data") / "dataset") as out:
-        prepare(data, out, listing(data))
-    return out.parent / "dataset"
+    from fakes import prepare_dataset
+    return prepare_dataset(*cifar_archive, tmp_path_factory.mktemp("data") / "dataset")
 
 
 @pytest.fixture

@@ -116,6 +116,19 @@ def tiny_params(base: dict, archive: Path, md5: str, weights: Path) -> dict:
     return p
 
 
+def prepare_dataset(archive: Path, md5: str, out: Path) -> Path:
+    """The data stage's dataset folder `out` of a CIFAR-10 archive, by the data stage's code."""
+    from ddpm.files import atomic_dir
+    from ddpm.params import parse_params
+    from ddpm.sources import listing, prepare
+    raw = committed_params()
+    raw["data"].update(source="cifar10", url=str(archive), md5=md5)
+    data = parse_params(raw).data
+    with atomic_dir(out) as staging:
+        prepare(data, staging, listing(data))
+    return out
+
+
 def train_paths(root: Path, data: Path):
     """The train stage's outputs under root, reading the data stage's dataset folder `data`."""
     from ddpm.train import TrainPaths

@@ -30,3 +30,35 @@ def archive_member(name: str) -> dict:
     with tarfile.open(require(REAL_ARCHIVE), "r:gz") as tar:
         with tar.extractfile(f"cifar-10-batches-py/{name}") as f:
             return pickle.load(f, encoding="latin1")
+
+
+def real_folder(dest: Path, per_class: int) -> dict[str, int]:
+    """The real subset's first training images as a folder tree a user might have:
+    dest/<class name>/<index>.png or .jpg, per_class images of each of the ten classes, in
+    archive order; even indices lossless PNG, odd ones JPEG (quality 95); every fifth image
+    first resized to another size (48 x 48, or 40 x 32: not square). Returns the counts by
+    class. Read with tarfile and pickle alone (not ddpm.data)."""
+    from PIL import Image
+    import numpy as np
+    names = archive_member("batches.meta")["label_names"]
+    batch = archive_member("data_batch_1")
+    data = np.asarray(batch["data"], dtype=np.uint8)
+    pixels = np.stack([data[:, :1024], data[:, 1024:2048], data[:, 2048:]], -1).reshape(
+        -1, 32, 32, 3)
+    counts = dict.fromkeys(names, 0)
+    for index, (image, label) in enumerate(zip(pixels, batch["labels"])):
+        name = names[label]
+        if counts[name] == per_class:
+            continue
+        img = Image.fromarray(image)
+        if index % 5 == 0:
+            img = img.resize((48, 48) if index % 10 == 0 else (40, 32), Image.BICUBIC)
+        (dest / name).mkdir(parents=True, exist_ok=True)
+        if index % 2 == 0:
+            img.save(dest / name / f"{index:05d}.png")
+        else:
+            img.save(dest / name / f"{index:05d}.jpg", quality=95)
+        counts[name] += 1
+        if all(n == per_class for n in counts.values()):
+            break
+    return counts

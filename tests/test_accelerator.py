@@ -205,8 +205,9 @@ def test_pynvml_reads_this_gpus_memory():
 
 @pytest.mark.skipif(not ON_GPU, reason="on a CPU the e2e tests run every stage")
 def test_the_stages_run_on_the_device(tiny, tmp_path, inception_weights):
-    """source -> download -> export_real -> real_stats -> train -> sample -> fid with device set, precision
-    and compile auto: bf16 and torch.compile where the GPU has them, memory from pynvml."""
+    """source -> download -> export_real -> real_stats -> train -> sample -> fid with device set,
+    precision and compile auto: bf16 and torch.compile where the GPU has them, memory from
+    pynvml."""
     over = {"device": DEVICE.type, "train__precision": "auto", "train__compile": "auto",
             "sample__compile": "auto"}
     for section in ("data", "model", "diffusion", "train", "sample", "fid"):

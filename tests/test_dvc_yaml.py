@@ -60,7 +60,7 @@ def test_the_checkpoint_folder_persists_and_small_outputs_stay_in_git():
 
 
 # The stages whose params lists name keys (check_params reads the whole file by design), in order.
-PARAM_STAGES = ["download", "export_real", "real_stats", "train", "sample", "fid"]
+PARAM_STAGES = ["source", "download", "export_real", "real_stats", "train", "sample", "fid"]
 
 
 def command(stage: str) -> list[str]:

@@ -52,7 +52,7 @@ def test_write_pngs_read_png_round_trip_is_lossless(tmp_path):
     files = list_pngs(tmp_path)
     assert [f.name for f in files] == ["3.png", "4.png", "5.png", "6.png", "7.png"]
     for f, image in zip(files, images):
-        assert np.array_equal(read_png(f), image)
+        assert np.array_equal(read_png(f, 32), image)
     check_pngs(files)  # all valid: no error
 
 
@@ -100,7 +100,7 @@ def test_read_png_and_check_pngs_name_the_bad_file(tmp_path):
     save(random_images(1)[0], good)
     for bad in _bad_images(tmp_path / "bad"):
         with pytest.raises(PipelineError, match=bad.name):
-            read_png(bad)
+            read_png(bad, 32)
         with pytest.raises(PipelineError, match=bad.name):
             check_pngs([good, bad])
 

@@ -330,8 +330,8 @@ def test_check_params_says_what_the_run_will_hold(tmp_path):
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "ok").read_text() == "params.yaml is valid\n"
     gib = 20 * 32_655_651 / 2**30
-    assert (f"the seed network, 32,655,651 parameters ({gib:.2f} GiB of weights, gradients, Adam "
-            "moments and EMA), cpu, ") in done.stdout
+    assert (f"the seed network at 32 x 32, 32,655,651 parameters ({gib:.2f} GiB of weights, "
+            "gradients, Adam moments and EMA), cpu, ") in done.stdout
 
 
 def test_the_json_schema_for_editors_is_the_one_the_code_checks():

@@ -18,11 +18,12 @@ from ddpm import batches, checkpoint, evaluate, train
 from ddpm.errors import PipelineError
 from ddpm.ema import EMA
 from ddpm.params import parse_params
-from ddpm.runtime import World
+from ddpm.runtime import World, resolve_precision
 from ddpm.train import Trainer
-from fakes import make_cifar_archive, record_draws, train_paths
+from fakes import make_cifar_archive, prepare_dataset, record_draws, train_paths
 
 ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
 
 
 def make(tiny: dict, root: Path, cifar: Path, arch: str = "seed", dtype=torch.float32,
@@ -284,7 +285,8 @@ def test_outputs_hold_the_metrics_report_loss_log_and_previews(tiny, dataset_dir
     assert report == {"arch": "seed", "parameters": parameters,
                       "steps": 2 * trainer.steps_per_epoch,
                       "batch_size": 16, "batch_gpu": 8, "rounds": 2, "processes": 1,
-                      "precision": "fp32", "device": "cpu", "device_name": report["device_name"],
+                      "precision": resolve_precision(tiny["train"]["precision"], CPU),
+                      "device": "cpu", "device_name": report["device_name"],
                       "compile": "eager",
                       "fid_seconds": 0}
     rows = (tmp_path / "loss.tsv").read_text().splitlines()
@@ -303,7 +305,7 @@ def test_too_few_images_for_one_step_is_a_clear_error(tiny, dataset_dir, tmp_pat
     raw["data"]["limit"] = 0
     images = torch.zeros(10, 3, 32, 32, dtype=torch.uint8)
     with pytest.raises(PipelineError, match="10 training images cannot fill one optimizer step of "
-                                            "16 images .* raise data.limit or lower "
+                                            "16 images .* add images, raise data.limit or lower "
                                             "train.batch_size"):
         Trainer(parse_params(raw), train_paths(tmp_path, dataset_dir), World(), torch.device("cpu"),
                 images=images)
@@ -351,13 +353,10 @@ BATCH = 128  # one optimizer step of 128 images, as in the seed (32 x 4)
 
 @pytest.fixture(scope="module")
 def cifar_128(tmp_path_factory) -> Path:
-    """An extracted fake CIFAR-10 with 130 training images: one step of 128."""
-    from ddpm.data import download_cifar10
+    """The dataset of a fake CIFAR-10 with 130 training images: one step of 128."""
     archive = tmp_path_factory.mktemp("cifar128") / "cifar-10-python.tar.gz"
     md5 = make_cifar_archive(archive, per_batch=26)
-    out = archive.parent / "cifar10"
-    download_cifar10(str(archive), md5, out)
-    return out
+    return prepare_dataset(archive, md5, archive.parent / "dataset")
 
 
 def one_step_params(tiny: dict, batch_gpu: int, gpus: int = 1) -> dict:

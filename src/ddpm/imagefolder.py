@@ -92,8 +92,12 @@ def skipped(name: str) -> bool:
 
 def _read_file(path: Path, size: int) -> Callable[[], bytes]:
     def read() -> bytes:
-        with open(path, "rb") as f:
-            return f.read(size + 1)
+        try:
+            with open(path, "rb") as f:
+                return f.read(size + 1)
+        except OSError as e:
+            raise PipelineError(f"{path}: cannot be read ({e.strerror}): fix its permissions "
+                                "or remove it") from None
     return read
 
 
@@ -163,8 +167,12 @@ def zip_entries(archive: Path) -> Iterator[Entry]:
                 continue
 
             def read(info=info) -> bytes:
-                with zipfile.ZipFile(archive) as z, z.open(info) as f:
-                    return f.read(MAX_FILE + 1)
+                try:
+                    with zipfile.ZipFile(archive) as z, z.open(info) as f:
+                        return f.read(MAX_FILE + 1)
+                except (zipfile.BadZipFile, OSError, EOFError) as e:
+                    raise PipelineError(f"{archive}: member {info.filename!r} cannot be read "
+                                        f"({e}): the archive is damaged") from None
             yield Entry(name, info.file_size, read)
 
 
@@ -313,7 +321,7 @@ def convert(where: str, data: bytes, resolution: int) -> tuple[np.ndarray, str]:
     except PipelineError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise PipelineError(f"{where}: {e} (a decompression bomb?): remove it") from None
+        raise PipelineError(f"{where}: {e} (Pillow's bound): remove it") from None
     except Exception as e:  # noqa: BLE001  untrusted bytes: whatever Pillow raises for them
         message = (str(e).splitlines() or [""])[0][:160]
         raise PipelineError(f"{where}: not a readable {PurePosixPath(where).suffix} image "

@@ -84,20 +84,17 @@ def png_size(path: str | Path) -> int:
         raise PipelineError(f"{path}: not a readable PNG image ({e})") from None
 
 
-def read_png(path: str | Path, size: int | None = None, pixels: bool = True
-             ) -> np.ndarray | None:
-    """One PNG as (size, size, 3) uint8 (size None: any square size); anything else is a
-    PipelineError naming the file.
+def read_png(path: str | Path, size: int, pixels: bool = True) -> np.ndarray | None:
+    """One PNG as (size, size, 3) uint8; anything else is a PipelineError naming the file.
 
     pixels=False skips decoding (cheap for 50,000 files): it checks the header and the chunk
     checksums, so a truncated file fails here rather than inside pytorch-fid; returns None.
     """
     try:
         with Image.open(path) as img:
-            side = size or img.width
-            if img.format != "PNG" or img.mode != "RGB" or img.size != (side, side):
+            if img.format != "PNG" or img.mode != "RGB" or img.size != (size, size):
                 raise PipelineError(f"{path}: a {img.format} {img.mode} {img.size[0]}x"
-                                    f"{img.size[1]} image, expected a {side}x{side} RGB PNG")
+                                    f"{img.size[1]} image, expected a {size}x{size} RGB PNG")
             if not pixels:
                 img.verify()  # reads every chunk: a truncated or corrupted file raises
                 return None

@@ -59,16 +59,17 @@ class Trainer:
         of the weights, float64 only to check exactness (tests)."""
         self.params, self.paths, self.world, self.device = params, paths, world, device
         self.precision = resolve_precision(params.train.precision, device)
+        origin = ""
         if images is None:
             images = torch.from_numpy(dataset.load(paths.data, "train", params.data.limit))
+            origin = f" in {paths.data} (of {dataset.read_meta(paths.data)['source']})"
         self.images = images.to(device)  # resident on the device
         self.shape = tuple(images.shape[1:])  # (C, H, W): the network's, the noise's, samples'
         self.steps_per_epoch = len(images) // params.train.batch_size
         if self.steps_per_epoch == 0:
-            raise PipelineError(f"{len(images)} training images (of data.source = "
-                                f"{params.data.source}) cannot fill one optimizer step of "
-                                f"{params.train.batch_size} images (train.batch_size): add "
-                                "images, raise data.limit or lower train.batch_size")
+            raise PipelineError(f"{len(images)} training images{origin} cannot fill one optimizer "
+                                f"step of {params.train.batch_size} images (train.batch_size): "
+                                "add images, raise data.limit or lower train.batch_size")
         self.sched = diffusion.Schedule(**dataclasses.asdict(params.diffusion)).to(device)
         self.state = new_state(params, self.shape, self.precision, device, world, dtype)
         self.micro, self.rounds = batches.split(params.train, world, device, batches.probe(

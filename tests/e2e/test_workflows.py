@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from dvc_repo import TINY_QUICK, commit, dvc, sh
+from dvc_repo import TINY_QUICK, assert_up_to_date, commit, dvc, sh
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +36,7 @@ def test_push_then_pull_in_a_fresh_clone_restores_results_byte_for_byte(baseline
         assert (clone / path).read_bytes() == (baseline / path).read_bytes(), path
     assert (len(list((clone / "data/samples").iterdir()))
             == len(list((baseline / "data/samples").iterdir())))
-    assert "up to date" in dvc(clone, "status").stdout
+    assert_up_to_date(clone)
 
 
 def test_a_queued_sweep_of_the_quick_preset_runs_and_shows_resolved_values(baseline):
@@ -101,5 +101,5 @@ def test_the_readme_comparison_commands_fit_120_columns(baseline):
     apply, = readme_commands("dvc exp apply <name>")  # then commit it, as the README says
     sh(baseline, "bash", "-c", shlex.join(apply).replace("'<name>'", names[0]).replace("'&&'",
                                                                                          "&&"))
-    assert "up to date" in dvc(baseline, "status").stdout
+    assert_up_to_date(baseline)
     assert sh(baseline, "git", "status", "--porcelain").stdout == ""
