@@ -16,6 +16,8 @@ DDPM_CIFAR10 = dict(arch="ddpm", channels=[128, 256, 256, 256], res_blocks=2,
                     attention_resolutions=[16], heads=1, dropout=0.1)
 SEED = dict(arch="seed", channels=[96, 192, 384, 384], res_blocks=2, attention_resolutions=[16],
             heads=8, dropout=0.1, time_dim=64)
+# presets/res64.yaml's network (built at image_size 64): the seed's one level deeper
+RES64 = dict(SEED, channels=[96, 192, 288, 384, 384], attention_resolutions=[32, 16, 8])
 
 
 def diffusers_unet(dropout: float = 0.1) -> torch.nn.Module:

@@ -99,10 +99,13 @@ def gpu_busy(fn, device: torch.device, calls: int) -> float:
     return busy / (cur_end - spans[0][0])
 
 
-def flops_per_image(model: torch.nn.Module, device: torch.device, train: bool) -> float:
+def flops_per_image(model: torch.nn.Module, device: torch.device, train: bool,
+                    image_size: int = 32) -> float:
+    """FLOP of one image's forward (train: forward and backward) at image_size x image_size."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    x, t = torch.randn(2, 3, 32, 32, device=device), torch.randint(0, 1000, (2,), device=device)
+    x = torch.randn(2, 3, image_size, image_size, device=device)
+    t = torch.randint(0, 1000, (2,), device=device)
     # attention through the math kernel, whose matmuls and softmax the counter sees on any device
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         out = model(x, t)
@@ -138,7 +141,8 @@ def base_params(model: dict, precision: str, device: torch.device, batch: int, a
 
 def network(model: dict) -> torch.nn.Module:
     """The network that params.yaml's model section with `model` overrides builds."""
-    return networks.build(base_params(model, "fp32", torch.device("cpu"), 1).model)
+    params = base_params(model, "fp32", torch.device("cpu"), 1)
+    return networks.build(params.model, (3, params.data.resolution, params.data.resolution))
 
 
 class Step(NamedTuple):
@@ -155,14 +159,15 @@ def training_step(params: Params, images: torch.Tensor, device: torch.device) ->
     random data indices and the batch's draws per call, as the trainer takes it."""
     precision = resolve_precision(params.train.precision, device)
     sched = Schedule(**dataclasses.asdict(params.diffusion)).to(device)
-    state = new_state(params, precision, device, World())
+    shape = tuple(images.shape[1:])
+    state = new_state(params, shape, precision, device, World())
     micro, rounds = batches.split(params.train, World(), device, batches.probe(
-        state.model, sched.timesteps, precision, device))
+        state.model, sched.timesteps, shape, precision, device))
     generator, batch = torch.Generator(device).manual_seed(0), params.train.batch_size
 
     def run() -> None:
         idx = torch.randint(0, len(images), (batch,), device=device, generator=generator)
-        draws = batches.Draws(idx, *batches.draw(generator, batch, sched.timesteps))
+        draws = batches.Draws(idx, *batches.draw(generator, batch, sched.timesteps, shape))
         train_step(state, sched, images, draws, micro, precision, params.train.lr,
                    params.train.grad_clip)
     return Step(state, micro, rounds, precision, run)

@@ -54,6 +54,10 @@ def test_a_hand_edit_of_params_yaml_is_kept_by_the_composition(tmp_path):
                          "sample.clip_denoised": True, "sample.num_images": 50000}),
     (["+presets=fast"], {"model.arch": "seed", "sample.sampler": "ddim", "sample.steps": 50,
                          "sample.eta": 0.0}),
+    (["+presets=res64"], {"data.resolution": 64, "model.channels": (96, 192, 288, 384, 384),
+                          "model.attention_resolutions": (32, 16, 8), "data.source": "cifar10"}),
+    (["+presets=res64", "data.source=data/pets"], {"data.resolution": 64,
+                                                   "data.source": "data/pets"}),
     (["+presets=[quick,fast]", "train.lr=5e-4"], {"model.channels": (32, 64, 64),
                                                    "sample.sampler": "ddim", "train.lr": 5e-4}),
 ])
