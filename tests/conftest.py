@@ -23,7 +23,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # long files start first, and the many short ones fill the end, with no long file left to run
 # alone while the other worker idles.
 LONGEST_FIRST = ("tests/e2e/test_train_stage.py", "tests/e2e/test_exp_resume.py",
-                 "tests/e2e/test_workflows.py", "tests/e2e/test_own_images.py",
+                 "tests/e2e/test_workflows.py", "tests/e2e/test_own_images_dvc.py",
                  "tests/e2e/test_bad_values.py",
                  "tests/e2e/test_sample_resume.py", "tests/test_train.py", "tests/e2e/",
                  "tests/test_bench.py", "tests/test_fid_weights.py", "tests/test_sample.py",

@@ -30,6 +30,12 @@ def main():
     if sys.argv[2] in ("where", "quiet"):  # what the train and sample stages register
         on_interrupt(lambda: " in epoch 2 of 3; its last checkpoint is kept" if sys.argv[2] ==
                      "where" else None)
+    if sys.argv[2] == "swallowing":  # the SIGTERM will land in a __del__, which swallows it
+        class Swallows:
+            def __del__(self):
+                print("in __del__", flush=True)
+                time.sleep(60)
+        Swallows()
     print("ready", flush=True)
     time.sleep(120)
 
@@ -64,6 +70,21 @@ def test_sigterm_stops_a_stage_as_ctrl_c_does(sig, code):
     assert proc.returncode == code == 128 + sig
     assert err.splitlines() == ["sample: interrupted; run the same command again to redo "
                                 "this stage"]
+
+
+def test_a_sigterm_that_lands_in_a_del_and_is_swallowed_is_raised_again():
+    """Python prints and swallows an exception raised in a __del__ or a weakref callback (it
+    happened to the train stage: SIGTERM landed in weakref's remove, and it trained on). The
+    stage raises it again until it arrives: the same one line and exit code, in seconds."""
+    proc = stage("swallowing")
+    assert proc.stdout.readline() == "in __del__\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stdout.readline() == "ready\n"  # the __del__ ended and the stage went on
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    assert "Exception ignored in" in err and "Terminated" in err  # Python's own report
+    assert err.splitlines()[-1] == ("sample: interrupted; run the same command again to redo "
+                                    "this stage")
 
 
 @pytest.mark.parametrize("kind, line", [

@@ -19,9 +19,11 @@ from ddpm.params import ParamsError, parse_params
 
 PAPER_PARAMETERS = 35_746_307  # Ho et al.'s TF code and diffusers' google/ddpm-cifar10-32
 SEED_PARAMETERS = 32_655_651   # the seed notebook printed "Model parameters: 32,655,651"
+CIFAR = dict(image_size=32, in_channels=3)  # the networks' images in these tests
 SEED = dict(channels=[96, 192, 384, 384], res_blocks=2, attention_resolutions=[16], heads=8,
-            dropout=0.1)
-SMALL = dict(channels=[16, 32], res_blocks=1, attention_resolutions=[16], heads=2, dropout=0.0)
+            dropout=0.1, **CIFAR)
+SMALL = dict(channels=[16, 32], res_blocks=1, attention_resolutions=[16], heads=2, dropout=0.0,
+             **CIFAR)
 SMALL_SEED = dict(SMALL, channels=[16, 32, 32], time_dim=16)
 
 
@@ -199,7 +201,7 @@ def test_images_do_not_interact_across_the_batch_in_eval_mode(arch):
 def test_parameter_count_matches_the_paper_layout(channels, heads, expected):
     """The DDPM CIFAR-10 config has the original implementation's 35,746,307 parameters."""
     model = DDPMUNet(channels=channels, res_blocks=2, attention_resolutions=[16], heads=heads,
-                 dropout=0.1)
+                     dropout=0.1, **CIFAR)
     assert n_parameters(model) == expected
 
 

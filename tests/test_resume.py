@@ -26,14 +26,14 @@ def trainer(tiny: dict, root: Path, cifar: Path, epochs: int) -> Trainer:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny, cifar_dir) -> tuple[Path, Path]:
+def finished(tmp_path_factory, tiny, dataset_dir) -> tuple[Path, Path]:
     """(root, snapshot): root holds a finished run of 2 epochs, trained as 1 epoch then resumed
     to 2; snapshot, a copy of its published folder (last.pt, previews/) after the first."""
     root = tmp_path_factory.mktemp("finished")
-    trainer(tiny, root, cifar_dir, 1).run()
+    trainer(tiny, root, dataset_dir, 1).run()
     snapshot = root.parent / "epoch1"
     shutil.copytree(root / "checkpoints", snapshot)
-    trainer(tiny, root, cifar_dir, 2).run()
+    trainer(tiny, root, dataset_dir, 2).run()
     return root, snapshot
 
 
@@ -51,14 +51,14 @@ def assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_checkpoint_beyond_train_epochs_is_not_resumed_and_says_so(finished, tiny, cifar_dir,
+def test_a_checkpoint_beyond_train_epochs_is_not_resumed_and_says_so(finished, tiny, dataset_dir,
                                                                    tmp_path, capsys):
     """The published checkpoint is at epoch 2; with train.epochs 1 the run starts fresh, says
     why, and ends with the weights of the fresh 1-epoch run (the snapshot), bitwise."""
     root = copy_of(finished, tmp_path)
     assert checkpoint.load(root / "checkpoints/last.pt")["progress"]["epoch"] == 2
     capsys.readouterr()
-    again = trainer(tiny, root, cifar_dir, 1)
+    again = trainer(tiny, root, dataset_dir, 1)
     again.run()
     err = capsys.readouterr().err
     assert (f"train: {root}/checkpoints/last.pt is at epoch 2, beyond train.epochs; starting "
@@ -69,13 +69,13 @@ def test_a_checkpoint_beyond_train_epochs_is_not_resumed_and_says_so(finished, t
 
 
 @pytest.mark.parametrize("newer", ["published", "work"])
-def test_the_more_advanced_of_two_matching_checkpoints_is_resumed(finished, tiny, cifar_dir,
+def test_the_more_advanced_of_two_matching_checkpoints_is_resumed(finished, tiny, dataset_dir,
                                                                   tmp_path, newer):
     """The run's own last.pt (models/runs/<id>) and the published one of the same config, one at
     epoch 1 and the other at epoch 2, in either place: the run resumes the epoch-2 one, whichever
     is found first, with its weights."""
     root = copy_of(finished, tmp_path)
-    t = trainer(tiny, root, cifar_dir, 3)
+    t = trainer(tiny, root, dataset_dir, 3)
     published, work = root / "checkpoints/last.pt", t.folders.work / "last.pt"
     work.parent.mkdir(parents=True)
     epoch2 = checkpoint.load(published)
@@ -91,7 +91,7 @@ def test_the_more_advanced_of_two_matching_checkpoints_is_resumed(finished, tiny
     assert_same(t.state.ema.state_dict(), epoch2["ema"])
 
 
-def test_resuming_the_published_checkpoint_adopts_its_preview_grids(finished, tiny, cifar_dir,
+def test_resuming_the_published_checkpoint_adopts_its_preview_grids(finished, tiny, dataset_dir,
                                                                     tmp_path):
     """2 epochs published with their grids, then train.epochs 3: the run resumes the published
     checkpoint, takes its grids as its own, and publishes the grids of all 3 epochs, those of
@@ -100,10 +100,10 @@ def test_resuming_the_published_checkpoint_adopts_its_preview_grids(finished, ti
     previews = root / "checkpoints/previews"
     before = {p.name: p.read_bytes() for p in previews.iterdir()}
     assert sorted(before) == ["epoch_0001.png", "epoch_0002.png"]
-    t = trainer(tiny, root, cifar_dir, 3)
+    t = trainer(tiny, root, dataset_dir, 3)
     assert t.resume() == f"resuming from {root}/checkpoints/last.pt at epoch 2"
     assert {p.name: p.read_bytes() for p in t.folders.previews.iterdir()} == before
-    trainer(tiny, root, cifar_dir, 3).run()
+    trainer(tiny, root, dataset_dir, 3).run()
     after = {p.name: p.read_bytes() for p in previews.iterdir()}
     assert sorted(after) == ["epoch_0001.png", "epoch_0002.png", "epoch_0003.png"]
     assert {name: after[name] for name in before} == before

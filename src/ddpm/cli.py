@@ -17,6 +17,9 @@ from ddpm.files import NO_SPACE
 PR_SET_PDEATHSIG = 1  # prctl(2)
 SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"}  # that DVC may run a stage with
 _where: Callable[[], str | None] | None = None  # what an interrupt says (on_interrupt)
+RERAISE = 1.0  # seconds between raisings of a SIGTERM until run() has caught one
+_raised = False  # a SIGTERM was raised as Terminated
+_stopping = False  # run() caught the interrupt and is handling it
 
 
 def on_interrupt(where: Callable[[], str | None]) -> None:
@@ -34,12 +37,16 @@ def run(main: Callable[[], None]) -> None:
     traceback, and exit as a shell reports a process stopped by that signal: 130 and 143. This
     is the one place that turns an interrupt into that line.
     """
+    global _stopping
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGALRM, _terminate)
     try:
         if "DVC_STAGE" in os.environ:
             stop_with_parent()
         main()
     except KeyboardInterrupt as e:
+        _stopping = True
+        signal.setitimer(signal.ITIMER_REAL, 0)
         where = _where() if _where else "; run the same command again to redo this stage"
         if where is not None:
             print(f"{Path(sys.argv[0]).stem}: interrupted{where}", file=sys.stderr)
@@ -56,9 +63,17 @@ def run(main: Callable[[], None]) -> None:
 
 
 def _terminate(signum: int, frame: object) -> None:
-    # One stop: a second SIGTERM must not break into the handling of the first (a launcher
-    # and `timeout` may both send one). SIGKILL remains for a stop that hangs.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """SIGTERM, raised as Terminated where the stage is; and SIGALRM, which raises it again every
+    RERAISE seconds until run() has caught it: an exception raised in a signal handler that lands
+    in a weakref callback or a __del__ is printed by Python and swallowed ("Exception ignored
+    in ..."), and the stage would run on. One stop: a second SIGTERM must not break into the
+    handling of the first (a launcher and `timeout` may both send one); SIGKILL remains for a
+    stop that hangs."""
+    global _raised
+    if _stopping or (_raised and signum == signal.SIGTERM):
+        return
+    _raised = True
+    signal.setitimer(signal.ITIMER_REAL, RERAISE)
     raise Terminated
 
 
