@@ -27,7 +27,7 @@ _COUNTED: dict[tuple[str, int], tuple[int, float, float]] = {}
 def build(config: dict, image_size: int) -> torch.nn.Module:
     """The network of a model.* dict, by model.arch's constructor, at image_size."""
     kwargs = {key: value for key, value in config.items() if key != "arch"}
-    return networks.NETWORKS[config["arch"]](**kwargs, image_size=image_size)
+    return networks.NETWORKS[config["arch"]](**kwargs, image_size=image_size, in_channels=3)
 
 
 def counts(config: dict, image_size: int) -> tuple[int, float, float]:

@@ -177,7 +177,7 @@ class ResAttn(nn.Module):
 
 
 class DDPMUNet(nn.Module):
-    """eps_theta(x_t, t): (B, 3, H, W) images and (B,) integer timesteps -> (B, 3, H, W)."""
+    """eps_theta(x_t, t): (B, C, H, W) images and (B,) integer timesteps -> (B, C, H, W)."""
 
     def __init__(
         self,
@@ -186,8 +186,8 @@ class DDPMUNet(nn.Module):
         attention_resolutions: Sequence[int],  # resolutions with self-attention, e.g. (16,)
         heads: int,                            # attention heads
         dropout: float,                        # dropout inside every residual block
-        image_size: int = 32,                  # input height and width
-        in_channels: int = 3,                  # image channels in and out
+        image_size: int,                       # input height and width (the data's)
+        in_channels: int,                      # image channels in and out (the data's)
     ):
         super().__init__()
         check_arguments(channels, res_blocks, attention_resolutions, heads, image_size)

@@ -19,8 +19,9 @@ from ddpm.networks.embedding import timestep_embedding
 GROUPS = 8  # GroupNorm groups in every block
 
 
-def decoder_resolutions(channels: Sequence[int], image_size: int = 32) -> list[int]:
-    """The decoder's resolutions, one per encoder skip: 32, 16, ... (len(channels) - 1 of them)."""
+def decoder_resolutions(channels: Sequence[int], image_size: int) -> list[int]:
+    """The decoder's resolutions, one per encoder skip: image_size, image_size / 2, ...
+    (len(channels) - 1 of them)."""
     return [image_size >> level for level in range(len(channels) - 1)]
 
 
@@ -68,7 +69,7 @@ class SeedBlock(nn.Module):
 
 
 class SeedUNet(nn.Module):
-    """eps_theta(x_t, t): (B, 3, H, W) images and (B,) integer timesteps -> (B, 3, H, W)."""
+    """eps_theta(x_t, t): (B, C, H, W) images and (B,) integer timesteps -> (B, C, H, W)."""
 
     def __init__(
         self,
@@ -78,8 +79,8 @@ class SeedUNet(nn.Module):
         heads: int,                            # attention heads
         dropout: float,                        # dropout at the end of every block
         time_dim: int,                         # width of the sinusoidal time embedding
-        image_size: int = 32,                  # input height and width
-        in_channels: int = 3,                  # image channels in and out
+        image_size: int,                       # input height and width (the data's)
+        in_channels: int,                      # image channels in and out (the data's)
     ):
         super().__init__()
         check_arguments(channels, res_blocks, attention_resolutions, heads, time_dim, image_size)
