@@ -233,7 +233,7 @@ def unreadable(root: Path) -> None:
 
 CASES = {  # what is done to a good class folder tree -> the start of the error line
     "an empty folder": (lambda root: [p.unlink() for p in sorted(root.rglob("*.*"))],
-                        "{root}: no images (PNG, JPEG, WebP, BMP) in it"),
+                        "{root}: no images (PNG, JPEG, WEBP, BMP) in it"),
     "a truncated JPEG": (lambda root: (root / "cat" / "t.jpg").write_bytes(truncated("JPEG")),
                          "{root}/cat/t.jpg: not a readable .jpg image"),
     "a corrupt PNG": (lambda root: (root / "dog" / "c.png").write_bytes(b"\x89PNG\r\n\x1a\nxx"),

@@ -37,7 +37,6 @@ def run(main: Callable[[], None]) -> None:
     traceback, and exit as a shell reports a process stopped by that signal: 130 and 143. This
     is the one place that turns an interrupt into that line.
     """
-    global _stopping
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGALRM, _terminate)
     try:
@@ -45,8 +44,7 @@ def run(main: Callable[[], None]) -> None:
             stop_with_parent()
         main()
     except KeyboardInterrupt as e:
-        _stopping = True
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        caught()
         where = _where() if _where else "; run the same command again to redo this stage"
         if where is not None:
             print(f"{Path(sys.argv[0]).stem}: interrupted{where}", file=sys.stderr)
@@ -60,6 +58,14 @@ def run(main: Callable[[], None]) -> None:
         print(f"error: the disk is full ({e.filename or e.strerror}); free some space and run "
               "the same command again", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def caught() -> None:
+    """The interrupt reached the code that handles it (run(), or a launcher that passes it on to
+    its workers): raise it no more, and ignore further SIGTERMs."""
+    global _stopping
+    _stopping = True
+    signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -45,6 +45,7 @@ def pil_decoder(fmt: str) -> Callable[[bytes], Image.Image]:
     any other of Pillow's parsers, whatever its bytes say."""
     def decode(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data), formats=[fmt])
+    decode.format = fmt  # what FORMATS names
     return decode
 
 
@@ -54,7 +55,8 @@ DECODERS: dict[str, Callable[[bytes], Image.Image]] = {
     ".png": pil_decoder("PNG"), ".jpg": pil_decoder("JPEG"), ".jpeg": pil_decoder("JPEG"),
     ".webp": pil_decoder("WEBP"), ".bmp": pil_decoder("BMP"),
 }
-FORMATS = "PNG, JPEG, WebP, BMP"
+FORMATS = ", ".join(dict.fromkeys(getattr(decode, "format", suffix)
+                                  for suffix, decode in DECODERS.items()))  # PNG, JPEG, ...
 
 
 @dataclass(frozen=True)

@@ -66,8 +66,8 @@ class DataParams:
     limit: Int(0, 1_000_000, "0 = every image; N = the first N in dataset order (a folder's: "
                              "sorted by path), for training and the reference")
     source: Annotated[str, Length(min=1), Doc(
-        "cifar10 (data.url) | a folder of PNG, JPEG, WebP or BMP images, class subfolders = "
-        "labels | a .zip, .tar or .tar.gz of one: a path or an http(s) URL "
+        "cifar10 (data.url) | a folder of images (the formats of ddpm.imagefolder.DECODERS), "
+        "class subfolders = labels | a .zip, .tar or .tar.gz of one: a path or an http(s) URL "
         "(docs/own_images.md)")]
     resolution: Annotated[Literal[RESOLUTIONS], Doc(
         "images are made resolution x resolution once, in the data stage (RGB, shorter side "

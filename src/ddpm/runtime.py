@@ -19,6 +19,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ddpm import cli
 from ddpm.errors import ParamsError, Terminated
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -198,6 +199,7 @@ def relaunch_under_torchrun(nproc: int) -> int:
         try:
             code = launcher.wait()
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated): the workers stop
+            cli.caught()
             launcher.send_signal(signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # while they say where they stopped
             code = launcher.wait()
