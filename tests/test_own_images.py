@@ -318,6 +318,21 @@ def test_an_archive_member_outside_the_folder_or_a_link_is_refused(tmp_path, kin
     assert not (tmp_path / "escape.png").exists() and not (tmp_path.parent / "escape.png").exists()
 
 
+def test_a_tar_member_over_256_mib_is_refused_unread(tmp_path):
+    """260 KB of gzip that would inflate to one 256 MiB + 1 image: refused from its header."""
+    import hostile
+    good = io.BytesIO()
+    image().save(good, "PNG")
+    archive = hostile.tar_gz(tmp_path / "pets.tar.gz", [
+        ("pets/cat/0.png", good.getvalue()), ("pets/cat/big.png", imagefolder.MAX_FILE + 1)])
+    result = run_data_stages(tmp_path, data__source=str(archive))
+    assert result.returncode == 1
+    assert result.stderr == (f"error: {archive}: member 'pets/cat/big.png' holds 268,435,457 "
+                             "bytes, over the 256 MiB accepted for one image (not read): shrink "
+                             "it or remove it\n")
+    assert not (tmp_path / "dataset").exists()
+
+
 def test_fewer_images_than_one_batch_stop_train_in_one_line(tmp_path):
     root = classes_folder(tmp_path / "pets", per_class=2)  # 6 images, a batch of 16
     prepared(tmp_path, root)

@@ -22,9 +22,10 @@ import stat
 import tarfile
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -74,6 +75,10 @@ class Entry:
 
 def _no_bytes() -> bytes:
     return b""
+
+
+def _streamed() -> bytes:
+    raise RuntimeError("a tar member's bytes are read in archive order: imagefolder.contents")
 
 
 def is_archive(path: str) -> bool:
@@ -179,8 +184,8 @@ def zip_entries(archive: Path) -> Iterator[Entry]:
 
 
 def tar_entries(archive: Path) -> Iterator[Entry]:
-    """Members in archive order; each member's bytes are read while the archive is open, so
-    only images (and at most MAX_FILE bytes of each) are read at all."""
+    """Members in archive order, their bytes unread: a tar (gzipped or not) reads only forwards,
+    so contents() reads them in one more pass."""
     with tarfile.open(archive, "r:*") as tar:
         for count, member in enumerate(tar, 1):
             if count > MAX_FILES:
@@ -192,38 +197,71 @@ def tar_entries(archive: Path) -> Iterator[Entry]:
             if member.isdir():
                 yield Entry(name, -1, _no_bytes)
             elif member.isfile():
-                data = (tar.extractfile(member).read(MAX_FILE + 1)
-                        if is_image(name) and not skipped(name) and member.size <= MAX_FILE
-                        else b"")
-                yield Entry(name, member.size, lambda data=data: data)
+                yield Entry(name, member.size, _streamed)
 
 
-def entries(source: Path) -> Iterator[Entry]:
-    """The files of a folder or of a .zip / .tar / .tar.gz archive of one. An archive whose
-    files all lie in one folder is that folder (as if unpacked and pointed at)."""
+def is_zip(source: Path) -> bool:
+    return source.name.lower().endswith(".zip")
+
+
+def entries(source: Path) -> tuple[Iterable[Entry], str]:
+    """The files and folders of a folder or of a .zip / .tar / .tar.gz archive of one, and the
+    prefix of the folder that an archive's names carry: an archive whose files all lie in one
+    folder is that folder (as if unpacked and pointed at), pets.zip holding pets/cat/1.png."""
     if source.is_dir():
-        yield from folder_entries(source)
-        return
+        return folder_entries(source), ""
     try:
-        found = list(zip_entries(source) if source.name.lower().endswith(".zip")
-                     else tar_entries(source))
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
+        found = list(zip_entries(source) if is_zip(source) else tar_entries(source))
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise PipelineError(f"{source}: not a readable archive ({type(e).__name__}: {e})"
                             ) from None
     kept = [e for e in found if not skipped(e.name) and e.name not in ("", ".")]
     tops = {PurePosixPath(e.name).parts[0] for e in kept}
-    nested = len(tops) == 1 and all("/" in e.name for e in kept if not e.is_dir)
-    for e in kept:
-        if not nested:
-            yield e
-        elif "/" in e.name:
-            yield Entry(e.name.split("/", 1)[1], e.size, e.read)
+    if not (len(tops) == 1 and all("/" in e.name for e in kept if not e.is_dir)):
+        return kept, ""
+    prefix = f"{tops.pop()}/"
+    return [Entry(e.name[len(prefix):], e.size, e.read) for e in kept
+            if e.name.startswith(prefix)], prefix
+
+
+def _too_large(archive: Path, member: tarfile.TarInfo) -> Callable[[], bytes]:
+    def refuse() -> bytes:
+        raise PipelineError(f"{archive}: member {member.name!r} holds {member.size:,} bytes, over "
+                            f"the {MAX_FILE >> 20} MiB accepted for one image (not read): shrink "
+                            "it or remove it")
+    return refuse
+
+
+def contents(found: Layout) -> Iterator[tuple[int, Callable[[], bytes]]]:
+    """(index in found.images, how to read its bytes) of every image, in the order that reads
+    the source once: a tar archive in its own order, its members read here one at a time (at
+    most MAX_FILE bytes of each: a larger one is refused unread), the rest sorted."""
+    if found.source.is_dir() or is_zip(found.source):
+        yield from enumerate(entry.read for entry in found.images)
+        return
+    index = {found.prefix + entry.name: i for i, entry in enumerate(found.images)}
+    try:
+        with tarfile.open(found.source, "r:*") as tar:
+            for member in tar:
+                i = index.get(_member_name(found.source, member.name))
+                if i is None or not member.isfile():
+                    continue
+                if member.size > MAX_FILE:
+                    yield i, _too_large(found.source, member)
+                    continue
+                data = tar.extractfile(member).read(MAX_FILE + 1)
+                yield i, lambda data=data: data
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise PipelineError(f"{found.source}: not a readable archive ({type(e).__name__}: "
+                            f"{e})") from None
 
 
 # -- the layout ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Layout:
+    source: Path              # the folder or archive
+    prefix: str               # the folder an archive's names start with ("" or "pets/")
     images: list[Entry]       # sorted by name
     labels: list[int] | None  # class index of each image, or None (unlabelled)
     classes: list[str]        # sorted class folder names ([] when unlabelled)
@@ -234,7 +272,8 @@ def layout(source: Path) -> Layout:
     """The images of the source, their classes, and what was ignored; the errors that make the
     folder unusable, each one line naming a file and what to do."""
     images, ignored, folders = [], [], set()
-    for entry in entries(source):
+    listed, prefix = entries(source)
+    for entry in listed:
         if skipped(entry.name):
             continue
         parts = PurePosixPath(entry.name).parts
@@ -260,7 +299,7 @@ def layout(source: Path) -> Layout:
         if empty:
             raise PipelineError(f"{source}/{empty[0]}: a class folder with no images ({FORMATS}"
                                 "): add images or remove the folder")
-    return Layout(images, labels, classes, sorted(e.name for e in ignored))
+    return Layout(source, prefix, images, labels, classes, sorted(e.name for e in ignored))
 
 
 def _ignored(ignored: list[Entry]) -> str:

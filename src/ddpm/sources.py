@@ -15,9 +15,10 @@ import hashlib
 import json
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 from urllib.parse import urlparse
 
 import numpy as np
@@ -28,6 +29,7 @@ from ddpm.errors import ParamsError, PipelineError
 from ddpm.files import download, file_digest
 from ddpm.params import DataParams
 
+T, R = TypeVar("T"), TypeVar("R")
 CHANNELS = 3  # every source is converted to RGB (imagefolder.to_rgb)
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # the official archive: the default data.md5
 MAX_DOWNLOAD = 64 << 30  # bytes of an image archive fetched by URL
@@ -139,15 +141,16 @@ class ImageFolder:
                                            shape=(len(found.images), CHANNELS, resolution,
                                                   resolution))
 
-        def convert(i: int) -> tuple[str, str]:
-            entry = found.images[i]
-            data = entry.read()
-            images[i], mode = imagefolder.convert(f"{self.source}/{entry.name}", data,
+        def convert(item: tuple[int, Callable[[], bytes]]) -> tuple[int, str, str]:
+            i, read = item
+            data = read()
+            images[i], mode = imagefolder.convert(f"{self.source}/{found.images[i].name}", data,
                                                   resolution)
-            return hashlib.sha256(data).hexdigest(), mode
+            return i, hashlib.sha256(data).hexdigest(), mode
 
-        with ThreadPoolExecutor(_workers()) as pool:
-            hashes, modes = zip(*pool.map(convert, range(len(found.images))))
+        hashes, modes = [""] * len(found.images), [""] * len(found.images)
+        for i, digest, mode in bounded_map(convert, imagefolder.contents(found), _workers()):
+            hashes[i], modes[i] = digest, mode
         images.flush()
         if self.path is not None and self.path.is_dir() and listing.get("sha256") != \
                 folder_digest(found, list(hashes)):
@@ -165,6 +168,20 @@ class ImageFolder:
 
 
 SOURCES: dict[str, type] = {"cifar10": Cifar10}
+
+
+def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """fn over items in a pool of `workers` threads, results in the items' order, with at most
+    2 x workers items in flight: items may be bytes read lazily (a tar's members), so memory
+    stays bounded whatever the source's size."""
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque[Future] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def source_of(data: DataParams) -> Cifar10 | ImageFolder:
