@@ -119,7 +119,8 @@ class ImageFolder:
     def check_md5(self, path: Path) -> None:
         if self.md5 and path.is_file() and (got := file_digest(path, "md5")) != self.md5:
             raise PipelineError(f"{self.source}: md5 {got} does not match data.md5 {self.md5}: "
-                                "the archive is corrupt, incomplete or another one")
+                                "the archive is corrupt, incomplete or another one (set "
+                                "data.md5 to its md5, or to '' to check none)")
 
     def prepare(self, out: Path, resolution: int, listing: dict[str, Any]) -> dict[str, Any]:
         if self.path is not None:
