@@ -349,13 +349,15 @@ def test_fewer_images_than_one_batch_stop_train_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("source, message", [
+    ("cifar10", "data.md5 = '': CIFAR-10's archive is always checked: give its md5"),
     ("nowhere", "data.source = 'nowhere': no such folder or file here"),
     ("params.yaml", "data.source = 'params.yaml': not a folder and not an archive"),
     ("https://example.com/pets", "data.source = 'https://example.com/pets': a URL must name an "
                                  "archive"),
 ])
 def test_a_source_that_cannot_be_used_stops_check_params(tmp_path, source, message):
-    result = run_stage("check_params.py", tmp_path, "--out", "ok", data__source=source)
+    result = run_stage("check_params.py", tmp_path, "--out", "ok", data__source=source,
+                       data__md5="")
     assert result.returncode == 2
     assert result.stderr == f"error: params.yaml: {message}" + result.stderr.split(message)[1]
     assert result.stderr.count("\n") == 1 and not (tmp_path / "ok").exists()

@@ -122,9 +122,9 @@ class ImageFolder:
                                 "the archive is corrupt, incomplete or another one (set "
                                 "data.md5 to its md5, or to '' to check none)")
 
-    def prepare(self, out: Path, resolution: int, listing: dict[str, Any]) -> dict[str, Any]:
+    def prepare(self, out: Path, resolution: int, listed: dict[str, Any]) -> dict[str, Any]:
         if self.path is not None:
-            return self._prepare(self.path, out, resolution, listing)
+            return self._prepare(self.path, out, resolution, listed)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".download.") as tmp:
             archive = Path(tmp) / Path(urlparse(self.source).path).name
             try:
@@ -133,10 +133,10 @@ class ImageFolder:
                 raise PipelineError(f"could not download {self.source} ({e}): without a network, "
                                     "fetch it elsewhere and set data.source to its path") from None
             self.check_md5(archive)
-            return self._prepare(archive, out, resolution, listing)
+            return self._prepare(archive, out, resolution, listed)
 
     def _prepare(self, path: Path, out: Path, resolution: int,
-                 listing: dict[str, Any]) -> dict[str, Any]:
+                 listed: dict[str, Any]) -> dict[str, Any]:
         found = imagefolder.layout(path)
         images = np.lib.format.open_memmap(out / "train.npy", mode="w+", dtype=np.uint8,
                                            shape=(len(found.images), CHANNELS, resolution,
@@ -153,8 +153,8 @@ class ImageFolder:
         for i, digest, mode in bounded_map(convert, imagefolder.contents(found), _workers()):
             hashes[i], modes[i] = digest, mode
         images.flush()
-        if self.path is not None and self.path.is_dir() and listing.get("sha256") != \
-                folder_digest(found, list(hashes)):
+        if self.path is not None and self.path.is_dir() and listed.get("sha256") != \
+                folder_digest(found, hashes):
             raise PipelineError(f"{self.source}: its files changed while the data stage read "
                                 "them (or since the source stage listed them): run it again")
         labels = None if found.labels is None else np.array(found.labels, dtype=np.int64)
@@ -191,8 +191,8 @@ def source_of(data: DataParams) -> Cifar10 | ImageFolder:
 
 
 def folder_digest(found: imagefolder.Layout, hashes: list[str]) -> str:
-    """sha256 over the images' names and content hashes, the other files' names and the
-    first-level folders (an empty class folder is an error, so its existence counts)."""
+    """sha256 over the images' names and content hashes, the other files' names (which the report
+    counts) and the class names."""
     record = {"images": [[e.name, h] for e, h in zip(found.images, hashes)],
               "ignored": found.ignored, "classes": found.classes}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()

@@ -80,7 +80,8 @@ def test_an_archive_brought_in_by_dvc_import_url_at_64_pixels(own, tmp_path):
     commit(repo, "my images as an archive")
     # data.md5 is the tests' CIFAR archive's: set to '' (checks nothing), as DVC tracks the zip
     out = dvc(repo, "exp", "run", "-S", f"data.source={FOLDER}.zip", "-S", "data.md5=''",
-              "-S", "data.limit=0", "-S", "data.resolution=64", "-S", "model.attention_resolutions=[32]").stdout
+              "-S", "data.limit=0", "-S", "data.resolution=64",
+              "-S", "model.attention_resolutions=[32]").stdout
     assert "Running stage 'download'" in out and "Running stage 'fid'" in out, out
     report = json.loads((repo / "reports/data.json").read_text())
     assert report["source"] == f"{FOLDER}.zip" and report["resolution"] == 64
