@@ -62,10 +62,14 @@ def run(main: Callable[[], None]) -> None:
 
 def caught() -> None:
     """The interrupt reached the code that handles it (run(), or a launcher that passes it on to
-    its workers): raise it no more, and ignore further SIGTERMs."""
+    its workers): raise it no more, and ignore further SIGTERMs, also while Python exits (it
+    restores the default action of signals with a Python handler then, which a late SIGTERM
+    would meet)."""
     global _stopping
     _stopping = True
     signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
 
 
 def _terminate(signum: int, frame: object) -> None:
