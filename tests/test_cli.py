@@ -82,9 +82,8 @@ def test_a_sigterm_that_lands_in_a_del_and_is_swallowed_is_raised_again():
     assert proc.stdout.readline() == "ready\n"  # the __del__ ended and the stage went on
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 143
-    assert "Exception ignored in" in err and "Terminated" in err  # Python's own report
-    assert err.splitlines()[-1] == ("sample: interrupted; run the same command again to redo "
-                                    "this stage")
+    assert err.splitlines() == ["sample: interrupted; run the same command again to redo "
+                                "this stage"]  # without Python's report of what it swallowed
 
 
 @pytest.mark.parametrize("kind, line", [

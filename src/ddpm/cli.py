@@ -39,6 +39,7 @@ def run(main: Callable[[], None]) -> None:
     """
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGALRM, _terminate)
+    sys.unraisablehook = _unraisable
     try:
         if "DVC_STAGE" in os.environ:
             stop_with_parent()
@@ -58,6 +59,14 @@ def run(main: Callable[[], None]) -> None:
         print(f"error: the disk is full ({e.filename or e.strerror}); free some space and run "
               "the same command again", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _unraisable(unraisable) -> None:
+    """Python's report of an exception it could not raise (in a weakref callback or a __del__),
+    but for a Terminated: _terminate raises that again, so its report would only be a traceback
+    before the stage's one line."""
+    if not isinstance(unraisable.exc_value, Terminated):
+        sys.__unraisablehook__(unraisable)
 
 
 def caught() -> None:
