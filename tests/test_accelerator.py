@@ -151,7 +151,7 @@ def test_compiled_training_follows_eager(tiny, dataset_dir, tmp_path, mode):
         grad = torch.cat([p.grad.flatten() for p in t.state.model.parameters()])
         t.state.optimizer.zero_grad(set_to_none=True)
         idx = torch.arange(32, device=DEVICE)
-        results.append(([t.step(Draws(idx, *draw(gen, 32, t.sched.timesteps))).item()
+        results.append(([t.step(Draws(idx, *draw(gen, 32, t.sched.timesteps, t.shape))).item()
                          for _ in range(3)], grad))
     (eager_losses, eager_grad), (compiled_losses, compiled_grad) = results
     assert (compiled_grad - eager_grad).norm() <= 1e-3 * eager_grad.norm()
