@@ -15,7 +15,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = ["dvc.yaml", "params.yaml", "presets", "stages", "src", ".dvcignore", ".gitignore",
-           "data/.gitignore",
            ".dvc/config", ".dvc/.gitignore"]
 # -S values that shrink the quick preset back to the tiny run of tests/fakes.tiny_params
 TINY_QUICK = ["data.limit=48", "train.epochs=1", "train.batch_size=16", "train.preview_images=4",

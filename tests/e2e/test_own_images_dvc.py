@@ -32,7 +32,7 @@ def own(tmp_path_factory, tiny):
     repo = make_repo(tmp_path_factory.mktemp("own") / "repo", tiny)
     counts = real_folder(repo / FOLDER, PER_CLASS)
     dvc(repo, "add", FOLDER)
-    sh(repo, "git", "add", f"{FOLDER}.dvc")
+    sh(repo, "git", "add", f"{FOLDER}.dvc", "data/.gitignore")
     commit(repo, "my images, tracked by DVC")
     out = dvc(repo, "exp", "run", "-S", f"data.source={FOLDER}", "-S", "data.limit=0").stdout
     return repo, counts, out

@@ -139,4 +139,4 @@ def test_a_bad_param_fails_in_one_line_before_any_work(new_repo):
     errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
     assert errors == ["error: params.yaml: train.lr = -1.0: expected a finite number in (0, 1]"]
     assert "exited with 2" in result.stdout
-    assert [p.name for p in (repo / "data").iterdir()] == [".gitignore"]  # git's, no stage's
+    assert not (repo / "data").exists() or not any((repo / "data").iterdir())
