@@ -158,12 +158,19 @@ def load_batch(path: Path) -> np.ndarray:
 
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 batch file -> (N, 3, 32, 32) uint8 images and (N,) int64 labels."""
+    batch = unpickle(path, "a CIFAR-10 batch file")
+    return check_batch(path, batch).reshape(-1, *SHAPE), np.array(batch["labels"], dtype=np.int64)
+
+
+def unpickle(path: Path, what: str) -> object:
+    """One of the archive's pickles through BatchUnpickler, at most MAX_MEMBER bytes; anything
+    else is one line saying it is not `what`."""
     try:
         with open(path, "rb") as f:
             if (size := os.fstat(f.fileno()).st_size) > MAX_MEMBER:  # read whole by pickle
                 raise PipelineError(f"{path}: {size:,} bytes, over the {MAX_MEMBER:,} any CIFAR-10 "
-                                    f"file needs: not a CIFAR-10 batch file; {REDO}")
-            batch = BatchUnpickler(f, encoding="latin1").load()  # Python 2 pickles
+                                    f"file needs: not {what}; {REDO}")
+            return BatchUnpickler(f, encoding="latin1").load()  # Python 2 pickles
     except FileNotFoundError:
         raise PipelineError(f"{path}: missing; run the download stage "
                             "(dvc repro download)") from None
@@ -173,9 +180,8 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise
     except Exception as e:  # the bytes are untrusted: whatever they make numpy or pickle raise
         message = (str(e).splitlines() or [""])[0][:200]
-        raise PipelineError(f"{path}: not a CIFAR-10 batch file ({type(e).__name__}: {message}); "
+        raise PipelineError(f"{path}: not {what} ({type(e).__name__}: {message}); "
                             f"{REDO}") from None
-    return check_batch(path, batch).reshape(-1, *SHAPE), np.array(batch["labels"], dtype=np.int64)
 
 
 def check_batch(path: Path, batch: object) -> np.ndarray:
@@ -216,15 +222,7 @@ def load_cifar10(cifar_dir: str | Path, split: str, limit: int = 0, labels: bool
 def class_names(cifar_dir: str | Path) -> list[str]:
     """The ten class names of batches.meta (airplane ... truck), in label order."""
     path = Path(cifar_dir) / "batches.meta"
-    try:
-        with open(path, "rb") as f:
-            meta = BatchUnpickler(f, encoding="latin1").load() if os.fstat(
-                f.fileno()).st_size <= MAX_MEMBER else None
-    except OSError as e:
-        raise PipelineError(f"{path}: cannot be read ({e})") from None
-    except Exception as e:  # untrusted bytes, as in load_batch
-        raise PipelineError(f"{path}: not CIFAR-10's batches.meta ({type(e).__name__}); "
-                            f"{REDO}") from None
+    meta = unpickle(path, "CIFAR-10's batches.meta")
     names = meta.get("label_names") if isinstance(meta, dict) else None
     if not (isinstance(names, list) and len(names) == NUM_CLASSES
             and all(isinstance(n, str) and 0 < len(n) <= 100 for n in names)):

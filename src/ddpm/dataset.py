@@ -108,7 +108,8 @@ def load(folder: str | Path, split: str, limit: int = 0, labels: bool = False
         raise PipelineError(f"{folder}: the source {meta['source']} has no {split} split "
                             f"(it has: {', '.join(meta['splits'])})")
     n = meta["splits"][split]["images"]
-    images = _array(folder / f"{split}.npy", np.uint8, (n, *image_shape(folder)))
+    shape = meta["channels"], meta["height"], meta["width"]
+    images = _array(folder / f"{split}.npy", np.uint8, (n, *shape))
     keep = min(limit, n) if limit else n
     images = np.array(images[:keep])  # a copy in memory: the file may be replaced meanwhile
     if not labels:

@@ -18,6 +18,11 @@ from tqdm.auto import tqdm
 from ddpm.errors import PipelineError
 
 
+def io_workers() -> int:
+    """Threads for file and codec work (zlib, Pillow, hashing), which release the GIL."""
+    return min(8, os.cpu_count() or 1)
+
+
 def file_digest(path: str | Path, algorithm: str, chunk: int = 1 << 20) -> str:
     """The hex digest of a file's content (hashlib's algorithm name), read in chunks."""
     digest = hashlib.new(algorithm)

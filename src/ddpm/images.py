@@ -12,7 +12,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ddpm.errors import PipelineError
-from ddpm.files import atomic_file, disk_full, no_space
+from ddpm.files import atomic_file, disk_full, io_workers, no_space
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -27,10 +27,6 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """
     x = torch.round((x.float() + 1.0) * 127.5).clamp_(0, 255)
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-def _workers() -> int:
-    return min(8, os.cpu_count() or 1)
 
 
 def write_pngs(images: np.ndarray | torch.Tensor, folder: str | Path, start: int = 0,
@@ -54,7 +50,7 @@ def write_pngs(images: np.ndarray | torch.Tensor, folder: str | Path, start: int
             raise
         os.replace(folder / f".{name}.tmp", folder / name)
 
-    with ThreadPoolExecutor(_workers()) as pool:  # zlib and file I/O release the GIL
+    with ThreadPoolExecutor(io_workers()) as pool:  # zlib and file I/O release the GIL
         list(tqdm(pool.map(save, range(len(images))), total=len(images), desc="write PNGs",
                   unit="img", disable=not progress))
 
@@ -107,7 +103,7 @@ def check_pngs(files: list[Path], size: int | None = None) -> None:
     """Raise PipelineError for the first file that is not a size x size RGB PNG (size None: the
     first file's, which must be square)."""
     size = size or png_size(files[0])
-    with ThreadPoolExecutor(_workers()) as pool:
+    with ThreadPoolExecutor(io_workers()) as pool:
         list(pool.map(lambda path: read_png(path, size, pixels=False), files))
 
 

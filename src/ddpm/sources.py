@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,17 +25,13 @@ from PIL import Image
 
 from ddpm import data as cifar, dataset, imagefolder
 from ddpm.errors import ParamsError, PipelineError
-from ddpm.files import download, file_digest
+from ddpm.files import download, file_digest, io_workers
 from ddpm.params import DataParams
 
 T, R = TypeVar("T"), TypeVar("R")
 CHANNELS = 3  # every source is converted to RGB (imagefolder.to_rgb)
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # the official archive: the default data.md5
 MAX_DOWNLOAD = 64 << 30  # bytes of an image archive fetched by URL
-
-
-def _workers() -> int:
-    return min(8, os.cpu_count() or 1)
 
 
 def is_url(source: str) -> bool:
@@ -111,7 +106,7 @@ class ImageFolder:
         if not self.path.is_dir():
             return {"source": self.source, "sha256": file_digest(self.path, "sha256")}
         found = imagefolder.layout(self.path)
-        with ThreadPoolExecutor(_workers()) as pool:
+        with ThreadPoolExecutor(io_workers()) as pool:
             hashes = list(pool.map(lambda e: hashlib.sha256(e.read()).hexdigest(), found.images))
         return {"source": self.source, "images": len(found.images),
                 "sha256": folder_digest(found, hashes)}
@@ -150,7 +145,7 @@ class ImageFolder:
             return i, hashlib.sha256(data).hexdigest(), mode
 
         hashes, modes = [""] * len(found.images), [""] * len(found.images)
-        for i, digest, mode in bounded_map(convert, imagefolder.contents(found), _workers()):
+        for i, digest, mode in bounded_map(convert, imagefolder.contents(found), io_workers()):
             hashes[i], modes[i] = digest, mode
         images.flush()
         if self.path is not None and self.path.is_dir() and listed.get("sha256") != \
