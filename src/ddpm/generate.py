@@ -74,15 +74,16 @@ def batches(indices: range, batch_size: int) -> list[range]:
 
 
 def sample_manifest(ema: Path, params: Params, precision: str, device: torch.device,
-             world: World) -> dict[str, Any]:
+                    world: World, digest: str | None = None) -> dict[str, Any]:
     """Everything the bytes of image i depend on, flat, by params.yaml's dotted keys.
 
-    Besides the weights (by content), seed, model.* and diffusion.*: every sample.* key, batch
-    size and compile included (the batch an image is drawn in and a compiled forward can each
-    move a pixel by one level), the resolved precision, the device, the number of processes
-    (the shards decide the batches) and torch's version.
+    Besides the weights (by content: the file `ema`'s sha256, or `digest` where the weights are
+    not one file's), seed, model.* and diffusion.*: every sample.* key, batch size and compile
+    included (the batch an image is drawn in and a compiled forward can each move a pixel by one
+    level), the resolved precision, the device, the number of processes (the shards decide the
+    batches) and torch's version.
     """
-    flat: dict[str, Any] = {WEIGHTS_KEY: file_digest(ema, "sha256"), "seed": params.seed}
+    flat: dict[str, Any] = {WEIGHTS_KEY: digest or file_digest(ema, "sha256"), "seed": params.seed}
     sample_params = dict(dataclasses.asdict(params.sample),
                          compile=compile_mode(params.sample.compile, device))
     for section, values in (("model", dataclasses.asdict(params.model)),

@@ -226,7 +226,8 @@ class Trainer:
         becomes previous.pt, which resuming falls back to if last.pt does not load."""
         last = self.folders.work / CHECKPOINT
         previous = self.folders.work / PREVIOUS if self.kept and self.kept[0] == last else None
-        checkpoint.save({**self.state.state_dict(), "config": self.config}, last, keep=previous)
+        checkpoint.save({**self.state.state_dict(), "config": self.config,  # the shape: for
+                         "image_shape": list(self.shape)}, last, keep=previous)  # python -m ddpm
         self.kept = last, self.state.progress.epoch
 
     def write_outputs(self, final: bool) -> None:
