@@ -1,48 +1,95 @@
 """Named configurations: presets/*.yaml composed into params.yaml by DVC's Hydra composition.
 
-.dvc/config makes `dvc exp run` compose params.yaml from itself (hydra config_dir `.`, config_name
-`params`) plus the presets named with -S +presets=..., so a hand edit of params.yaml is kept;
-these tests compose exactly as DVC does (dvc.utils.hydra.compose_and_dump) without running it.
+.dvc/config makes `dvc exp run -S ...` compose params.yaml from the committed defaults
+(params.defaults.yaml), then the presets named with +presets=..., then the -S values, whatever
+params.yaml held before. These tests compose exactly as DVC does (ddpm.presets.compose calls
+dvc.utils.hydra.compose_and_dump with .dvc/config's settings) without running it; the real
+`dvc exp run` in a workspace is tests/e2e/test_presets_run.py.
 """
 from __future__ import annotations
 
 import configparser
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from ddpm.networks import checked_size
 from ddpm.params import load_params, reference
+from ddpm.presets import compose
 from fakes import ROOT
 
 
-def composed(tmp_path, *overrides: str, params: str | None = None) -> str:
-    """params.yaml after `dvc exp run -S override ...` in a copy of this project: its text."""
-    from dvc.utils.hydra import compose_and_dump
-    shutil.copytree(ROOT / "presets", tmp_path / "presets")
-    (tmp_path / "params.yaml").write_text(params or (ROOT / "params.yaml").read_text())
-    compose_and_dump(tmp_path / "params.yaml", str(tmp_path), None, "params", "", list(overrides))
-    return (tmp_path / "params.yaml").read_text()
+def composed(tmp_path, *overrides: str) -> str:
+    """params.yaml after `dvc exp run -S override ...` in this project: its text (also written to
+    tmp_path/params.yaml)."""
+    text = compose(ROOT, overrides)
+    (tmp_path / "params.yaml").write_text(text)
+    return text
 
 
-def test_dvc_composes_params_yaml_from_itself():
-    """The committed .dvc/config: Hydra on, config_dir `.`, config_name `params`."""
+def composable_copy(tmp_path, params: str):
+    """What the composition reads of this project (presets, defaults, .dvc/config), copied, with
+    `params` as the workspace's params.yaml."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "presets", repo / "presets")
+    shutil.copy(ROOT / "params.defaults.yaml", repo)
+    (repo / ".dvc").mkdir()
+    shutil.copy(ROOT / ".dvc/config", repo / ".dvc/config")
+    (repo / "params.yaml").write_text(params)
+    return repo
+
+
+def python_m_ddpm(repo, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ddpm", *args], cwd=repo, capture_output=True,
+                          text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+
+
+def test_dvc_composes_params_yaml_from_the_committed_defaults():
+    """The committed .dvc/config: Hydra on, config_dir `.`, config_name `params.defaults`."""
     config = configparser.ConfigParser()
     config.read_string((ROOT / ".dvc/config").read_text())
-    assert dict(config["hydra"]) == {"enabled": "true", "config_dir": ".", "config_name": "params"}
+    assert dict(config["hydra"]) == {"enabled": "true", "config_dir": ".",
+                                     "config_name": "params.defaults"}
 
 
-def test_params_yaml_is_the_composition_of_the_defaults(tmp_path):
-    """`dvc exp run` without -S rewrites params.yaml byte for byte as committed, so a fresh clone's
-    `dvc repro` and `dvc exp run` run the same (the seed's) values and leave no diff."""
-    assert composed(tmp_path) == (ROOT / "params.yaml").read_text()
+def test_params_yaml_is_the_composition_of_the_defaults():
+    """The committed params.yaml is params.defaults.yaml composed with no override, byte for
+    byte, so a fresh clone's `dvc repro` runs the defaults, and they are the seed's values."""
+    assert compose(ROOT, []) == (ROOT / "params.yaml").read_text()
+    defaults = yaml.safe_load((ROOT / "params.defaults.yaml").read_text())
+    assert defaults == yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-def test_a_hand_edit_of_params_yaml_is_kept_by_the_composition(tmp_path):
-    text = (ROOT / "params.yaml").read_text().replace("lr: 0.0002", "lr: 0.0003")
-    assert (yaml.safe_load(composed(tmp_path, "sample.steps=100", params=text))["train"]["lr"]
-            == 3e-4)
+def test_a_run_does_not_depend_on_what_params_yaml_held_before(tmp_path):
+    """quick, then ddpm, then fast in one workspace: each composes from the committed defaults,
+    so the ddpm run does not inherit the quick run's data.limit, fid_every or previews."""
+    repo = composable_copy(tmp_path, (ROOT / "params.yaml").read_text())
+    alone = {name: compose(ROOT, [f"+presets={name}"]) for name in ("quick", "ddpm", "fast")}
+    for name in ("quick", "ddpm", "fast"):
+        # what the previous run left, as a user's hand edit would be
+        (repo / "params.yaml").write_text((repo / "params.yaml").read_text().replace(
+            "limit: ", "limit: 1").replace("seed: 0", "seed: 7"))
+        done = python_m_ddpm(repo, "params", f"+presets={name}")
+        assert done.returncode == 0, done.stderr
+        assert (repo / "params.yaml").read_text() == alone[name], name
+    ddpm = yaml.safe_load(alone["ddpm"])
+    assert ddpm["data"]["limit"] == 0 and ddpm["train"]["fid_every"] == 0
+
+
+def test_a_bad_override_is_one_line_and_writes_nothing(tmp_path):
+    repo = composable_copy(tmp_path, "seed: 3\n")
+    for override, says in [("train.lrr=1", "To append to your config use +train.lrr=1"),
+                           ("+presets=quik", "Could not find 'presets/quik'"),
+                           ("train.lr=2", "train.lr = 2: expected a finite number in (0, 1]")]:
+        done = python_m_ddpm(repo, "params", override)
+        assert done.returncode == 2 and says in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert (repo / "params.yaml").read_text() == "seed: 3\n"
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -75,7 +122,7 @@ def test_each_preset_composes_into_valid_params(tmp_path, overrides, expected):
 def test_the_ddpm_preset_is_the_papers_network():
     """Ho et al.'s CIFAR-10 UNet has 35,746,307 parameters (their code, diffusers' port)."""
     preset = yaml.safe_load((ROOT / "presets/ddpm.yaml").read_text())
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    base = yaml.safe_load((ROOT / "params.defaults.yaml").read_text())
     base["model"].update(preset["model"])
     from ddpm.params import parse_params
     assert checked_size(parse_params(base).model, (3, 32, 32)) == 35_746_307

@@ -14,8 +14,8 @@ from typing import Callable, Sequence
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-PROJECT = ["dvc.yaml", "params.yaml", "presets", "stages", "src", ".dvcignore", ".gitignore",
-           ".dvc/config", ".dvc/.gitignore"]
+PROJECT = ["dvc.yaml", "params.yaml", "params.defaults.yaml", "presets", "stages", "src",
+           ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"]
 # -S values that shrink the quick preset back to the tiny run of tests/fakes.tiny_params
 TINY_QUICK = ["data.limit=48", "train.epochs=1", "train.batch_size=16", "train.preview_images=4",
               "train.preview_steps=3", "train.fid_every=1", "train.fid_images=6",
@@ -54,7 +54,8 @@ def assert_up_to_date(repo: Path) -> None:
 
 
 def make_repo(path: Path, params: dict) -> Path:
-    """Copy the project into `path`, write `params`, and commit it to a new git repository."""
+    """Copy the project into `path`, write `params` as its defaults and its params.yaml (so that
+    `dvc exp run -S` composes from them), and commit it to a new git repository."""
     path.mkdir(parents=True, exist_ok=True)
     for name in PROJECT:
         src, dst = ROOT / name, path / name
@@ -63,8 +64,8 @@ def make_repo(path: Path, params: dict) -> Path:
             shutil.copytree(src, dst, ignore=IGNORE)
         else:
             shutil.copy2(src, dst)
-    # its own Hydra config
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for name in ("params.defaults.yaml", "params.yaml"):
+        (path / name).write_text(yaml.safe_dump(params, sort_keys=False))
     sh(path, "git", "init", "-q", "-b", "main")
     commit(path, "project with tiny params")
     return path
