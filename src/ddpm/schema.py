@@ -61,6 +61,13 @@ class Resumable:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpeedOnly:
+    """A key that sets only how fast a result is computed (a batch size whose images or features
+    do not depend on it, up to float rounding): the train stage, whose run it would restart for
+    nothing, does not list it in dvc.yaml, though its side outputs (FIDs during training) use it."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Accepts:
     """What a field accepts, in words, where its type does not say it well."""
     text: str
