@@ -1,15 +1,20 @@
-"""Proves the default run on one CUDA GPU in about eight minutes (docs/gpu.md).
+"""Checks the default run on one CUDA GPU (docs/gpu.md), held to --minutes (8) once the data is
+ready; no GPU has run it yet, so how long it takes there is not measured.
 
-    python benchmarks/gpu_check.py OUT_DIR [--data cifar-10-python.tar.gz --md5 MD5]
-    python benchmarks/gpu_check.py OUT_DIR --dry-run    # the same code on the CPU, tiny sizes
+    python benchmarks/gpu_check.py OUT_DIR     # CIFAR-10 downloaded as the pipeline does
+    python benchmarks/gpu_check.py OUT_DIR --data cifar-10-python.tar.gz [--md5 MD5]  # a copy
+    python benchmarks/gpu_check.py OUT_DIR --dry-run    # the same code on the CPU, tiny, offline
     python benchmarks/gpu_check_fid.py OUT_DIR --weights FID_WEIGHTS   # later, where they are
 
-1. the CUDA tests (CUDA_TESTS) through pytest in a subprocess: passed, skipped, failed;
+1. the CUDA tests (CUDA_TESTS) through pytest in a subprocess: passed, skipped, failed (in the
+   dry run on the CPU, where their CPU-meaningful cases run);
 2. one optimizer step of the seed and the DDPM network through the Trainer, eager / compiled /
    CUDA graphs, at train.batch_size 128 and batch_gpu auto (benchmarks/gpu.py's measure);
-3. params.yaml's network trained on the archive (default: the real CIFAR-10 subset) by the train
-   stage's Trainer in the fastest mode of 2 for about --train-seconds, then SAMPLES images drawn
-   from its EMA weights by ddpm.generate with SAMPLER, and a grid of the first 64;
+3. params.yaml's network trained on --data (default: params.yaml's data.url and data.md5, the
+   official archive, fetched and checked by the data stage's code; in the dry run a tiny
+   synthetic archive, tests/fakes.py's) by the train stage's Trainer in the fastest mode of 2
+   for about --train-seconds, then SAMPLES images drawn from its EMA weights by ddpm.generate
+   with SAMPLER, and a grid of the first 64;
 4. OUT_DIR/gpu_check.json (written after each part), grid.png, samples.npz (uint8 images,
    (N, 32, 32, 3)) and tests.log; a summary table at the end; exit 1 if anything failed.
 
@@ -42,7 +47,7 @@ import gpu  # noqa: E402  (puts src/ on the path)
 from timing import ROOT, synchronize  # noqa: E402
 from gpu_check_report import (failed, junit_counts, one_line, row_line, setup,  # noqa: E402
                               summary, timing_rows)
-from ddpm.errors import PipelineError
+from ddpm.errors import PipelineError  # noqa: E402
 from ddpm import dataset  # noqa: E402
 from ddpm.files import atomic_dir  # noqa: E402
 from ddpm.diffusion import Schedule  # noqa: E402
@@ -50,12 +55,12 @@ from ddpm.files import file_digest, write_json  # noqa: E402
 from ddpm.generate import generate, load_ema_model  # noqa: E402
 from ddpm.images import grid, list_pngs, read_png, save_png  # noqa: E402
 from ddpm.params import Params, load_params, parse_params  # noqa: E402
-from ddpm.sources import listing, prepare  # noqa: E402
+from ddpm.sources import is_url, listing, prepare  # noqa: E402
 from ddpm.runtime import World, resolve_precision  # noqa: E402
 from ddpm.train import Trainer, TrainPaths  # noqa: E402
 
-SUBSET = ROOT.parent / "shared/data/cifar10-real-subset/cifar-10-python.tar.gz"
-SUBSET_MD5 = "7ce1f99f2b1658965d4df61be0d12ed7"
+SUBSET_MD5 = "7ce1f99f2b1658965d4df61be0d12ed7"  # the real 5,085-image CIFAR-10 subset's
+SYNTHETIC = "synthetic (tests/fakes.py)"  # the dry run's data when --data is not given
 CUDA_TESTS = ["tests/test_accelerator.py"]  # every test that skips without CUDA
 OPTIONAL = ["pytorch_fid", "torchvision", "scipy", "dvc", "pynvml"]  # some tests need them
 SAMPLER, SAMPLER_STEPS = "ddim", 50  # deterministic (eta 0); any sample.sampler of params.py
@@ -66,11 +71,14 @@ FULL = SimpleNamespace(batch=gpu.BATCH, steps=20, warmup=3, busy_steps=5, nets=g
 DRY = SimpleNamespace(batch=8, steps=1, warmup=0, busy_steps=1, nets=gpu.QUICK_NETS,
                       modes=["eager"], limit=32, samples=16, sampler_steps=4,
                       model=gpu.timing.TINY_SEED)  # data.limit 32: 4 steps per epoch
+DRY_PER_BATCH = 8  # the synthetic archive: 5 x 8 training images, of which data.limit takes 32
 
 
-def run_tests(out: Path, work: Path, timeout: float) -> dict:
-    """CUDA_TESTS through pytest in a subprocess: counts from its JUnit report, log in out."""
-    env = dict(os.environ, DDPM_TEST_DEVICE="cuda")  # the GPU's tests, all skipped without one
+def run_tests(out: Path, work: Path, timeout: float, device: torch.device) -> dict:
+    """CUDA_TESTS through pytest in a subprocess on `device` (DDPM_TEST_DEVICE: cuda skips them
+    all without a GPU; cpu runs their CPU-meaningful cases): counts from its JUnit report, log in
+    out."""
+    env = dict(os.environ, DDPM_TEST_DEVICE=device.type)
     xml, start, code = work / "tests.xml", time.perf_counter(), None
     with open(out / "tests.log", "w") as log:
         try:
@@ -120,7 +128,7 @@ def train_params(args, plan, device: torch.device, mode: str, epochs: int) -> Pa
     would leave the EMA mostly at its random initialisation, and the samples would show nothing."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["device"] = device.type
-    raw["data"].update(url=str(args.data), md5=args.md5, limit=plan.limit)
+    raw["data"].update(url=args.data, md5=args.md5, limit=plan.limit)
     raw["model"].update(getattr(plan, "model", {}))
     raw["train"].update(batch_size=plan.batch, batch_gpu="auto", epochs=epochs, fid_every=0,
                         compile=gpu.MODES[mode], checkpoint_every=epochs, sample_every=0,
@@ -132,9 +140,10 @@ def train_params(args, plan, device: torch.device, mode: str, epochs: int) -> Pa
 
 
 def prepare_data(args, out: Path) -> None:
-    """The data stage's work on args.data (a cifar-10-python.tar.gz): the dataset train reads."""
+    """The data stage's work on args.data (a cifar-10-python.tar.gz, local or a URL, fetched as
+    the download stage fetches it): the dataset train reads."""
     raw = load_params(ROOT / "params.yaml").to_dict()
-    raw["data"].update(source="cifar10", url=str(args.data), md5=args.md5)
+    raw["data"].update(source="cifar10", url=args.data, md5=args.md5)
     data = parse_params(raw).data
     with atomic_dir(out) as staging:
         prepare(data, staging, listing(data))
@@ -189,7 +198,7 @@ def train_and_sample(args, plan, rows: list[dict], device: torch.device,
     training = dict(metrics, mode=best["mode"], images=count, budget_seconds=args.train_seconds,
                     wall_seconds=round(wall, 1), loss_first=loss_rows[0][1],
                     steady_images_per_second=round(statistics.median(rates), 1),
-                    ema_warmup=True, data=Path(args.data).name, md5=args.md5)
+                    ema_warmup=True, data=args.data_label, md5=args.md5)
     sampling = {"num_images": len(images), "sampler": SAMPLER, "steps": plan.sampler_steps,
                 "seconds": round(seconds, 2), "images_per_second": round(len(images) / seconds, 1),
                 "precision": metrics["precision"], "compile": False}
@@ -215,14 +224,21 @@ def check(args) -> int:
     if not (args.dry_run or torch.cuda.is_available()):
         sys.exit("gpu_check: PyTorch sees no CUDA GPU here; --dry-run runs the check on the CPU")
     device = torch.device("cpu" if args.dry_run else "cuda")
-    deadline = time.perf_counter() + 60 * args.minutes  # rows and training fit themselves in
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"setup": setup(device, args)}
     with tempfile.TemporaryDirectory(prefix="gpu_check.") as tmp:
         work = Path(tmp)
-        prepare_data(args, work / "dataset")  # a bad archive stops here
+        if args.data is None:  # the dry run without --data: a tiny archive, offline
+            from fakes import make_cifar_archive  # tests/ (timing.py put it on the path)
+            args.data = str(work / "cifar-10-python.tar.gz")
+            args.md5 = make_cifar_archive(Path(args.data), per_batch=DRY_PER_BATCH)
+            args.data_label = SYNTHETIC
+        prepare_data(args, work / "dataset")  # a failed download or a bad archive stops here
+        # the parts after the download fit themselves into --minutes
+        deadline = time.perf_counter() + 60 * args.minutes
         if not args.no_tests:
-            part(report, args.out, ("tests",), run_tests, args.out, work, args.test_timeout)
+            part(report, args.out, ("tests",), run_tests, args.out, work, args.test_timeout,
+                 device)
         # a compiled row takes one to two minutes; part 3 needs about three at least
         stop_at = float("inf") if args.dry_run else deadline - 270
         part(report, args.out, ("timing",), time_modes, plan, device, stop_at)
@@ -246,26 +262,42 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, metavar="OUT_DIR", help="where the results go")
-    p.add_argument("--data", type=Path, default=SUBSET,
-                   help="a cifar-10-python.tar.gz (default: the real subset, ../shared/data)")
-    p.add_argument("--md5", help="that --data must have (default: the subset's or the "
-                                 "official archive's, params.yaml's data.md5)")
+    p.add_argument("--data", help="a cifar-10-python.tar.gz, a path or an http(s) URL (default: "
+                                  "params.yaml's data.url, the official archive, downloaded as "
+                                  "the pipeline does; with --dry-run a tiny synthetic archive)")
+    p.add_argument("--md5", help="that --data must have (default: params.yaml's data.md5 for "
+                                 "its data.url; a local file's is recognised if it is the "
+                                 "official archive's or the real 5,085-image subset's)")
     return p
 
 
 def resolve_md5(args) -> None:
-    """--md5 by default: the real subset's or the official archive's, whichever --data has."""
+    """--data and --md5 by default: params.yaml's data.url and data.md5, as the download stage
+    fetches them (the dry run's default, a synthetic archive, is made in check()); a local
+    --data's md5 is recognised if it is the official archive's or the real subset's."""
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())["data"]
+    args.data_label = args.data
+    if args.data is None:
+        if not getattr(args, "dry_run", False):
+            args.data = args.data_label = data["url"]
+            args.md5 = args.md5 or data["md5"]
+        return
     if args.md5 is not None:
         return
-    if not args.data.is_file():
-        raise PipelineError(f"--data {args.data}: no such file. Pass the real CIFAR-10 subset "
-                            f"(../{SUBSET.relative_to(ROOT.parent)}) or cifar-10-python.tar.gz")
-    known = (SUBSET_MD5, yaml.safe_load((ROOT / "params.yaml").read_text())["data"]["md5"])
-    args.md5 = file_digest(args.data, "md5")
-    if args.md5 not in known:
-        raise PipelineError(f"--data {args.data}: md5 {args.md5} is neither the real subset's nor "
-                            "the official archive's; pass --md5 with the md5 of the archive you "
-                            "trust")
+    if is_url(args.data):
+        if args.data != data["url"]:
+            raise PipelineError(f"--data {args.data}: pass --md5 with the md5 of that archive")
+        args.md5 = data["md5"]
+        return
+    if not Path(args.data).is_file():
+        raise PipelineError(f"--data {args.data}: no such file. Pass the path of a "
+                            "cifar-10-python.tar.gz, or leave --data out to download the "
+                            f"official archive ({data['url']})")
+    args.md5 = file_digest(Path(args.data), "md5")
+    if args.md5 not in (SUBSET_MD5, data["md5"]):
+        raise PipelineError(f"--data {args.data}: md5 {args.md5} is neither the official "
+                            "archive's nor the real subset's; pass --md5 with the md5 of the "
+                            "archive you trust")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="on the CPU at tiny sizes (tests, CI)")
     p.add_argument("--train-seconds", type=float, help="training budget (default 150; dry: 2)")
     p.add_argument("--minutes", type=float, default=8,
-                   help="the whole check's; training gets less than --train-seconds if needed")
+                   help="the check's once the data is ready: late timing rows are skipped and "
+                        "training gets less than --train-seconds if needed")
     p.add_argument("--no-tests", action="store_true", help="skip part 1 (e.g. in a rerun)")
     p.add_argument("--test-timeout", type=float, default=180, help="seconds for part 1")
     args = p.parse_args(argv)

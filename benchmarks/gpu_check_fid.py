@@ -4,11 +4,12 @@
     python benchmarks/gpu_check_fid.py OUT_DIR --weights W --data cifar-10-python.tar.gz --md5 MD5
 
 OUT_DIR/samples.npz (drawn on a GPU node, which has no FID weights) against all training images
-of --data (default: the real CIFAR-10 subset, as gpu_check trained on), both written as PNGs and
+of --data (default, as gpu_check's: params.yaml's data.url and data.md5, the official archive,
+downloaded; pass the --data and --md5 the check trained on, if any), both written as PNGs and
 scored by ddpm.fid (folder_statistics, frechet_distance) as the real_stats and fid stages do.
 OUT_DIR/gpu_check.json gets "fid": {fid, num_generated, num_real, dims, weights, data, seconds}.
 Needs pytorch-fid and the Inception weights (docs/fid.md), not a GPU. A FID of 1,000 samples
-against 5,085 real images is higher than one of 50,000 against 50,000: compare like with like.
+is higher than one of 50,000 against 50,000 real images: compare like with like.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gpu_check  # noqa: E402  (puts src/ on the path)
-from ddpm.errors import PipelineError
+from ddpm.errors import PipelineError  # noqa: E402
 from ddpm.data import download_cifar10, load_cifar10  # noqa: E402
 from ddpm.fid import folder_statistics, frechet_distance  # noqa: E402
 from ddpm.files import write_json  # noqa: E402

@@ -2,8 +2,13 @@
 values that are finite, positive and consistent with each other."""
 import json
 import os
+import re
+import shlex
+import shutil
 import subprocess
 import sys
+from importlib.util import find_spec
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,10 +110,48 @@ def test_the_gpu_benchmark_runs_on_the_cpu_as_a_dry_run(tmp_path):
                                                       / 3600, rel=0.01)
 
 
-# benchmarks/gpu_check.py run as on a GPU node that has none of these: importing one fails.
-BARE_NODE = ("import runpy, sys; sys.modules.update(dict.fromkeys(['pytorch_fid', 'dvc', "
-             "'torchvision', 'scipy', 'pydantic'])); sys.argv = sys.argv[1:]; "
-             "runpy.run_path(sys.argv[0], run_name='__main__')")
+# A GPU node without these: in every Python process of the run (the check and the pytest it
+# starts), importing one fails, as where they are not installed.
+BARE_NODE = ["pytorch_fid", "dvc", "torchvision", "scipy", "pydantic"]
+
+
+def bare_node_env(folder: Path) -> dict:
+    """os.environ with a PYTHONPATH whose sitecustomize hides BARE_NODE's modules from every
+    Python process started with it, subprocesses included."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(
+        f"import sys\nsys.modules.update(dict.fromkeys({BARE_NODE!r}))\n")
+    path = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")  # as conftest.one_thread
+
+
+def clean_copy(dest: Path) -> Path:
+    """This working tree as a fresh clone of it would hold it (git's tracked and not-ignored
+    files, uncommitted changes included; nothing built, no .git), in dest, with no ../shared
+    beside it."""
+    try:
+        listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others",
+                                 "--exclude-standard"], capture_output=True, check=True,
+                                timeout=60).stdout.decode()
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("not a git checkout: no list of the repository's files to copy")
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():  # a file deleted but not yet staged is not in a clone
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    assert (dest / "benchmarks/gpu_check.py").is_file() and not (dest.parent / "shared").exists()
+    return dest
+
+
+def readme_gpu_check() -> tuple[list[str], list[str]]:
+    """The README's gpu_check commands (inline code), as words: the check and its dry run, which
+    is the same command with --dry-run."""
+    found = [shlex.split(c) for c in re.findall(r"`(python benchmarks/gpu_check\.py [^`]*)`",
+                                                (ROOT / "README.md").read_text())]
+    full, = [c for c in found if "--dry-run" not in c]
+    dry, = [c for c in found if "--dry-run" in c]
+    assert dry == full + ["--dry-run"]
+    return full, dry
 
 
 def reference_fid(real: np.ndarray, fake: np.ndarray, weights, dims: int, tmp_path) -> float:
@@ -132,33 +175,44 @@ def reference_fid(real: np.ndarray, fake: np.ndarray, weights, dims: int, tmp_pa
 
 
 @pytest.mark.filterwarnings("ignore:The `disp` argument:DeprecationWarning")  # pytorch-fid 0.3
-def test_the_gpu_check_dry_run_runs_every_part_on_a_bare_node_and_is_scored(
+def test_the_readmes_gpu_check_runs_in_a_clean_copy_on_a_bare_node_and_is_scored(
         tmp_path, inception_weights):
-    """gpu_check.py --dry-run without pytorch-fid, dvc, torchvision, scipy and pydantic: the CUDA
-    tests (all skipped here), both networks' rows, training on an archive of 25 training images,
-    16 samples and their grid; then gpu_check_fid.py adds pytorch-fid's FID of those samples
-    against the 25 (few: Inception runs at 299 x 299 on the CPU)."""
-    archive = tmp_path / "cifar-10-python.tar.gz"
-    md5, out = make_cifar_archive(archive, per_batch=5), tmp_path / "out"
-    run = subprocess.run([sys.executable, "-c", BARE_NODE, str(ROOT / "benchmarks/gpu_check.py"),
-                          str(out), "--dry-run", "--data", str(archive), "--md5", md5],
-                         capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))  # as conftest.one_thread
+    """The README's gpu_check command, as written, in a copy of the repository with no ../shared
+    beside it, on a "node" without pytorch-fid, dvc, torchvision, scipy and pydantic (hidden from
+    the check's pytest too): the full check gets past its arguments and stops at the missing GPU;
+    its dry run makes its synthetic archive, runs the CUDA tests' CPU cases (some pass; the one
+    that needs pytorch-fid skips, saying so), both networks' rows, trains on 32 images and draws
+    16 samples and their grid. Then gpu_check_fid.py adds the FID of those samples against a
+    25-image archive, checked against pytorch-fid's (few: Inception runs at 299 x 299 here)."""
+    full, dry = readme_gpu_check()
+    repo, env = clean_copy(tmp_path / "clone"), bare_node_env(tmp_path / "bare")
+    if not torch.cuda.is_available():  # with a GPU it would start the real check
+        run = subprocess.run([sys.executable, *full[1:]], cwd=repo, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 1 and run.stderr.strip().endswith(
+            "gpu_check: PyTorch sees no CUDA GPU here; --dry-run runs the check on the CPU"), \
+            run.stderr[-3000:]
+    run = subprocess.run([sys.executable, *dry[1:]], cwd=repo, env=env, capture_output=True,
+                         text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "| network | mode | batch_gpu |" in run.stdout and "training: seed" in run.stdout
+    out = repo / dry[2]
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "grid.png", "samples.npz",
                                                      "tests.log"]
     report = json.loads((out / "gpu_check.json").read_text())
     tests = report["tests"]
-    assert (tests["passed"], tests["failed"], tests["errors"]) == (0, 0, 0) and tests["skipped"]
-    assert list(tests["skip_reasons"]) == ["no CUDA GPU here (DDPM_TEST_DEVICE=cuda)"]
+    assert tests["passed"] >= 1 and (tests["failed"], tests["errors"]) == (0, 0), tests
+    # installed here, hidden from the pytest that the check started as from the check itself
+    assert find_spec("pytorch_fid") is not None
+    assert "pytorch-fid is not installed here" in tests["skip_reasons"], tests["skip_reasons"]
     assert {"pytorch_fid", "dvc", "torchvision", "scipy"} <= set(tests["missing_modules"])
     # batch_gpu auto on a CPU: the whole batch of 8 (ddpm.batches.CPU_BATCH_GPU is 32)
     assert [(r["network"], r["mode"], r["batch_gpu"], r["rounds"]) for r in report["timing"]] == [
         ("seed", "eager", 8, 1), ("ddpm", "eager", 8, 1)]
     training, sampling = report["training"], report["sampling"]
-    assert (training["arch"], training["images"], training["batch_size"]) == ("seed", 25, 8)
-    assert training["steps"] == training["epochs"] * (25 // 8) and np.isfinite(training["loss"])
+    assert training["data"] == "synthetic (tests/fakes.py)"
+    assert (training["arch"], training["images"], training["batch_size"]) == ("seed", 32, 8)
+    assert training["steps"] == training["epochs"] * (32 // 8) and np.isfinite(training["loss"])
     assert (sampling["num_images"], sampling["sampler"], sampling["steps"]) == (16, "ddim", 4)
     with np.load(out / "samples.npz") as f:
         images = f["images"]
@@ -167,6 +221,8 @@ def test_the_gpu_check_dry_run_runs_every_part_on_a_bare_node_and_is_scored(
     assert tiles.shape == (4 * 34 + 2, 4 * 34 + 2, 3)
     assert (tiles[2:34, 2:34] == images[0]).all() and (tiles[-34:-2, -34:-2] == images[15]).all()
 
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    md5 = make_cifar_archive(archive, per_batch=5)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import gpu_check_fid
     gpu_check_fid.main([str(out), "--weights", str(inception_weights), "--data", str(archive),
@@ -176,6 +232,22 @@ def test_the_gpu_check_dry_run_runs_every_part_on_a_bare_node_and_is_scored(
     real = cifar_images("train", 5).transpose(0, 2, 3, 1)  # what the archive holds
     expected = reference_fid(real, images, inception_weights, 64, tmp_path)
     assert fid["fid"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_seed_fid_asks_for_its_data_in_one_line(tmp_path):
+    """benchmarks/seed_fid.py has no default outside the repository: without --data, or with a
+    folder that lacks its inputs, it says in one line what the folder must hold."""
+    script = str(ROOT / "benchmarks/seed_fid.py")
+    needs = ("a folder holding seed-samples/ (the seed's 5,000 published PNGs) and "
+             "cifar10-real-subset/cifar-10-python.tar.gz (md5 7ce1f99f2b1658965d4df61be0d12ed7)")
+    for args, says in [([], f"error: --data is required: {needs}"),
+                       (["--data", str(tmp_path)], f"error: --data {tmp_path}: no seed-samples "
+                                                   "or cifar10-real-subset/cifar-10-python.tar.gz "
+                                                   f"there; expected {needs}")]:
+        run = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 1 and run.stderr.strip().startswith(says), run.stderr[-2000:]
+        assert len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 
 def test_the_fid_weights_url_is_pytorch_fids():
