@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -52,6 +53,30 @@ def test_outputs_get_the_modes_the_umask_gives_any_file(tmp_path, umask):
 
 # -- durable, swept, and a full disk in one line ---------------------------------------------
 
+def disk_calls(monkeypatch) -> list[tuple]:
+    """Spy on os.fsync, os.replace, os.link and shutil.rmtree as every module calls them
+    (os.<name>, shutil.rmtree): the calls in order, paths as strings. An fsync is ("fsync", the
+    path of its descriptor, what it held at that moment: a file's size, a folder's entries)."""
+    calls: list[tuple] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        held = sorted(os.listdir(path)) if os.path.isdir(path) else os.fstat(fd).st_size
+        calls.append(("fsync", path, held))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    for module, name in ((os, "replace"), (os, "link"), (shutil, "rmtree")):
+        real = getattr(module, name)
+
+        def record(*args, name=name, real=real, **kwargs):
+            calls.append((name, *map(str, args)))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, record)
+    return calls
+
+
 def test_a_durable_write_fsyncs_the_file_before_and_the_folder_after_the_rename(tmp_path,
                                                                                monkeypatch):
     """The order a power loss needs: the new file's data on disk before the rename, the old file
@@ -60,23 +85,63 @@ def test_a_durable_write_fsyncs_the_file_before_and_the_folder_after_the_rename(
     from ddpm import files
     dest, keep = tmp_path / "last.pt", tmp_path / "previous.pt"
     dest.write_bytes(b"old")
-    calls, real = [], {name: getattr(os, name) for name in ("fsync", "replace", "link")}
-    for name, function in real.items():
-        def record(*args, name=name, function=function):
-            calls.append((name, *[os.readlink(f"/proc/self/fd/{a}") if name == "fsync" else
-                                  str(a) for a in args]))
-            return function(*args)
-        monkeypatch.setattr(os, name, record)
+    calls = disk_calls(monkeypatch)
     with files.atomic_file(dest, durable=True, keep=keep) as tmp:
         tmp.write_bytes(b"new")
-    assert calls == [("fsync", str(tmp)), ("link", str(dest), str(keep)),
-                     ("replace", str(tmp), str(dest)), ("fsync", str(tmp_path))]
+    assert calls == [("fsync", str(tmp), 3), ("link", str(dest), str(keep)),
+                     ("replace", str(tmp), str(dest)),
+                     ("fsync", str(tmp_path), ["last.pt", "previous.pt"])]
     assert tmp.parent == tmp_path and tmp.name.endswith(".tmp") and not tmp.exists()
     assert dest.read_bytes() == b"new" and keep.read_bytes() == b"old"
     calls.clear()
     with files.atomic_file(tmp_path / "metrics.json") as tmp:  # not durable: no fsync at all
         tmp.write_text("{}")
     assert [c[0] for c in calls] == ["replace"]
+
+
+@pytest.mark.parametrize("keep", [None, "previous.pt"])
+def test_a_checkpoint_is_on_the_disk_whole_before_its_name_and_its_folder_after(
+        tmp_path, monkeypatch, keep):
+    """checkpoint.save (last.pt with previous.pt kept, ema.pt without): the file is fsynced once
+    torch.save has written all of it and closed it, then renamed over the old one, then its
+    folder is fsynced; a power loss leaves the old checkpoint or the new one, never a name
+    pointing at data that never reached the disk (issue 29: without these fsyncs all passed)."""
+    dest = tmp_path / "last.pt"
+    checkpoint.save({"w": torch.zeros(3)}, dest)
+    calls = disk_calls(monkeypatch)
+    checkpoint.save({"w": torch.arange(1000.0)}, dest, keep=keep and tmp_path / keep)
+    assert calls and calls[0][0] == "fsync", calls
+    tmp = calls[0][1]
+    assert os.path.dirname(tmp) == str(tmp_path) and tmp.endswith(".tmp")
+    linked = [("link", str(dest), str(tmp_path / keep))] if keep else []
+    assert calls == [("fsync", tmp, dest.stat().st_size), *linked, ("replace", tmp, str(dest)),
+                     ("fsync", str(tmp_path), sorted(["last.pt", *([keep] if keep else [])]))]
+    assert torch.equal(checkpoint.load(dest)["w"], torch.arange(1000.0))
+
+
+def test_a_finished_run_is_on_the_disk_in_the_published_folder_before_its_work_folder_goes(
+        tmp_path, monkeypatch):
+    """RunFolders.finish renames the run's checkpoint and previews into models/checkpoints, then
+    fsyncs that folder, and only then removes models/runs/<id>: a power loss at any point leaves
+    the checkpoint under one of its two names (issue 29: without the fsync all passed)."""
+    from ddpm.runs import RunFolders
+    folders = RunFolders(published=tmp_path / "checkpoints", work=tmp_path / "runs" / "abc")
+    checkpoint.save({"w": torch.ones(2)}, folders.work / "last.pt")
+    checkpoint.save({"w": torch.zeros(2)}, folders.work / "last.pt",
+                    keep=folders.work / "previous.pt")
+    folders.previews.mkdir()
+    (folders.previews / "epoch_0001.png").write_bytes(b"png")
+    calls = disk_calls(monkeypatch)
+    folders.finish()
+    published, work = folders.published, folders.work
+    moved = [("replace", str(work / "last.pt"), str(published / "last.pt")),
+             ("replace", str(work / "previews"), str(published / "previews"))]
+    synced = ("fsync", str(published), ["last.pt", "previews"])
+    removed = ("rmtree", str(work))
+    assert all(call in calls for call in [*moved, synced, removed]), calls
+    assert max(map(calls.index, moved)) < calls.index(synced) < calls.index(removed), calls
+    assert torch.equal(checkpoint.load(published / "last.pt")["w"], torch.zeros(2))
+    assert not work.exists() and (published / "previews" / "epoch_0001.png").is_file()
 
 
 def test_stale_temporaries_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):

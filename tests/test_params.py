@@ -156,9 +156,6 @@ def set_line(text: str, key: str, value: str) -> str:
 
 
 @pytest.mark.parametrize("text, message", [
-    ("a: &x [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &y [*x, *x, *x, *x, *x, *x, *x, *x, *x, *x]\n"
-     "c: [*y, *y, *y, *y, *y, *y, *y, *y, *y, *y]\n",
-     "line 1: anchors and aliases (& and *) are not accepted"),
     ("seed: 0\nseed: 1\n", "line 2: the key 'seed' appears twice (also on line 1)"),
     ("1: 2\n", "line 1: the key 1 is not a string"),
     ("train:\n  null: 5\n", "line 2: the key null is not a string"),
@@ -166,9 +163,9 @@ def set_line(text: str, key: str, value: str) -> str:
     ("# " + "x" * (2 << 20) + "\n", "2,097,155 bytes; a params file is a few KB"),
 ])
 def test_a_hostile_params_file_is_one_short_line_at_once(tmp_path, text, message):
-    """Aliases (a few lines that expand to billions of values), duplicate keys (the last would win
-    silently), non-string keys and deep nesting are refused while reading, before any value is
-    built; the message is one line of under 300 characters."""
+    """Duplicate keys (the last would win silently), non-string keys and deep nesting are refused
+    while reading, before any value is built; the message is one line of under 300 characters.
+    (Aliases: test_anchors_and_aliases_are_refused_under_known_keys and the alias bombs below.)"""
     path = tmp_path / "params.yaml"
     path.write_text(text)
     with pytest.raises(ParamsError) as info:
@@ -177,21 +174,100 @@ def test_a_hostile_params_file_is_one_short_line_at_once(tmp_path, text, message
     assert "\n" not in str(info.value) and len(str(info.value)) < 300
 
 
+def params_text(**values: str) -> str:
+    """The committed params as YAML, with the values of some keys (model__channels=...) written
+    out as given: YAML source, anchors and aliases included."""
+    raw = committed_params()
+    for i, key in enumerate(values):
+        section, name = key.split("__") if "__" in key else (None, key)
+        (raw[section] if section else raw)[name] = f"VALUE{i}X"
+    text = yaml.safe_dump(raw, sort_keys=False)
+    for i, value in enumerate(values.values()):
+        assert text.count(f"VALUE{i}X") == 1
+        text = text.replace(f"VALUE{i}X", value)
+    return text
+
+
+def first_line_of(text: str, what: str) -> int:
+    return text[:text.index(what)].count("\n") + 1
+
+
+def laughs(levels: int) -> str:
+    """A list of `levels` anchored lists, each 10 aliases of the one before: 10^levels values
+    once expanded (a billion laughs), in a few hundred bytes."""
+    lists = ["&l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
+        f"&l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return f"[{', '.join(lists)}]"
+
+
+@pytest.mark.parametrize("values", [
+    dict(model__channels="&c [96, 192, 384, 384]", model__attention_resolutions="*c"),
+    dict(seed="&s 0"),  # an anchor that nothing uses
+    dict(train__epochs=laughs(3)),  # 1,110 values: a harmless bomb, once expanded
+    dict(train__lr="&lr 0.0002", train__ema_decay="*lr"),
+])
+def test_anchors_and_aliases_are_refused_under_known_keys(tmp_path, values):
+    """Every other line of these files is the committed params, so that nothing but the anchor or
+    the alias stops them (with aliases accepted, the unused anchor and lr's alias load, and the
+    others fail later, on a value): one short line naming the first anchor's line."""
+    path = tmp_path / "params.yaml"
+    path.write_text(text := params_text(**values))
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    line = min(first_line_of(text, value) for value in values.values() if "&" in value)
+    assert str(info.value) == (f"{path}: line {line}: anchors and aliases (& and *) are not "
+                               "accepted: write each value out")
+
+
+def in_one_gib() -> None:
+    """For a child process: at most 1 GiB of heap (RLIMIT_DATA; mapped libraries do not count,
+    so torch still imports), so that a bomb that went off fails fast instead of swapping."""
+    import resource
+    resource.setrlimit(resource.RLIMIT_DATA, (1 << 30, 1 << 30))
+
+
+# 10^9 values under model.channels, its anchors inside the value itself: nothing but the alias
+# refusal stops it. Accepted, its first error message alone (repr of the value, cut to 40
+# characters only afterwards) ran 36 s into gigabytes before a MemoryError (issue 29's check).
+BOMB = dict(model__channels=laughs(9))
+TIMED_LOAD = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from ddpm.params import load_params_or_exit
+start = time.perf_counter()
+try:
+    load_params_or_exit()
+finally:
+    print(f"{time.perf_counter() - start:.3f}")
+"""
+
+
+def test_an_alias_bomb_under_a_known_key_is_refused_within_a_second(tmp_path):
+    """Read in a process of its own (with a heap limit, should the bomb go off): refused in well
+    under a second, with exit code 2 and one line naming the line of its first anchor."""
+    (tmp_path / "params.yaml").write_text(text := params_text(**BOMB))
+    done = subprocess.run([sys.executable, "-c", TIMED_LOAD, str(ROOT / "src")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, preexec_fn=in_one_gib)
+    line = first_line_of(text, "&l0")
+    assert done.returncode == 2 and done.stderr == (
+        f"error: params.yaml: line {line}: anchors and aliases (& and *) are not accepted: write "
+        "each value out\n"), done.stderr[-2000:]
+    assert float(done.stdout) < 1.0
+
+
 def test_an_alias_bomb_stops_check_params_within_seconds(tmp_path):
-    """The bomb of issue 21 (nested anchors, 10^9 values under model.channels) through the
-    check_params stage itself: exit code 2, one short line, in the time of a Python start."""
-    levels = ["l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
-        f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
-    text = yaml.safe_dump(committed_params(), sort_keys=False)
-    bomb = "\n".join(levels) + "\n" + text.replace("channels:", "channels: *l8\n  old_channels:")
-    (tmp_path / "params.yaml").write_text(bomb)
+    """The bomb of issue 21 (nested anchors, 10^9 values under model.channels; no unknown key
+    to stop it first) through the check_params stage itself: exit code 2, one short line, in
+    the time of a Python start."""
+    (tmp_path / "params.yaml").write_text(text := params_text(**BOMB))
     start = time.monotonic()
     done = subprocess.run([sys.executable, str(ROOT / "stages/check_params.py"), "--out",
                            str(tmp_path / "ok")], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=120, preexec_fn=in_one_gib)
     assert time.monotonic() - start < 30
-    assert done.returncode == 2 and not (tmp_path / "ok").exists()
-    assert done.stderr.startswith("error: params.yaml: line 1: anchors and aliases")
+    assert done.returncode == 2 and not (tmp_path / "ok").exists(), done.stderr[-2000:]
+    line = first_line_of(text, "&l0")
+    assert done.stderr.startswith(f"error: params.yaml: line {line}: anchors and aliases")
     assert done.stderr.count("\n") == 1 and len(done.stderr) < 300
 
 

@@ -259,7 +259,8 @@ def test_two_processes_resume_each_its_share(resume):
 
 
 class Diverging(Forwards):
-    """The model, whose eps of image `bad` (in its batch) is NaN from forward pass `at` on."""
+    """The model, whose eps of image `bad` (in its batch) is NaN in forward pass `at` alone: the
+    batches before and after that pass are drawn as usual."""
 
     def __init__(self, model, bad: int, at: int):
         super().__init__(model)
@@ -267,7 +268,8 @@ class Diverging(Forwards):
 
     def __call__(self, x, t):
         eps = super().__call__(x, t)
-        if self.calls >= self.at:
+        if self.calls == self.at:
+            assert self.bad < len(eps), "the batch of pass `at` has no image `bad`"
             eps = eps.clone()
             eps[self.bad] = float("nan")
         return eps
@@ -277,18 +279,22 @@ class Diverging(Forwards):
 def test_non_finite_images_are_refused_not_written_black(resume):
     """to_uint8(NaN) is 0: without the check, a NaN image would be a black PNG. The batch with
     one (the 2nd: images 3-5, by its last step) stops the stage in one line naming its images;
-    the first batch's images stay for the next run, and no PNG of the bad batch is written."""
+    the first batch's images stay for the next run, and no PNG of the bad batch, nor of the
+    (good) batch after it, is written. Without the check no error at all (issue 29: the helper's
+    own IndexError had stood in for it)."""
     from ddpm.generate import PipelineError
     from ddpm.images import to_uint8
     params, root, model, sched = resume
     assert to_uint8(torch.full((1, 3, 2, 2), float("nan"))).max() == 0  # the silent failure
     steps = params.sample.steps
+    diverging = Diverging(model, bad=1, at=2 * steps)
     with pytest.raises(PipelineError) as info:
-        generate(Diverging(model, bad=1, at=2 * steps), sched, SHAPE, params, "fp32", range(7),
-                 root, progress=False)
-    assert str(info.value).startswith("images 3-5 came out NaN or infinite (fp32, ddpm, 8 steps)"
-                                      " and were not written")
-    assert sorted(p.name for p in root.glob("*.png")) == ["0.png", "1.png", "2.png"]
+        generate(diverging, sched, SHAPE, params, "fp32", range(7), root, progress=False)
+    assert str(info.value) == (
+        "images 3-5 came out NaN or infinite (fp32, ddpm, 8 steps) and were not written: with "
+        "fp16 try train.precision=bf16 or fp32; else the EMA weights are bad (retrain)")
+    assert diverging.calls == 2 * steps  # stopped at the bad batch's end, before the next one
+    assert sorted(p.name for p in root.iterdir()) == ["0.png", "1.png", "2.png", "ema.pt"]
 
 
 @pytest.mark.parametrize("setup", ["seed"], indirect=True)

@@ -299,6 +299,40 @@ def test_outputs_hold_the_metrics_report_loss_log_and_previews(tiny, dataset_dir
     assert ema["config"]["model"]["channels"] == [16, 32, 32] and ema["epochs"] == 2
 
 
+def test_every_checkpoint_of_a_run_is_on_the_disk_before_its_name(tiny, dataset_dir, tmp_path,
+                                                                   monkeypatch):
+    """Through the trainer (issue 29: removing the fsyncs failed no test): each rename onto a
+    checkpoint's name (last.pt each epoch, models/ema.pt, and last.pt published into
+    models/checkpoints as the run finishes) moves data already fsynced, and its folder is fsynced
+    after it, so a power loss leaves the old file or the new one under every name."""
+    calls: list[tuple[str, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    run(tiny, tmp_path, dataset_dir, epochs=2, sample_every=0)
+    monkeypatch.undo()
+    renames = [(i, call[1], call[2]) for i, call in enumerate(calls)
+               if call[0] == "replace" and call[2].endswith(".pt")]
+    on_disk = set()  # the names whose data is on the disk
+    for i, src, dst in renames:
+        assert ("fsync", src) in calls[:i] or src in on_disk, (src, dst, calls[:i])
+        assert ("fsync", str(Path(dst).parent)) in calls[i + 1:], (dst, calls[i + 1:])
+        on_disk.add(dst)
+    work, = {Path(dst).parent for _, _, dst in renames} - {tmp_path, tmp_path / "checkpoints"}
+    assert work.parent == tmp_path / "runs" and not work.exists()
+    assert on_disk == {str(work / "last.pt"), str(tmp_path / "ema.pt"),
+                       str(tmp_path / "checkpoints" / "last.pt")}
+
+
 def test_too_few_images_for_one_step_is_a_clear_error(tiny, dataset_dir, tmp_path):
     """check_params refuses a data.limit below the batch; a data set that is itself smaller than
     one batch (10 images for 16) stops the trainer with the keys to change."""

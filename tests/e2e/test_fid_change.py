@@ -39,7 +39,8 @@ def test_a_change_of_fid_settings_ends_train_at_once_and_skips_sample(reproduced
     out = dvc(repo, "exp", "run", "-S", f"fid.batch_size={batch}",
               "-S", f"train.fid_images={tiny['train']['fid_images'] + 2}").stdout
     epochs = tiny["train"]["epochs"]
-    for stage in ("real_stats", "train", "fid"):  # each lists fid.*
+    # real_stats and fid list fid.*; train lists train.fid_images, not fid.batch_size (speed only)
+    for stage in ("real_stats", "train", "fid"):
         assert f"Running stage '{stage}'" in out, out
     assert f"resuming from models/checkpoints/last.pt at epoch {epochs}" in out, out
     assert "Stage 'sample' didn't change, skipping" in out and "Running stage 'sample'" not in out
