@@ -6,7 +6,9 @@ bad value has already lost its old outputs. This stage comes first in the graph 
 on its marker file, and every other stage on download), depends on every params.yaml key, and
 writes the same marker whatever the values: a bad value stops `dvc repro` / `dvc exp run` here,
 and a good change re-runs only the stages that read the changed keys. It checks the schema, the
-rules across sections, the network (built on the meta device) and what this machine offers.
+rules across sections, the network (built on the meta device), what this machine offers (the
+device, and at most one process per GPU, or per core on a CPU) and what the paths and URLs in
+data.url, data.source and fid.weights name (ddpm.locations: a typo in a path stops here too).
 """
 import argparse
 from pathlib import Path
@@ -16,7 +18,7 @@ from ddpm.cli import run
 from ddpm.errors import ParamsError
 from ddpm.files import atomic_file
 from ddpm.networks import checked_size, state_bytes
-from ddpm.params import load_params_or_exit
+from ddpm.params import check_paths, load_params_or_exit
 from ddpm.runtime import check_hardware
 from ddpm.sources import CHANNELS, check
 
@@ -33,6 +35,7 @@ def main() -> None:
         resolution = params.data.resolution
         count = checked_size(params.model, (CHANNELS, resolution, resolution))
         check(params.data)
+        check_paths(params)
     except ParamsError as e:
         raise ParamsError(f"params.yaml: {e}") from None
     with atomic_file(args.out) as tmp:

@@ -105,7 +105,10 @@ def test_check_params_refuses_more_gpus_or_a_precision_than_the_machine_has(monk
     with pytest.raises(ParamsError, match="^train.precision = bf16, but this GPU has no bf16 "
                                           "support: use fp16 or auto$"):
         check_hardware("cuda", "bf16", 1)
-    assert check_hardware("cpu", "fp32", 8) == "cpu, fp32"  # CPU processes: any number
+    # CPU processes: one a usable core at most (tests/test_paths_and_secrets.py: the refusal)
+    import ddpm.runtime
+    monkeypatch.setattr(ddpm.runtime, "usable_cpus", lambda: 8)
+    assert check_hardware("cpu", "fp32", 8) == "cpu, fp32"
 
 
 def test_a_process_beyond_this_nodes_gpus_is_named_before_joining(monkeypatch):

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 
-from ddpm import schema
+from ddpm import locations, schema
 from ddpm.errors import ParamsError
 from ddpm.schema import (Accepts, Doc, Float, Int, Length, Pattern, Resumable, SpeedOnly,
                          accepted, short)
@@ -121,7 +121,8 @@ class TrainParams:
     grad_clip: Float("max global gradient norm; 0 = no clipping", ge=0)
     precision: Annotated[Literal[PRECISIONS], Doc(
         "auto (CUDA: bf16, else fp16; CPU: bf16 where native, else fp32) | fp32 | fp16 | bf16")]
-    gpus: Int(1, 1024, "data-parallel processes (torchrun); on a CPU, processes", RESUMABLE)
+    gpus: Int(1, 1024, "data-parallel processes (torchrun): at most the GPUs, or on a CPU "
+                      "the usable cores", RESUMABLE)
     compile: Annotated[Compile, Doc("torch.compile the UNet: auto = on CUDA GPUs, off on CPUs; "
                                     "reduce-overhead = CUDA graphs"), RESUMABLE]
     checkpoint_every: Int(1, 100_000, "epochs between checkpoints", RESUMABLE)
@@ -317,11 +318,20 @@ def check_rules(p: Params) -> None:
     tp = p.train
     split_batch(tp.batch_size, tp.gpus, tp.batch_size if tp.batch_gpu == "auto" else tp.batch_gpu)
     _require(p.data.source == "cifar10" or p.data.real_split == "train", "data.real_split",
-             p.data.real_split, f"train: data.source = {short(p.data.source)} is a folder, "
-             "which has no test split")
+             p.data.real_split, f"train: data.source = {locations.shown(p.data.source)} is a "
+             "folder, which has no test split")
     _require(not p.data.limit or p.data.limit >= tp.batch_size, "data.limit", p.data.limit,
              f"0 (every image) or at least train.batch_size={tp.batch_size} images (one "
              "optimizer step)")
+
+
+def check_paths(p: Params) -> None:
+    """check_params only: fid.weights, when given, is a readable regular file here (a typo
+    stops the run before DVC deletes data/real_stats.npz). data.url and data.source are
+    ddpm.sources.check's. Not part of parse_params: a stage reads its params wherever it runs,
+    and a params file names files of the machine that runs it."""
+    if p.fid.weights:
+        locations.check_location("fid.weights", p.fid.weights, remote=False)
 
 
 def parse_params(raw: Any) -> Params:

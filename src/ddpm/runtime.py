@@ -45,13 +45,27 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def check_hardware(device_name: str, precision: str, gpus: int) -> str:
     """What check_params can know about this machine before any stage runs: the device, its
-    precision and the number of GPU processes exist here. Returns a line that says what it found."""
+    precision and the number of processes exist here (one per GPU; on a CPU, at most one per
+    core this process may use, as torchrun would start them all on this node). Returns a line
+    that says what it found."""
     device = resolve_device(device_name)
     resolved = resolve_precision(precision, device)
     if device.type == "cuda" and gpus > torch.cuda.device_count():
         raise ParamsError(f"train.gpus = {gpus}, but this machine has "
                           f"{torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "cpu" and gpus > (cores := usable_cpus()):
+        raise ParamsError(f"train.gpus = {gpus}, but the device is the CPU and this process may "
+                          f"use {cores} core(s): at most {cores} processes (one per core)")
     return f"{device.type}, {resolved}"
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity, which a container or taskset narrows),
+    else os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 def cpu_has_native_bf16() -> bool:

@@ -18,7 +18,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
@@ -26,16 +26,13 @@ from PIL import Image
 from ddpm import data as cifar, dataset, imagefolder
 from ddpm.errors import ParamsError, PipelineError
 from ddpm.files import download, file_digest, io_workers
+from ddpm.locations import check_location, is_url, local_path, mask, shown
 from ddpm.params import DataParams
 
 T, R = TypeVar("T"), TypeVar("R")
 CHANNELS = 3  # every source is converted to RGB (imagefolder.to_rgb)
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # the official archive: the default data.md5
 MAX_DOWNLOAD = 64 << 30  # bytes of an image archive fetched by URL
-
-
-def is_url(source: str) -> bool:
-    return urlparse(source).scheme in ("http", "https")
 
 
 class Cifar10:
@@ -48,6 +45,7 @@ class Cifar10:
         if not self.data.md5:
             raise ParamsError("data.md5 = '': CIFAR-10's archive is always checked: give its md5 "
                               f"({CIFAR10_MD5} for the official file)")
+        check_location("data.url", self.data.url)
 
     def listing(self) -> dict[str, Any]:
         return {"source": "cifar10", "url": self.data.url, "md5": self.data.md5}
@@ -76,7 +74,7 @@ class ImageFolder:
 
     def __init__(self, data: DataParams):
         self.data, self.source = data, data.source
-        self.path = None if is_url(self.source) else Path(self.source).expanduser()
+        self.path = None if is_url(self.source) else local_path(self.source)
 
     @property
     def md5(self) -> str:
@@ -85,17 +83,17 @@ class ImageFolder:
         return "" if self.data.md5 == CIFAR10_MD5 else self.data.md5
 
     def check(self) -> None:
+        """What check_params can know: a URL parses and names an archive; a path is a folder or
+        a regular file named as an archive (ddpm.locations: one line naming data.source)."""
         what = "a folder of images, an archive of one (.zip, .tar, .tar.gz) or cifar10"
+        check_location("data.source", self.source, folder=True)
         if self.path is None:
-            if not imagefolder.is_archive(urlparse(self.source).path):
-                raise ParamsError(f"data.source = {self.source!r}: a URL must name an archive "
-                                  f"({', '.join(imagefolder.ARCHIVES)})")
-        elif not self.path.exists():
-            raise ParamsError(f"data.source = {self.source!r}: no such folder or file here (run "
-                              f"from the repository root; expected {what})")
+            if not imagefolder.is_archive(urlsplit(self.source).path):
+                raise ParamsError(f"data.source = {shown(self.source)}: a URL must name an "
+                                  f"archive ({', '.join(imagefolder.ARCHIVES)})")
         elif not self.path.is_dir() and not imagefolder.is_archive(self.path.name):
-            raise ParamsError(f"data.source = {self.source!r}: not a folder and not an archive "
-                              f"({', '.join(imagefolder.ARCHIVES)}); expected {what}")
+            raise ParamsError(f"data.source = {shown(self.source)}: not a folder and not an "
+                              f"archive ({', '.join(imagefolder.ARCHIVES)}); expected {what}")
 
     def listing(self) -> dict[str, Any]:
         """The content's digest: the archive's sha256, or, for a folder, its images' names and
@@ -113,7 +111,8 @@ class ImageFolder:
 
     def check_md5(self, path: Path) -> None:
         if self.md5 and path.is_file() and (got := file_digest(path, "md5")) != self.md5:
-            raise PipelineError(f"{self.source}: md5 {got} does not match data.md5 {self.md5}: "
+            raise PipelineError(f"{mask(self.source)}: md5 {got} does not match data.md5 "
+                                f"{self.md5}: "
                                 "the archive is corrupt, incomplete or another one (set "
                                 "data.md5 to its md5, or to '' to check none)")
 
@@ -121,12 +120,13 @@ class ImageFolder:
         if self.path is not None:
             return self._prepare(self.path, out, resolution, listed)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".download.") as tmp:
-            archive = Path(tmp) / Path(urlparse(self.source).path).name
+            archive = Path(tmp) / Path(urlsplit(self.source).path).name
             try:
                 download(self.source, archive, MAX_DOWNLOAD)
             except OSError as e:
-                raise PipelineError(f"could not download {self.source} ({e}): without a network, "
-                                    "fetch it elsewhere and set data.source to its path") from None
+                raise PipelineError(f"could not download {mask(self.source)} "
+                                    f"({mask(str(e), self.source)}): without a network, fetch it "
+                                    "elsewhere and set data.source to its path") from None
             self.check_md5(archive)
             return self._prepare(archive, out, resolution, listed)
 
@@ -140,8 +140,8 @@ class ImageFolder:
         def convert(item: tuple[int, Callable[[], bytes]]) -> tuple[int, str, str]:
             i, read = item
             data = read()
-            images[i], mode = imagefolder.convert(f"{self.source}/{found.images[i].name}", data,
-                                                  resolution)
+            images[i], mode = imagefolder.convert(f"{mask(self.source)}/{found.images[i].name}",
+                                                  data, resolution)
             return i, hashlib.sha256(data).hexdigest(), mode
 
         hashes, modes = [""] * len(found.images), [""] * len(found.images)
@@ -150,7 +150,7 @@ class ImageFolder:
         images.flush()
         if self.path is not None and self.path.is_dir() and listed.get("sha256") != \
                 folder_digest(found, hashes):
-            raise PipelineError(f"{self.source}: its files changed while the data stage read "
+            raise PipelineError(f"{mask(self.source)}: its files changed while the data stage read "
                                 "them (or since the source stage listed them): run it again")
         labels = None if found.labels is None else np.array(found.labels, dtype=np.int64)
         if labels is not None:
@@ -196,8 +196,8 @@ def folder_digest(found: imagefolder.Layout, hashes: list[str]) -> str:
 def check(data: DataParams) -> None:
     """check_params: a source that cannot be used, as a ParamsError, before anything runs."""
     if data.source != "cifar10" and data.real_split == "test":
-        raise ParamsError(f"data.real_split = 'test': data.source = {data.source!r} has no test "
-                          "split (a folder's images all train): use train")
+        raise ParamsError(f"data.real_split = 'test': data.source = {shown(data.source)} has no "
+                          "test split (a folder's images all train): use train")
     source_of(data).check()
 
 
@@ -209,6 +209,7 @@ def prepare(data: DataParams, out: Path, listed: dict[str, Any]) -> dict[str, An
     """The dataset of data.source at data.resolution into `out` (an empty folder), checked
     against the source stage's listing; returns the data stage's report."""
     if listed.get("source") != data.source:
-        raise PipelineError(f"the source listing is of {listed.get('source')!r}, not data.source "
-                            f"= {data.source!r}: run the source stage first (dvc repro source)")
+        raise PipelineError(f"the source listing is of {shown(str(listed.get('source')))}, not "
+                            f"data.source = {shown(data.source)}: run the source stage first "
+                            "(dvc repro source)")
     return source_of(data).prepare(out, data.resolution, listed)

@@ -46,17 +46,25 @@ def test_a_bad_value_stops_before_any_output_is_deleted_and_checkout_recovers(re
                                                  "integer in [1, 4096]"),
     ("train.preview_images=1000000000", "train.preview_images = 1000000000: expected an integer "
                                         "in [1, 1024]"),
+    # issue 30: a typo in a path, which the data or real_stats stage found after DVC had deleted
+    # data/dataset or data/real_stats.npz
+    ("data.url=cifar-typo.tar.gz", "data.url = 'cifar-typo.tar.gz': no such file here"),
+    ("fid.weights=missing.pth", "fid.weights = 'missing.pth': no such file here"),
+    ("data.url=https://user:pass@example.com/c.tar.gz", "data.url = 'https://***@example.com/"),
 ])
 def test_what_used_to_fail_after_dvc_deleted_the_outputs_now_stops_first(reproduced, override,
                                                                          error):
     """Issue 21's values that passed the checks and failed in train or sample with a traceback
-    (MemoryError, OverflowError, RuntimeError), after DVC had deleted train's outputs."""
-    stops_in_check_params(reproduced[0], override, error)
+    (MemoryError, OverflowError, RuntimeError), after DVC had deleted train's outputs; issue 30's
+    typos in data.url and fid.weights, which cost data/dataset and data/real_stats.npz."""
+    out = stops_in_check_params(reproduced[0], override, error)
+    assert "user:pass" not in out
 
 
-def stops_in_check_params(repo, override: str, error: str) -> None:
+def stops_in_check_params(repo, override: str, error: str) -> str:
     """`dvc exp run -S override` fails in check_params with the one-line `error`, exit code 2,
-    and every output byte for byte as it was; then `git checkout params.yaml`."""
+    and every output byte for byte as it was; then `git checkout params.yaml`. Returns what dvc
+    printed."""
     before = digests(repo)
     result = dvc(repo, "exp", "run", "-S", override, check=False)
     assert result.returncode != 0
@@ -66,6 +74,7 @@ def stops_in_check_params(repo, override: str, error: str) -> None:
     assert result.stdout.count("Running stage") == 1, result.stdout
     assert digests(repo) == before
     sh(repo, "git", "checkout", "params.yaml")
+    return result.stdout
 
 
 def test_dvc_refuses_an_unknown_key_itself(reproduced):
