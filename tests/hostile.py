@@ -80,3 +80,91 @@ class _Zeros(io.RawIOBase):
         self.left -= n
         return n
 
+
+
+# --- small files that declare gigabytes (issue #30): each costs a few KB to a MB on disk ---------
+
+class _Storage:
+    """Pickled by _TorchPickler as torch.save's persistent id of a float32 storage of n items."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+
+class _Tensor:
+    """Pickled as torch.save pickles a 1-d float32 tensor over a _Storage of n items."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __reduce__(self):
+        import collections
+        return (torch._utils._rebuild_tensor_v2,
+                (_Storage(self.n), 0, (self.n,), (1,), False, collections.OrderedDict()))
+
+
+class _TorchPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            return ("storage", torch.FloatStorage, "0", "cpu", obj.n)
+        return None
+
+
+def torch_zip_bomb(path: Path, nbytes: int, state: str = "ema") -> Path:
+    """A torch.save-format zip whose one storage (float32, nbytes of zeros) is a deflated record:
+    torch.load inflates it all, whatever weights_only says. nbytes = 1 GiB costs about 1 MB. The
+    dict is {state: {"w": tensor}}, plus an EMA file's or a checkpoint's other keys."""
+    import zipfile
+    pkl = io.BytesIO()
+    _TorchPickler(pkl, protocol=2).dump({state: {"w": _Tensor(nbytes // 4)}, "config": {}})
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in [("data.pkl", pkl.getvalue()), (".format_version", b"1"),
+                           (".storage_alignment", b"64"), ("byteorder", b"little")]:
+            archive.writestr(f"archive/{name}", data)
+        info = zipfile.ZipInfo("archive/data/0")
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with archive.open(info, "w", force_zip64=True) as f:
+            chunk, left = bytes(1 << 22), nbytes
+            while left:
+                f.write(chunk[:min(left, len(chunk))])
+                left -= min(left, len(chunk))
+        archive.writestr("archive/version", b"3")
+    return path
+
+
+def npy_header(shape: tuple[int, ...], dtype: str = "<f8") -> bytes:
+    """An .npy header (format 1.0) declaring `shape` of `dtype`, without its data."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+def npz_bomb(path: Path, floats: int, dims: int = 64) -> Path:
+    """A real_stats.npz whose deflated mu.npy declares `floats` float64 zeros (2^27 = 1 GiB costs
+    about 1 MB), beside a good sigma and count: np.load inflates mu before any shape check."""
+    import zipfile
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("mu.npy", "w", force_zip64=True) as f:
+            f.write(npy_header((floats,)))
+            chunk, left = bytes(1 << 22), 8 * floats
+            while left:
+                f.write(chunk[:min(left, len(chunk))])
+                left -= min(left, len(chunk))
+        buffer = io.BytesIO()
+        np.save(buffer, np.eye(dims))
+        archive.writestr("sigma.npy", buffer.getvalue())
+        buffer = io.BytesIO()
+        np.save(buffer, np.int64(2))
+        archive.writestr("num_images.npy", buffer.getvalue())
+    return path
+
+
+def npz_declaring(path: Path, shape: tuple[int, ...]) -> Path:
+    """A few hundred bytes of .npz whose stored mu.npy and sigma.npy headers declare `shape`
+    (e.g. 8 TiB) and hold no data: np.load asks numpy for all of it."""
+    import zipfile
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in ("mu", "sigma"):
+            archive.writestr(f"{name}.npy", npy_header(shape))
+    return path

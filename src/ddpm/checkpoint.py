@@ -9,6 +9,7 @@ import torch
 from ddpm.errors import PipelineError
 from ddpm.files import atomic_file
 from ddpm.params import ModelParams, plain
+from ddpm.safe_files import UnsafeFile, check_torch_zip
 
 
 class CheckpointError(PipelineError, RuntimeError):
@@ -34,10 +35,18 @@ def non_finite(weights: dict[str, torch.Tensor]) -> list[str]:
 
 
 def load(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
-    """torch.load(weights_only=True) on the CPU; errors name the file and what to do."""
+    """torch.load(weights_only=True) on the CPU; errors name the file and what to do.
+
+    The file's zip is checked first (ddpm.safe_files.check_torch_zip): torch.load then reads
+    stored records of at most the file's own size, never a compressed one it would inflate."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no {what} here (run the stage that writes it first)")
+    try:
+        check_torch_zip(path)
+    except UnsafeFile as e:
+        raise CheckpointError(f"{path}: not a readable {what} ({e}); refused unread: write "
+                              "it again (rerun the stage that writes it)") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
@@ -86,4 +95,33 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], saved
     except RuntimeError as e:
         raise CheckpointError(
             f"{path}: its weights do not fit model.* of params.yaml (trained with {saved}): "
-            f"{str(e).splitlines()[0]}") from None
+            f"{mismatch(e)}") from None
+
+
+def mismatch(error: RuntimeError) -> str:
+    """The first thing load_state_dict's multi-line error names (a missing key, a size mismatch),
+    in one line; its first line only says which network."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[1] if len(lines) > 1 else lines[0] if lines else "")[:300].rstrip(".")
+
+
+def ema_weights(state: dict[str, Any], path: str | Path, key: str = "ema",
+                redo: str = "retrain (dvc repro train), or restore it (dvc checkout / dvc pull)"
+                ) -> dict[str, torch.Tensor]:
+    """state[key] if it is a state_dict (a dict of str names to dense tensors), else a
+    CheckpointError naming the file, what it holds instead and `redo` (what to do)."""
+    weights = state.get(key)
+    if weights is None:
+        raise CheckpointError(f"{path}: no {key!r} weights in it (keys: "
+                              f"{', '.join(sorted(map(str, state)))[:200] or 'none'}); {redo}")
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path}: its {key!r} weights are a {type(weights).__name__}, not a "
+                              f"state_dict; {redo}")
+    for name, tensor in weights.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{path}: its {key!r} weights hold the key {str(name)[:60]} "
+                                  f"({type(name).__name__}), not a parameter name; {redo}")
+        if not (isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided):
+            raise CheckpointError(f"{path}: its {key!r} weights hold {name[:60]!r}: a "
+                                  f"{type(tensor).__name__}, not a dense tensor; {redo}")
+    return weights

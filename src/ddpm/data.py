@@ -18,12 +18,14 @@ import numpy as np
 
 from ddpm.errors import PipelineError
 from ddpm.files import atomic_dir, download, file_digest
+from ddpm.locations import mask
 
 ARCHIVE_FOLDER = "cifar-10-batches-py"
 SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 CIFAR_FILES = (*SPLITS["train"], *SPLITS["test"], "batches.meta")
 MAX_MEMBER = 64 << 20  # bytes; an official batch file is 31 MB
 MAX_ARCHIVE = 512 << 20  # bytes; the official archive is 170,498,071
+MAX_MEMBERS = 100  # entries of the archive; the official one has 9 (a folder and 8 files)
 SHAPE = (3, 32, 32)  # every CIFAR-10 image: (C, H, W)
 PIXELS = 3 * 32 * 32
 NUM_CLASSES = 10
@@ -46,9 +48,9 @@ def fetch(url: str, dest: Path) -> None:
         download(url, dest, MAX_ARCHIVE)
     except OSError as e:
         raise PipelineError(
-            f"could not download {url} ({e}). Without a network, fetch cifar-10-python.tar.gz "
-            "on another machine, put it anywhere here and point data.url at it: "
-            "dvc exp run -S data.url=/path/to/cifar-10-python.tar.gz (or edit params.yaml)"
+            f"could not download {mask(url)} ({mask(str(e), url)}). Without a network, fetch "
+            "cifar-10-python.tar.gz on another machine, put it anywhere here and point data.url "
+            "at it: dvc exp run -S data.url=/path/to/cifar-10-python.tar.gz (or edit params.yaml)"
         ) from None
 
 
@@ -63,7 +65,10 @@ def extract_cifar10(archive: Path, dest: Path) -> None:
     found, files = set(), set()
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            for member in tar:
+            for count, member in enumerate(tar, 1):
+                if count > MAX_MEMBERS:  # tarfile keeps every header it has read in memory
+                    raise PipelineError(f"{archive}: more than {MAX_MEMBERS} members: not the "
+                                        "CIFAR-10 python archive")
                 name = PurePosixPath(member.name)
                 check_member(archive, member, name, files)
                 if (member.isfile() and name.parts[:1] == (ARCHIVE_FOLDER,)
@@ -113,8 +118,8 @@ def download_cifar10(url: str, md5: str, out_dir: str | Path) -> None:
                                 f"there or set data.url to its path or URL")
         got = file_digest(archive, "md5")
         if got != md5:
-            raise PipelineError(f"{url}: md5 {got} does not match data.md5 {md5}: the file is "
-                                "corrupt, incomplete, or not cifar-10-python.tar.gz")
+            raise PipelineError(f"{mask(url)}: md5 {got} does not match data.md5 {md5}: the file "
+                                "is corrupt, incomplete, or not cifar-10-python.tar.gz")
         with atomic_dir(out_dir) as staging:
             extract_cifar10(archive, staging)
 
@@ -127,11 +132,23 @@ def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
 
 
 _RECONSTRUCT = np.zeros(0).__reduce__()[0]  # the running numpy's ndarray rebuilder
+
+
+def _reconstruct(subtype: type, shape: tuple, dtype: object) -> np.ndarray:
+    """numpy's _reconstruct as numpy's own pickles call it: an empty ndarray, which BUILD then
+    fills from bytes the pickle holds. Any other shape would allocate what the pickle declares,
+    not what it holds, so it is refused before numpy sees it."""
+    if subtype is not np.ndarray or not isinstance(shape, tuple) or shape != (0,):
+        raise pickle.UnpicklingError(f"an ndarray rebuilt with shape {str(shape)[:40]}, not as "
+                                     "numpy pickles one (refused before allocating it)")
+    return _RECONSTRUCT(subtype, shape, dtype)
+
+
 BATCH_GLOBALS = {  # all that a batch pickle names; numpy 2 moved numpy.core to numpy._core
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("_codecs", "encode"): _latin1_bytes,
     ("__builtin__", "bytes"): bytes,  # b"" in a protocol-2 pickle of Python 3
     ("builtins", "bytes"): bytes,

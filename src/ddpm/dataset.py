@@ -11,6 +11,7 @@ and checked against dataset.json before use, whatever their origin: the data sta
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from ddpm.errors import PipelineError
 from ddpm.files import write_json
+from ddpm.safe_files import npy_header
 
 META = "dataset.json"
 FORMAT = 1
@@ -83,17 +85,31 @@ def image_shape(folder: str | Path) -> tuple[int, int, int]:
 
 
 def _array(path: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
-    """A memory-mapped .npy file of exactly `dtype` and `shape`; anything else is one line."""
+    """A memory-mapped .npy file of exactly `dtype` and `shape`; anything else is one line. The
+    header is read and checked first (ddpm.safe_files.npy_header), and the file must hold all
+    the bytes it declares, before the data is mapped: nothing is allocated for the array."""
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        with open(path, "rb") as f:
+            found, _, found_dtype = npy_header(f)
+            have = os.fstat(f.fileno()).st_size - f.tell()
+        if found_dtype.hasobject:  # np.load(allow_pickle=False) refuses it too, in these words
+            raise ValueError("Object arrays cannot be loaded when allow_pickle=False (an array of "
+                             "Python objects, which only unpickling reads)")
+        array = None
+        if found_dtype == dtype and found == shape:
+            need = int(np.prod(shape, dtype=np.int64)) * found_dtype.itemsize
+            if have < need:
+                raise ValueError(f"{have:,} bytes of data, not the {need:,} its header declares")
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         raise PipelineError(f"{path}: missing; {REDO}") from None
     except Exception as e:  # the bytes are untrusted: an object array, a short file, garbage
         message = (str(e).splitlines() or [""])[0][:200]
         raise PipelineError(f"{path}: not a readable array ({type(e).__name__}: {message}); "
                             f"{REDO}") from None
-    if array.dtype != dtype or array.shape != shape:
-        raise PipelineError(f"{path}: a {array.dtype} array of shape {array.shape}, expected "
+    if array is None or array.dtype != dtype or array.shape != shape:
+        got = (found_dtype, found) if array is None else (array.dtype, array.shape)
+        raise PipelineError(f"{path}: a {got[0]} array of shape {got[1]}, expected "
                             f"{np.dtype(dtype)} {shape} (dataset.json); {REDO}")
     return array
 

@@ -11,6 +11,7 @@ this module) runs on a GPU node without it (benchmarks/gpu_check.py).
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from unittest import mock
 
@@ -24,6 +25,7 @@ from ddpm.fid_weights import (ACCEPTED, WEIGHTS_FILE, default_state_dict,  # noq
                               hub_file, not_inception, read_state_dict)
 from ddpm.files import atomic_file
 from ddpm.images import check_pngs, list_pngs
+from ddpm.safe_files import UnsafeFile, read_npz
 
 
 def inception(dims: int, weights: str, device: torch.device) -> torch.nn.Module:
@@ -93,19 +95,31 @@ def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, num_ima
 
 
 def load_statistics(path: str | Path, dims: int) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """mu, sigma and (if recorded) the image count of a statistics file of `dims` features."""
+    """mu, sigma and (if recorded) the image count of a statistics file of `dims` features.
+
+    The file is untrusted (dvc pull): each array's declared size and .npy header must be those of
+    `dims` features before its data is inflated (ddpm.safe_files.read_npz), so a small file
+    cannot cost more than a good one of fid.dims."""
+    path = Path(path)
+    redo = "rerun the real_stats stage: dvc repro real_stats"
+    expected = {"mu": ("f", (dims,)), "sigma": ("f", (dims, dims))}
     try:
-        with np.load(path) as f:
-            mu, sigma = f["mu"], f["sigma"]
-            count = int(f["num_images"]) if "num_images" in f else None
-    except (OSError, KeyError, ValueError, TypeError) as e:  # TypeError: an .npy, not an .npz
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        arrays = read_npz(path, expected)
+        try:
+            count = int(read_npz(path, {"num_images": ("iu", ())})["num_images"])
+        except ValueError as e:  # older files, and pytorch-fid's own, record no count
+            if not str(e).startswith("no num_images"):
+                raise
+            count = None
+    except UnsafeFile as e:
+        raise PipelineError(f"{path}: not statistics of {dims}-dim features (fid.dims): {e}; "
+                            f"{redo}") from None
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile) as e:  # BadZipFile: a bad CRC
         raise PipelineError(f"{path}: not an Inception statistics file with mu and sigma ({e}); "
-                            "rerun the real_stats stage: dvc repro real_stats") from None
-    if mu.shape != (dims,) or sigma.shape != (dims, dims):
-        raise PipelineError(f"{path}: statistics of {mu.shape[0] if mu.ndim else '?'}-dim "
-                            f"features, but fid.dims = {dims}: rerun the real_stats stage "
-                            "(dvc repro real_stats)")
-    return mu, sigma, count
+                            f"{redo}") from None
+    return arrays["mu"], arrays["sigma"], count
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,

@@ -30,6 +30,7 @@ import torch
 
 from ddpm.errors import PipelineError
 from ddpm.files import atomic_file, download as fetch
+from ddpm.safe_files import UnsafeFile, check_torch_zip
 
 # pytorch_fid.inception.FID_WEIGHTS_URL (tests/test_bench.py compares), written out so that
 # importing this module needs neither pytorch-fid nor torchvision: training imports it, and runs
@@ -117,6 +118,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """
     kind = file_kind(path)
     if kind == "state_dict":
+        try:
+            check_torch_zip(path)  # a user's .pth is not hashed: bound what torch.load inflates
+        except UnsafeFile as e:
+            raise PipelineError(f"{path}: not pytorch-fid's Inception weights as torch.save writes "
+                                f"them ({e}); refused unread. fid.weights accepts "
+                                f"{ACCEPTED}") from None
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # unpickling: not a torch file

@@ -188,6 +188,7 @@ def tar_entries(archive: Path) -> Iterator[Entry]:
     so contents() reads them in one more pass."""
     with tarfile.open(archive, "r:*") as tar:
         for count, member in enumerate(tar, 1):
+            tar.members = []  # tarfile keeps every header it read: ~1 KB an empty member
             if count > MAX_FILES:
                 raise PipelineError(f"{archive}: more than {MAX_FILES:,} members")
             name = _member_name(archive, member.name)
@@ -243,6 +244,7 @@ def contents(found: Layout) -> Iterator[tuple[int, Callable[[], bytes]]]:
     try:
         with tarfile.open(found.source, "r:*") as tar:
             for member in tar:
+                tar.members = []  # as in tar_entries: no header kept past its member
                 i = index.get(_member_name(found.source, member.name))
                 if i is None or not member.isfile():
                     continue
