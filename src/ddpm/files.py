@@ -4,10 +4,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import http.client
 import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Iterator
 from tqdm.auto import tqdm
 
 from ddpm.errors import PipelineError
+from ddpm.locations import mask
 
 
 def io_workers() -> int:
@@ -34,14 +37,24 @@ def file_digest(path: str | Path, algorithm: str, chunk: int = 1 << 20) -> str:
 
 def download(url: str, dest: Path, limit: int) -> None:
     """An http(s) URL to `dest`, with a progress bar, at most `limit` bytes (a wrong or hostile
-    server cannot fill the disk). Raises OSError (urllib's URLError is one) for the caller to say
-    what to do offline."""
-    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as f:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {url}") as bar:
-            while f.tell() < limit and (block := response.read(min(1 << 20, limit - f.tell()))):
-                f.write(block)
-                bar.update(len(block))
+    server cannot fill the disk). Raises OSError (urllib's URLError is one; so is what http.client
+    raises for a URL it cannot use or a connection cut short) for the caller to say what to do
+    offline; neither it nor the progress bar shows the URL's credentials (ddpm.locations.mask)."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True,
+                      desc=f"download {mask(url, url)}") as bar:
+                while f.tell() < limit and (block := response.read(min(1 << 20,
+                                                                        limit - f.tell()))):
+                    f.write(block)
+                    bar.update(len(block))
+    except OSError as e:
+        if e.errno in NO_SPACE:  # the caller's or ddpm.cli's disk-full line
+            raise
+        raise OSError(mask(str(e), url)) from None
+    except (ValueError, http.client.HTTPException) as e:  # InvalidURL, IncompleteRead, ...
+        raise OSError(mask(f"{type(e).__name__}: {e}", url)) from None
 
 
 def umask() -> int:
@@ -89,6 +102,7 @@ def atomic_file(dest: str | Path, durable: bool = False, keep: Path | None = Non
     A full disk is a PipelineError naming `dest`, which keeps its old content.
     """
     dest = Path(dest)
+    refuse_links(dest.parent)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=temporary_prefix(dest), suffix=".tmp")
     os.close(fd)
@@ -121,7 +135,7 @@ def keep_a_link(path: Path, keep: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.remove(keep)
     try:
-        os.link(path, keep)
+        os.link(path, keep, follow_symlinks=False)  # a link is kept as the link, not followed
     except OSError:  # a filesystem without hard links
         os.replace(path, keep)
 
@@ -173,7 +187,7 @@ def sweep_temporaries(*folders: Path) -> list[Path]:
     whose pid is no running process. Returns what was removed."""
     removed = []
     for folder in folders:
-        if not folder.is_dir():
+        if folder.is_symlink() or not folder.is_dir():  # never swept through a link
             continue
         for path in folder.iterdir():
             match = TEMPORARY.fullmatch(path.name)
@@ -203,6 +217,7 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
     What `dest` held before is removed only after the new folder is complete.
     """
     dest = Path(dest)
+    refuse_links(dest.parent)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=temporary_prefix(dest), suffix=".tmp"))
     try:
@@ -222,6 +237,75 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+         stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder", stat.S_IFREG: "a file",
+         stat.S_IFLNK: "a link"}
+
+
+def kind(mode: int) -> str:
+    """What an lstat's st_mode is, in words ("a FIFO", "a link", ...)."""
+    return KINDS.get(stat.S_IFMT(mode), "not a file")
+
+
+def refuse_links(*paths: Path) -> None:
+    """Stop, in one line, if one of `paths` is a symbolic link: outputs, staging folders, locks
+    and temporary files are never followed out of the repository (nor emptied through a link)."""
+    for path in paths:
+        if os.path.islink(path):
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            raise PipelineError(f"{path} is a link (to {target}): outputs are not written through "
+                                f"links. Remove the link (rm {path}) and run again")
+
+
+def refuse_non_folder(*paths: Path) -> None:
+    """Stop, in one line, if one of `paths` is a link, or is there and is not a folder (a FIFO,
+    a file, a device): an output or staging folder is emptied and replaced, never followed."""
+    refuse_links(*paths)
+    for path in paths:
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISDIR(mode):
+            raise PipelineError(f"{path} is {kind(mode)}, not a folder: remove it (rm {path}) "
+                                "and run again")
+
+
+def open_regular(path: Path, flags: int, mode: int = 0o666) -> int:
+    """os.open without following a link and without waiting on a FIFO (O_NONBLOCK), for a
+    regular file only; anything else is a PipelineError in one line. Returns the descriptor."""
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP or os.path.islink(path):
+            refuse_links(path)
+        if e.errno in (errno.ENXIO, errno.EOPNOTSUPP):  # a socket, a FIFO with no reader
+            raise PipelineError(f"{path} is {kind(os.lstat(path).st_mode)}, not a regular file: "
+                                f"remove it (rm {path}) and run again") from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise PipelineError(f"{path} is {kind(info.st_mode)}, not a regular file: remove it "
+                            f"(rm {path}) and run again")
+    return fd
+
+
+def read_regular(path: Path, limit: int = 1 << 20) -> bytes | None:
+    """The first `limit` bytes of `path` if it is a regular file (not a link, FIFO, device...);
+    None if it is anything else or cannot be read. Never waits."""
+    try:
+        fd = open_regular(path, os.O_RDONLY)
+    except (OSError, PipelineError):
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(limit)
 
 
 def write_json(path: str | Path, data: dict) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 from ddpm import checkpoint, networks
 from ddpm.diffusion import Schedule, sample, timesteps_for
 from ddpm.errors import PipelineError
-from ddpm.files import file_digest, write_json
+from ddpm.files import file_digest, read_regular, refuse_non_folder, write_json
 from ddpm.images import read_png, to_uint8, write_pngs
 from ddpm.params import Params, plain
 from ddpm.runtime import World, autocast, compile_mode, derive_seed, device_name
@@ -34,15 +36,18 @@ def load_ema_model(path: str | Path, params: Params, device: torch.device
     """The network of params.model with the EMA weights of models/ema.pt, ready to sample, and
     the (C, H, W) of the images it was trained on."""
     state = checkpoint.load(path, "EMA weights file")
-    if "ema" not in state:
-        raise checkpoint.CheckpointError(f"{path}: no 'ema' weights in it (keys: {sorted(state)})")
-    if bad := checkpoint.non_finite(state["ema"]):
+    weights = checkpoint.ema_weights(state, path)  # a dict of named tensors, or one line
+    if bad := checkpoint.non_finite(weights):
         raise checkpoint.CheckpointError(f"{path}: its EMA weights hold NaN or infinite values "
                                          f"({', '.join(bad[:3])}): retrain (dvc repro train)")
+    config = state.get("config", {})
+    if not isinstance(config, dict) or not isinstance(config.get("model") or {}, dict):
+        raise checkpoint.CheckpointError(f"{path}: its recorded config is not a dict of params.yaml"
+                                         " sections; retrain (dvc repro train), or restore it "
+                                         "(dvc checkout / dvc pull)")
     shape = checkpoint.image_shape(state, path)
     model = networks.build(params.model, shape)
-    checkpoint.load_weights(model, state["ema"], state.get("config", {}).get("model"),
-                            params.model, path)
+    checkpoint.load_weights(model, weights, config.get("model"), params.model, path)
     return for_sampling(model.to(device), compile_mode(params.sample.compile, device)), shape
 
 
@@ -135,9 +140,10 @@ def keep_or_clean(staging: Path, wanted: dict[str, Any], params: Params, world: 
     """Main process: keep the staging folder's images if its manifest is `wanted`, in whole
     batches, else start it afresh; say which, and why. Returns the number of images kept."""
     n = params.sample.num_images
-    try:
-        found = json.loads((staging / MANIFEST).read_text())
-    except (OSError, ValueError):
+    refuse_non_folder(staging)  # never emptied or filled through a link
+    try:  # a regular file only: not through a link, and a FIFO is not waited on
+        found = json.loads(read_regular(staging / MANIFEST) or b"null")
+    except ValueError:
         found = None
     if found == wanted:
         kept = _keep_whole_batches(staging, n, [ids for rank in range(world.size) for ids in
@@ -172,18 +178,20 @@ def _keep_whole_batches(staging: Path, num_images: int, layout: list[range], siz
     names = {f"{i}.png" for i in range(num_images)}
     readable = set()
     for path in staging.iterdir():
-        if path.name == MANIFEST:
+        mode = os.lstat(path).st_mode
+        if path.name == MANIFEST and stat.S_ISREG(mode):
             continue
-        try:
-            if path.name in names and read_png(path, size, pixels=False) is None:
+        try:  # regular files only: a link is not followed, a FIFO not opened
+            if (path.name in names and stat.S_ISREG(mode)
+                    and read_png(path, size, pixels=False) is None):
                 readable.add(int(path.stem))
                 continue
         except PipelineError:
             pass
-        if path.is_dir():
+        if stat.S_ISDIR(mode):
             shutil.rmtree(path)
         else:
-            path.unlink()
+            path.unlink()  # a link itself, not what it points to
     kept = {i for ids in layout if readable.issuperset(ids) for i in ids}
     for i in readable - kept:
         (staging / f"{i}.png").unlink()
@@ -212,12 +220,15 @@ def generate_folder(model: torch.nn.Module, sched: Schedule, shape: Sequence[int
     interrupted run is kept before the others look, and renames the folder once all finished.
     """
     staging = staging_folder(out)
+    if world.main:  # before anything is deleted or drawn: no link is followed, emptied or moved
+        refuse_non_folder(out, staging)
     kept = keep_or_clean(staging, wanted, params, world, shape[1]) if world.main else 0
     world.barrier()
     generate(model, sched, shape, params, precision, shard(params.sample.num_images, world),
              staging, progress=world.main)
     world.barrier()
     if world.main:
+        refuse_non_folder(out, staging)  # nor one made while the images were drawn
         (staging / MANIFEST).unlink(missing_ok=True)
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)

@@ -14,14 +14,15 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 from ddpm import checkpoint
 from ddpm.errors import PipelineError
-from ddpm.files import fsync
+from ddpm.files import fsync, kind, open_regular, refuse_non_folder
 from ddpm.params import plain
 
 try:
@@ -60,21 +61,43 @@ class RunFolders:
         load, the one before it still does."""
         return [self.work / CHECKPOINT, self.work / PREVIOUS, self.published / CHECKPOINT]
 
-    def resumable(self, config: dict, epochs: int) -> tuple[tuple[Path, dict] | None, list[str]]:
+    def folders(self) -> list[Path]:
+        """Every folder of this run that training writes in, empties or moves: none may be a
+        link (they would be written, emptied or moved out of the repository) or another kind
+        of file."""
+        return [self.work.parent, self.work, self.previews, self.work / "fid_images",
+                self.published, self.published / PREVIEWS]
+
+    def resumable(self, config: dict, epochs: int,
+                  refusal: Callable[[dict], str | None] = lambda state: None
+                  ) -> tuple[tuple[Path, dict] | None, list[str]]:
         """The most advanced checkpoint of the run `config` (checkpoint["config"]) with at most
-        `epochs` epochs, and its state; and what else was found, in words."""
+        `epochs` epochs, and its state; and what else was found, in words. refusal(state): what
+        makes a checkpoint of this run unfit to resume (keys, shapes, progress, non-finite
+        values; ddpm.step.TrainState.refusal), None if nothing."""
         found, notes = None, []
         for path in self.checkpoints():
-            if not path.exists():
+            try:
+                mode = os.stat(path).st_mode  # a link is read (DVC's symlink cache), not written
+            except FileNotFoundError:
+                continue
+            except OSError as e:  # a link loop, a dangling link
+                notes.append(f"{path}: not readable ({e.strerror}): not resumed")
+                continue
+            if not stat.S_ISREG(mode):  # a FIFO would never end the read
+                notes.append(f"{path} is {kind(mode)}, not a checkpoint file: not resumed")
                 continue
             try:
                 state = checkpoint.load(path)
             except checkpoint.CheckpointError as e:
                 notes.append(f"{e}: not resumed")
                 continue
-            epoch = state.get("progress", {}).get("epoch", 0)
+            progress = state.get("progress")
+            epoch = progress.get("epoch", 0) if isinstance(progress, dict) else 0
             if differs := checkpoint.differences(state.get("config", {}), config):
                 notes.append(f"{path} is from another run ({', '.join(differs)} differ)")
+            elif why := refusal(state):
+                notes.append(f"{path}: {why}: not resumed")
             elif epoch > epochs:
                 notes.append(f"{path} is at epoch {epoch}, beyond train.epochs")
             elif found is None or state["progress"]["step"] > found[1]["progress"]["step"]:
@@ -86,8 +109,10 @@ class RunFolders:
         hand, or in a clone sharing models/ on a network disk) stops here in one line naming
         this one's pid. The lock is flock(2)'s: it ends with this process, however it ends, so
         no kill leaves a stale one. Keep the returned file open while training."""
+        refuse_non_folder(self.work.parent, self.work)
         self.work.mkdir(parents=True, exist_ok=True)
-        handle = open(self.work / LOCK, "a+")  # noqa: SIM115  (held while training)
+        # Not through a link, and a FIFO is refused without waiting on it (open_regular).
+        handle = os.fdopen(open_regular(self.work / LOCK, os.O_RDWR | os.O_CREAT), "r+")
         if fcntl is None:
             return handle
         try:
@@ -102,6 +127,7 @@ class RunFolders:
         except OSError as e:  # a filesystem without locks (some FUSE mounts): train unlocked
             print(f"train: cannot lock {self.work} ({e.strerror}): make sure that no other "
                   "trainer of this run is running", file=sys.stderr)
+        handle.seek(0)
         handle.truncate(0)
         handle.write(f"{os.getpid()}\n")
         handle.flush()

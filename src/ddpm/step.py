@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ddpm import diffusion, networks
+from ddpm import checkpoint, diffusion, networks
 from ddpm.batches import Draws, augment
 from ddpm.ema import EMA
 from ddpm.params import Params
@@ -51,12 +52,123 @@ class TrainState:
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "progress": dataclasses.asdict(self.progress)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def refusal(self, state: dict[str, Any], steps_per_epoch: int | None = None) -> str | None:
+        """What makes `state` (a checkpoint's content) no state of this training run, in words;
+        None if it is one: the five parts, the model's and EMA's tensor names and shapes those
+        of this network, the optimizer's state of its parameters, progress values of their
+        types and in range (step = epoch x steps_per_epoch where that is given: checkpoints are
+        written at the ends of epochs), and finite weights, moments and scale."""
+        parts = ("model", "ema", "optimizer", "scaler", "progress")
+        if missing := [part for part in parts if not isinstance(state.get(part), dict)]:
+            return f"no {', '.join(missing)} state in it"
+        for part, module in (("model", self.model), ("ema", self.ema.model)):
+            if why := _weights_refusal(state[part], module.state_dict()):
+                return f"its {part} weights {why}"
+        if why := _optimizer_refusal(state["optimizer"], self.optimizer):
+            return f"its optimizer state {why}"
+        fresh = self.scaler.state_dict()  # {} when the scaler is off (not fp16)
+        scaler = state["scaler"]
+        if fresh and not (fresh.keys() <= scaler.keys() and all(
+                _real(scaler[key]) and math.isfinite(scaler[key]) for key in fresh)):
+            return "its gradient scaler state is not a finite scale and its settings"
+        return _progress_refusal(state["progress"], steps_per_epoch)
+
+    def load_state_dict(self, state: dict[str, Any], steps_per_epoch: int | None = None) -> None:
+        """Load a checkpoint's state; one that refusal() refuses is a ValueError saying why,
+        before anything is loaded."""
+        if why := self.refusal(state, steps_per_epoch):
+            raise ValueError(f"not a training state of this run: {why}")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _some(names: Any, limit: int = 3) -> str:
+    names = sorted(map(str, names))
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit
+                                       else "")
+
+
+def _weights_refusal(weights: dict, fresh: dict[str, torch.Tensor]) -> str | None:
+    """What keeps `weights` from being a state_dict of the network whose state_dict is `fresh`."""
+    if missing := fresh.keys() - weights.keys():
+        return f"lack {_some(missing)}"
+    if extra := weights.keys() - fresh.keys():
+        return f"hold tensors this network has not ({_some(extra)})"
+    for name, tensor in fresh.items():
+        saved = weights[name]
+        if not isinstance(saved, torch.Tensor) or saved.shape != tensor.shape or (
+                saved.is_floating_point() != tensor.is_floating_point()):
+            what = (f"{tuple(saved.shape)} {saved.dtype}" if isinstance(saved, torch.Tensor)
+                    else type(saved).__name__)
+            return (f"do not fit this network: {name} is {what}, the network's "
+                    f"{tuple(tensor.shape)} {tensor.dtype}")
+    if bad := checkpoint.non_finite(weights):
+        return f"hold NaN or infinite values ({_some(bad)})"
+    return None
+
+
+def _optimizer_refusal(saved: dict, optimizer: torch.optim.Optimizer) -> str | None:
+    """What keeps `saved` from being the state_dict of `optimizer` (Adam over this network)."""
+    fresh = optimizer.state_dict()
+    groups = saved.get("param_groups")
+    if not isinstance(saved.get("state"), dict) or not isinstance(groups, list):
+        return "is not an optimizer's (no state and param_groups)"
+    if len(groups) != len(fresh["param_groups"]) or any(
+            not isinstance(group, dict) or group.get("params") != ref["params"]
+            for group, ref in zip(groups, fresh["param_groups"])):
+        return "is not of this network's parameters"
+    shapes = [p.shape for group in optimizer.param_groups for p in group["params"]]
+    for index, values in saved["state"].items():
+        if not (type(index) is int and 0 <= index < len(shapes) and isinstance(values, dict)):
+            return f"names a parameter {str(index)[:20]} this network has not"
+        for name, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                return f"holds a {type(value).__name__} as parameter {index}'s {name}"
+            if value.dim() and value.shape != shapes[index]:
+                return (f"does not fit this network: parameter {index}'s {name} is "
+                        f"{tuple(value.shape)}, the parameter {tuple(shapes[index])}")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                return f"holds NaN or infinite values (parameter {index}'s {name})"
+    return None
+
+
+def _progress_refusal(progress: dict, steps_per_epoch: int | None) -> str | None:
+    """What keeps `progress` from being a Progress of a run at the end of an epoch."""
+    names = {f.name for f in dataclasses.fields(Progress)}
+    if missing := names - progress.keys():
+        return f"its progress lacks {_some(missing)}"
+    if extra := progress.keys() - names:
+        return f"its progress holds unknown keys ({_some(extra)})"
+    epoch, step, seconds, loss = (progress[k] for k in ("epoch", "step", "seconds", "loss"))
+    if type(epoch) is not int or epoch < 0:
+        return f"its progress.epoch is {str(epoch)[:20]}, not a count of epochs (0 or more)"
+    if type(step) is not int or step < 0:
+        return f"its progress.step is {str(step)[:20]}, not a count of steps (0 or more)"
+    if steps_per_epoch is not None and step != epoch * steps_per_epoch:
+        return (f"its progress.step {step} is not its epoch {epoch} x {steps_per_epoch} steps "
+                "per epoch")
+    if not (_real(seconds) and math.isfinite(seconds) and seconds >= 0):
+        return f"its progress.seconds is {str(seconds)[:20]}, not a duration"
+    if not (_real(loss) and (math.isfinite(loss) or epoch == 0)):
+        return f"its progress.loss is {str(loss)[:20]}, not a finite loss"
+    for key, width in (("rows", len(LOSS_ROW)), ("fid_rows", len(FID_ROW))):
+        rows = progress[key]
+        if not isinstance(rows, list) or not all(
+                isinstance(row, list) and len(row) == width and all(map(_real, row))
+                for row in rows):
+            return f"its progress.{key} is not a list of rows of {width} numbers"
+    return None
+
+
+LOSS_ROW = ("step", "loss", "images_per_second")  # a row of Progress.rows
+FID_ROW = ("epoch", "step", "fid", "seconds")      # a row of Progress.fid_rows
 
 
 def new_state(params: Params, shape: Sequence[int], precision: str, device: torch.device,

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ddpm import batches, checkpoint, curves, dataset, diffusion, networks, previews
 from ddpm.errors import PipelineError
 from ddpm.evaluate import SAMPLER, TrainingFid
-from ddpm.files import sweep_temporaries, write_json, write_tsv
+from ddpm.files import refuse_non_folder, sweep_temporaries, write_json, write_tsv
 from ddpm.images import save_png
 from ddpm.params import Params, run_config
 from ddpm.runs import CHECKPOINT, PREVIOUS, RunFolders, run_id
@@ -95,7 +95,10 @@ class Trainer:
 
     def run(self) -> Progress:
         """Train to train.epochs from the last checkpoint that fits; the main process holds the
-        run folder's lock meanwhile, and first sweeps what killed writers left."""
+        run folder's lock meanwhile, and first sweeps what killed writers left. A folder it
+        writes in, empties or moves that is a link (or no folder) stops it first, in one line."""
+        if self.world.main:
+            refuse_non_folder(*self.folders.folders(), self.paths.samples, self.paths.curves)
         with self.folders.lock() if self.world.main else contextlib.nullcontext():
             if self.world.main:
                 p = self.paths
@@ -126,14 +129,17 @@ class Trainer:
 
     def resume(self) -> str:
         """Load the most advanced checkpoint of this run (its own, the one before it if that
-        does not load, or the published one of a finished run); what happened, in words."""
-        found, notes = self.folders.resumable(self.config, self.params.train.epochs)
+        does not load or is unfit, or the published one of a finished run); what happened, in
+        words: each checkpoint passed over names its file and why."""
+        found, notes = self.folders.resumable(
+            self.config, self.params.train.epochs,
+            lambda state: self.state.refusal(state, self.steps_per_epoch))
         if found is None:
             if self.world.main:
                 previews.clear(self.folders.previews)
             return "; ".join(notes + ["starting fresh" if notes else "starting at epoch 0"])
         path, state = found
-        self.state.load_state_dict(state)
+        self.state.load_state_dict(state, self.steps_per_epoch)
         self.kept = path, self.state.progress.epoch
         if self.world.main:
             self.folders.adopt_previews(path)
