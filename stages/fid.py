@@ -3,7 +3,7 @@ import argparse
 from pathlib import Path
 
 import _src  # noqa: F401  (ddpm from this checkout)
-from ddpm.cli import run
+from ddpm.cli import done, run
 from ddpm.fid import folder_statistics, frechet_distance, load_statistics
 from ddpm.files import write_json
 from ddpm.params import load_params_or_exit
@@ -26,6 +26,7 @@ def main() -> None:
                                                  fid.weights, device,
                                                  f"fid: Inception features of {args.images}")
     value = frechet_distance(mu, sigma, mu_real, sigma_real)
+    done(f"FID {value:.4f} ({num_generated} generated vs {num_real} real images)")
     write_json(args.metrics, {"fid": value})
     write_json(args.report, {"num_generated": num_generated, "num_real": num_real,
                              "dims": fid.dims})

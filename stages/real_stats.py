@@ -2,7 +2,7 @@
 import argparse
 
 import _src  # noqa: F401  (ddpm from this checkout)
-from ddpm.cli import run
+from ddpm.cli import done, run
 from ddpm.fid import folder_statistics, save_statistics
 from ddpm.params import load_params_or_exit
 from ddpm.runtime import keep_freed_host_memory, resolve_device
@@ -19,6 +19,7 @@ def main() -> None:
     keep_freed_host_memory(device)  # on CPUs: no page faults on every batch's activations
     mu, sigma, n = folder_statistics(args.images, fid.dims, fid.batch_size, fid.weights, device,
                                      f"real_stats: Inception features of {args.images}")
+    done(f"the Inception statistics of {n} images are computed")
     save_statistics(args.out, mu, sigma, n)
     print(f"real_stats: {fid.dims}-dim Inception statistics of {n} images -> {args.out}")
 

@@ -37,6 +37,7 @@ def main() -> None:
     kept = generate_folder(model, sched, shape, params, precision, args.out, world, wanted)
     seconds = time.perf_counter() - start
     if world.main:
+        cli.done(f"the {params.sample.num_images} images are in {args.out}")
         first = [read_png(path, shape[1]) for path in list_pngs(args.out)[:64]]
         save_png(grid(first), args.grid)
         sp = params.sample

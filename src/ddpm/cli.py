@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from ddpm.errors import ParamsError, PipelineError, Terminated, exit_code
-from ddpm.files import NO_SPACE
+from ddpm.files import NO_SPACE, TEMPORARY
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
 SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"}  # that DVC may run a stage with
@@ -20,6 +20,7 @@ _where: Callable[[], str | None] | None = None  # what an interrupt says (on_int
 RERAISE = 1.0  # seconds between raisings of a SIGTERM until run() has caught one
 _raised = False  # a SIGTERM was raised as Terminated
 _stopping = False  # run() caught the interrupt and is handling it
+_done: str | None = None  # what the stage made, once its work is done (done())
 
 
 def on_interrupt(where: Callable[[], str | None]) -> None:
@@ -53,12 +54,37 @@ def run(main: Callable[[], None]) -> None:
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2 if isinstance(e, ParamsError) else 1) from None
-    except OSError as e:  # ddpm.files names the file it could not write; this is any other write
-        if e.errno not in NO_SPACE:
+    except OSError as e:  # ddpm.files names a file a full disk kept; this is any other read/write
+        if e.errno in NO_SPACE:
+            print(f"error: the disk is full ({e.filename or e.strerror}); free some space and run "
+                  "the same command again", file=sys.stderr)
+        elif e.filename is not None:  # a file or folder the stage could not read or write
+            print(f"error: {cannot(e)}", file=sys.stderr)
+        else:  # no file named: not the user's to fix, the traceback is what helps
             raise
-        print(f"error: the disk is full ({e.filename or e.strerror}); free some space and run "
-              "the same command again", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def done(what: str) -> None:
+    """The stage's work is done: `what` says what it made and where (e.g. "12 images in
+    data/samples"), and a file that cannot be written from now on (a metrics file in a read-only
+    folder) is reported with it, so that the user knows what is there and what is missing."""
+    global _done
+    _done = what
+
+
+def cannot(error: OSError) -> str:
+    """The one line for an OSError that names a file: the file (a temporary one of ddpm.files by
+    the name it was to get), why, and what to do; after done(), what the stage had done."""
+    path = Path(os.fsdecode(error.filename))
+    if match := TEMPORARY.fullmatch(path.name):  # .<name>.<pid>.<random>.tmp
+        path = path.parent / path.name[1:match.start(1) - 1]
+    why = error.strerror or type(error).__name__
+    if _done is None:
+        return (f"{path}: {why}; check that path (that it exists as the file or folder meant, "
+                "its permissions) and run the same command again")
+    return (f"{Path(sys.argv[0]).stem}: {_done}, but {path} could not be written ({why}); make it "
+            "writable (or choose another path) and run the same command again")
 
 
 def _unraisable(unraisable) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -75,33 +76,56 @@ def png_size(path: str | Path) -> int:
             if img.mode == "RGB" and img.width == img.height:
                 return img.width
             raise PipelineError(f"{path}: a {img.mode} {img.width}x{img.height} image, expected "
-                                "a square RGB PNG")
-    except (OSError, SyntaxError) as e:
-        raise PipelineError(f"{path}: not a readable PNG image ({e})") from None
+                                f"a square RGB PNG; {_redo(path)}")
+    except UNREADABLE as e:
+        raise PipelineError(f"{path}: not a readable PNG image ({_reason(e)}); "
+                            f"{_redo(path)}") from None
+
+
+# What Pillow raises for a damaged file: OSError (truncated, unidentified, bad CRC), SyntaxError
+# (a malformed chunk), zlib.error and ValueError (bad deflate data, bad fields), EOFError, and a
+# header of more pixels than Pillow's bound.
+UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def _redo(path: str | Path) -> str:
+    folder = Path(path).parent
+    return (f"restore the folder with `dvc checkout {folder}` or re-run the stage that wrote it "
+            "(dvc repro)")
 
 
 def read_png(path: str | Path, size: int, pixels: bool = True) -> np.ndarray | None:
     """One PNG as (size, size, 3) uint8; anything else is a PipelineError naming the file.
 
-    pixels=False skips decoding (cheap for 50,000 files): it checks the header and the chunk
-    checksums, so a truncated file fails here rather than inside pytorch-fid; returns None.
+    Every chunk's checksum is checked and every pixel decoded, so a truncated or corrupted file
+    (bad deflate data behind valid checksums included) fails here, in one line, rather than
+    inside pytorch-fid's loader. pixels=False returns None instead of the array (a check).
     """
     try:
-        with Image.open(path) as img:
-            if img.format != "PNG" or img.mode != "RGB" or img.size != (size, size):
+        with Image.open(path, formats=["PNG"]) as img:
+            if img.mode != "RGB" or img.size != (size, size):
                 raise PipelineError(f"{path}: a {img.format} {img.mode} {img.size[0]}x"
-                                    f"{img.size[1]} image, expected a {size}x{size} RGB PNG")
-            if not pixels:
-                img.verify()  # reads every chunk: a truncated or corrupted file raises
-                return None
-            return np.asarray(img)
-    except (OSError, SyntaxError) as e:  # PIL's errors for truncated or unknown files
-        raise PipelineError(f"{path}: not a readable PNG image ({e})") from None
+                                    f"{img.size[1]} image, expected a {size}x{size} RGB PNG; "
+                                    f"{_redo(path)}")
+            img.verify()  # the checksums of all chunks: a truncated or altered file raises
+        with Image.open(path, formats=["PNG"]) as img:  # verify() leaves no pixels to decode
+            if img.mode != "RGB" or img.size != (size, size):  # replaced in between
+                raise OSError("the file changed while it was read")
+            img.load()  # the pixels: bad deflate data raises
+            return np.asarray(img) if pixels else None
+    except UNREADABLE as e:
+        raise PipelineError(f"{path}: not a readable PNG image ({_reason(e)}); "
+                            f"{_redo(path)}") from None
 
 
 def check_pngs(files: list[Path], size: int | None = None) -> None:
-    """Raise PipelineError for the first file that is not a size x size RGB PNG (size None: the
-    first file's, which must be square)."""
+    """Raise PipelineError for the first file that is not a readable size x size RGB PNG (size
+    None: the first file's, which must be square): header, checksums and pixels, in threads
+    (zlib and file I/O release the GIL)."""
     size = size or png_size(files[0])
     with ThreadPoolExecutor(io_workers()) as pool:
         list(pool.map(lambda path: read_png(path, size, pixels=False), files))

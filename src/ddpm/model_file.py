@@ -35,9 +35,13 @@ class ModelFile:
     def network(self, device: torch.device | str = "cpu") -> torch.nn.Module:
         """The network with these weights, on `device`, in eval mode."""
         model = networks.build(self.model, self.shape)
-        checkpoint.load_weights(model, self.weights, dict(self.config.get("model", {}),
-                                                          arch=self.model.arch),
-                                self.model, self.path)
+        try:
+            model.load_state_dict(self.weights)
+        except RuntimeError as e:  # names or shapes of another network than its config's
+            raise checkpoint.CheckpointError(
+                f"{self.path}: its weights do not fit the {self.model.arch} network its recorded "
+                f"config describes ({checkpoint.mismatch(e)}); the file is damaged or not of this "
+                "project: write it again (retrain, export or import it anew)") from None
         return model.to(device).eval()
 
     def digest(self) -> str:
@@ -70,6 +74,8 @@ def read(path: str | Path, weights: str = "ema") -> ModelFile:
         raise checkpoint.CheckpointError(
             f"{path}: no {weights!r} weights in it (it holds: {', '.join(held) or 'none'}; "
             "'model' is in training checkpoints only)")
+    checkpoint.ema_weights(state, path, weights, "write it again (retrain, export or import it "
+                           "anew)")  # a dict of named dense tensors, or one line
     if bad := checkpoint.non_finite(state[weights]):
         raise checkpoint.CheckpointError(f"{path}: its {weights} weights hold NaN or infinite "
                                          f"values ({', '.join(bad[:3])})")
