@@ -139,6 +139,14 @@ def train_paths(root: Path, data: Path):
                       fid=root / "fid.tsv", curves=root / "curves")
 
 
+def python_m_ddpm(cwd: Path, *args: object) -> subprocess.CompletedProcess:
+    """`python -m ddpm ARGS` of this checkout in cwd (no params.yaml needed there)."""
+    import os
+    return subprocess.run([sys.executable, "-m", "ddpm", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+
+
 def run_stage(script: str, cwd: Path, *args: str, **overrides) -> subprocess.CompletedProcess:
     """Run stages/<script> in cwd with a copy of the committed params.yaml; `data__url=...` sets
     data.url, `device=...` a top-level key."""

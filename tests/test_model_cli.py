@@ -2,7 +2,6 @@
 and image size read from the file, the very images the sample stage draws from it."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -14,16 +13,10 @@ from PIL import Image
 
 from ddpm import checkpoint, networks
 from ddpm.params import parse_params, run_config
-from fakes import ROOT
+from fakes import ROOT, python_m_ddpm
 
 SAMPLING = ["--num-images", "5", "--batch-size", "2", "--sampler", "ddim", "--steps", "4",
             "--precision", "fp32", "--device", "cpu"]
-
-
-def python_m_ddpm(cwd, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ddpm", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
 
 
 def perturbed(params, shape, seed: int = 0) -> dict:

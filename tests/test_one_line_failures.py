@@ -8,7 +8,6 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from PIL import Image
 from ddpm import checkpoint, networks
 from ddpm.images import write_pngs
 from ddpm.params import parse_params, run_config
-from fakes import ROOT, make_cifar_archive, run_data_stages, run_stage
+from fakes import make_cifar_archive, python_m_ddpm, run_data_stages, run_stage
 
 SAMPLE_ARGS = ("--ema", "ema.pt", "--out", "samples", "--metrics", "metrics/sample.json",
                "--report", "report.json", "--grid", "grid.png")
@@ -37,10 +36,8 @@ def one_error(done: subprocess.CompletedProcess, names: str, code: int = 1) -> s
 
 
 def python_m_ddpm_sample(cwd: Path, model: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ddpm", "sample", str(model), "--out", "out",
-                           "--num-images", "2", "--steps", "2", "--device", "cpu"], cwd=cwd,
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    return python_m_ddpm(cwd, "sample", model, "--out", "out", "--num-images", "2", "--steps", "2",
+                         "--device", "cpu")
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,7 @@ dvc.utils.hydra.compose_and_dump with .dvc/config's settings) without running it
 from __future__ import annotations
 
 import configparser
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -20,7 +17,7 @@ import yaml
 from ddpm.networks import checked_size
 from ddpm.params import load_params, reference
 from ddpm.presets import compose
-from fakes import ROOT
+from fakes import ROOT, python_m_ddpm
 
 
 def composed(tmp_path, *overrides: str) -> str:
@@ -41,12 +38,6 @@ def composable_copy(tmp_path, params: str):
     shutil.copy(ROOT / ".dvc/config", repo / ".dvc/config")
     (repo / "params.yaml").write_text(params)
     return repo
-
-
-def python_m_ddpm(repo, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ddpm", *args], cwd=repo, capture_output=True,
-                          text=True, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
 
 
 def test_dvc_composes_params_yaml_from_the_committed_defaults():
