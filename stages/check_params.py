@@ -18,7 +18,8 @@ from ddpm.cli import run
 from ddpm.errors import ParamsError
 from ddpm.files import atomic_file
 from ddpm.networks import checked_size, state_bytes
-from ddpm.params import check_paths, load_params_or_exit
+from ddpm.locations import check_location
+from ddpm.params import load_params_or_exit
 from ddpm.runtime import check_hardware
 from ddpm.sources import CHANNELS, check
 
@@ -35,7 +36,8 @@ def main() -> None:
         resolution = params.data.resolution
         count = checked_size(params.model, (CHANNELS, resolution, resolution))
         check(params.data)
-        check_paths(params)
+        if params.fid.weights:  # a typo stops here, before DVC deletes data/real_stats.npz
+            check_location("fid.weights", params.fid.weights, remote=False)
     except ParamsError as e:
         raise ParamsError(f"params.yaml: {e}") from None
     with atomic_file(args.out) as tmp:

@@ -4,21 +4,20 @@ rules that span sections (the check_params stage also builds the network on the 
 params.yaml is the one source of truth: the classes carry no defaults, so a key missing from the
 file is an error rather than a silently different value. Every bad value, whatever its kind, is
 one line that names the key and what it accepts (a ParamsError: exit code 2 in the stages), and
-nothing in the file can hang the check or make it allocate: no YAML aliases, bounded sizes.
+nothing in the file can hang the check or make it allocate (ddpm.plain_yaml reads it).
 """
 import dataclasses
 import json
-import re
 import sys
 import typing
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 
 from ddpm import locations, schema
 from ddpm.errors import ParamsError
+from ddpm.plain_yaml import read_yaml  # noqa: F401  (also ddpm.params.read_yaml)
 from ddpm.schema import (Accepts, Doc, Float, Int, Length, Pattern, Resumable, SpeedOnly,
                          accepted, short)
 
@@ -223,66 +222,6 @@ def json_schema() -> dict[str, Any]:
             **schema.json_schema(Params)}
 
 
-# -- params.yaml as text ------------------------------------------------------------------------
-
-MAX_BYTES, MAX_DEPTH = 1 << 20, 16
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML for params.yaml: plain values only (no anchors or aliases, which can expand a few
-    lines into billions of values), string keys, no key twice, nesting at most MAX_DEPTH deep;
-    1e-4 is a number (YAML 1.2), not the string that YAML 1.1 makes of it."""
-
-    depth = 0
-
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-            raise _yaml_error(event, "anchors and aliases (& and *) are not accepted: write "
-                                     "each value out")
-        self.depth += 1
-        try:
-            if self.depth > MAX_DEPTH:
-                raise _yaml_error(event, f"nested more than {MAX_DEPTH} levels deep")
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
-
-    def construct_mapping(self, node, deep=False):
-        lines: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, str):
-                raise _yaml_error(key_node, f"the key {key_node.value or 'null'} is not a string")
-            if key in lines:
-                raise _yaml_error(key_node, f"the key {key!r} appears twice (also on line "
-                                            f"{lines[key]}); the second would silently win")
-            lines[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
-
-
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-                              list("-+0123456789."))
-
-
-def _yaml_error(where: Any, message: str) -> ParamsError:
-    return ParamsError(f"line {where.start_mark.line + 1}: {message}")
-
-
-def read_yaml(path: Path) -> Any:
-    """The parsed content of a params file; any problem is a ParamsError naming the line."""
-    size = path.stat().st_size
-    if size > MAX_BYTES:
-        raise ParamsError(f"{size:,} bytes; a params file is a few KB (at most {MAX_BYTES:,})")
-    try:
-        return yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
-    except UnicodeDecodeError as e:
-        raise ParamsError(f"not a text file ({e.reason} at byte {e.start})") from None
-    except yaml.YAMLError as e:
-        raise ParamsError(f"not valid YAML ({' '.join(str(e).split())})") from None
-
-
 # -- validation ---------------------------------------------------------------------------------
 
 def _require(ok: bool, key: str, value: Any, accepted_: str) -> None:
@@ -323,15 +262,6 @@ def check_rules(p: Params) -> None:
     _require(not p.data.limit or p.data.limit >= tp.batch_size, "data.limit", p.data.limit,
              f"0 (every image) or at least train.batch_size={tp.batch_size} images (one "
              "optimizer step)")
-
-
-def check_paths(p: Params) -> None:
-    """check_params only: fid.weights, when given, is a readable regular file here (a typo
-    stops the run before DVC deletes data/real_stats.npz). data.url and data.source are
-    ddpm.sources.check's. Not part of parse_params: a stage reads its params wherever it runs,
-    and a params file names files of the machine that runs it."""
-    if p.fid.weights:
-        locations.check_location("fid.weights", p.fid.weights, remote=False)
 
 
 def parse_params(raw: Any) -> Params:
