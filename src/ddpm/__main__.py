@@ -56,8 +56,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="the root of the noise (default 0)")
     s.add_argument("--batch-size", type=int, help=f"images per forward pass (default "
                    f"{DEFAULTS['batch_size']})")
-    s.add_argument("--weights", choices=("ema", "model"), default="ema",
-                   help="a training checkpoint's EMA weights (default) or its raw ones")
+    weights_option(s)
     s.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N")
     s.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                    help="as train.precision: auto = bf16 on CUDA or native-bf16 CPUs, else fp32")
@@ -68,8 +67,7 @@ def parser() -> argparse.ArgumentParser:
         "config that `python -m ddpm sample` loads (docs/interop.md).")
     e.add_argument("model", type=Path, help="models/ema.pt, a checkpoint or an export folder")
     e.add_argument("out", type=Path, help="the folder to write")
-    e.add_argument("--weights", choices=("ema", "model"), default="ema",
-                   help="a training checkpoint's EMA weights (default) or its raw ones")
+    weights_option(e)
     i = commands.add_parser(
         "import-diffusers", help="a diffusers UNet2DModel as this pipeline's model file",
         description="Convert a diffusers UNet2DModel or DDPMPipeline folder (config.json and "
@@ -86,6 +84,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="OVERRIDE",
                    help="Hydra overrides as -S takes them: +presets=quick train.lr=1e-4")
     return top
+
+
+def weights_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--weights", choices=("ema", "model"), default="ema",
+                         help="a training checkpoint's EMA weights (default) or its raw ones")
 
 
 def sample_settings(args: argparse.Namespace, model) -> SampleParams:
