@@ -21,11 +21,13 @@ CPU_BATCH_GPU = 32  # batch_gpu auto on a CPU, where host memory is no limit to 
 
 class Draws(NamedTuple):
     """This process's share of one optimizer step, image by image: data indices (B,), left-right
-    flips (B,), timesteps (B,) and noise (B, C, H, W), all on the device."""
+    flips (B,), timesteps (B,), noise (B, C, H, W) and, for a conditional model, the labels it
+    trains with (B,: the image's class, or the null label where dropped), all on the device."""
     idx: torch.Tensor
     flip: torch.Tensor
     t: torch.Tensor
     noise: torch.Tensor
+    labels: torch.Tensor | None = None
 
 
 def draw(generator: torch.Generator, batch: int, timesteps: int, shape: Sequence[int]
@@ -41,11 +43,24 @@ def draw(generator: torch.Generator, batch: int, timesteps: int, shape: Sequence
     return flip, t, noise
 
 
+def drop_labels(generator: torch.Generator, labels: torch.Tensor, dropout: float,
+                null: int) -> torch.Tensor:
+    """Classifier-free guidance's training labels (Ho & Salimans 2022, Algorithm 1): each of
+    `labels` (B,) replaced by the null label with probability `dropout`, drawn after the step's
+    other draws (so an unconditional run draws what it drew before labels existed)."""
+    drop = torch.rand(len(labels), device=generator.device, generator=generator) < dropout
+    return torch.where(drop.to(labels.device), torch.full_like(labels, null), labels)
+
+
 def epoch_draws(seed: int, epoch: int, num_images: int, batch: int, timesteps: int,
-                shape: Sequence[int], world: World, device: torch.device) -> Iterator[Draws]:
+                shape: Sequence[int], world: World, device: torch.device,
+                labels: torch.Tensor | None = None, label_dropout: float = 0.0,
+                null: int = 0) -> Iterator[Draws]:
     """Every optimizer step of an epoch, this process's share: the data order and the draws
     come from (seed, epoch) alone and are the same on every process, so a resumed epoch replays
-    an uninterrupted one. The N % batch images left over by the shuffle wait for another epoch."""
+    an uninterrupted one. The N % batch images left over by the shuffle wait for another epoch.
+    labels: the (N,) classes of a conditional model's images on the device, dropped to `null`
+    at the rate label_dropout; None for an unconditional model."""
     order = torch.randperm(num_images, generator=torch.Generator().manual_seed(
         derive_seed(seed, epoch, "order"))).to(device)
     generator = torch.Generator(device).manual_seed(derive_seed(seed, epoch, "noise"))
@@ -54,7 +69,8 @@ def epoch_draws(seed: int, epoch: int, num_images: int, batch: int, timesteps: i
     for step in range(num_images // batch):
         idx = order[step * batch:(step + 1) * batch]
         flip, t, noise = draw(generator, batch, timesteps, shape)
-        yield Draws(idx[mine], flip[mine], t[mine], noise[mine])
+        y = None if labels is None else drop_labels(generator, labels[idx], label_dropout, null)
+        yield Draws(idx[mine], flip[mine], t[mine], noise[mine], None if y is None else y[mine])
 
 
 def augment(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:

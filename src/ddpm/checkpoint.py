@@ -98,6 +98,17 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], saved
             f"{mismatch(e)}") from None
 
 
+def check_conditional(saved: dict | None, wanted: ModelParams, path: str | Path) -> None:
+    """A file of a conditional network for model.conditional: true, else one line saying what it
+    holds (files from before model.conditional hold unconditional networks)."""
+    was = bool((saved or {}).get("conditional", False))
+    if was != wanted.conditional:
+        kind = "a conditional" if was else "an unconditional"
+        raise CheckpointError(f"{path}: holds {kind} network, but model.conditional = "
+                              f"{str(wanted.conditional).lower()}: retrain (dvc repro train) or "
+                              f"set -S model.conditional={str(was).lower()}")
+
+
 def mismatch(error: RuntimeError) -> str:
     """The first thing load_state_dict's multi-line error names (a missing key, a size mismatch),
     in one line; its first line only says which network."""

@@ -2,7 +2,9 @@
 
 Equation numbers refer to Ho et al. 2020 ("DDPM", arXiv:2006.11239) and Song et al. 2021
 ("DDIM", arXiv:2010.02502); DPM-Solver++ is Lu et al. 2022 (arXiv:2211.01095). The model is
-passed in, never owned: any callable eps = model(x_t, t).
+passed in, never owned: any callable eps = model(x_t, t), or eps = model(x_t, t, labels) for a
+conditional one, which `guided` turns into the former (classifier-free guidance, Ho & Salimans
+2022, arXiv:2207.12598).
 """
 from __future__ import annotations
 
@@ -81,18 +83,20 @@ def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor,
 
 def loss(model: EpsModel, sched: Schedule, x0: torch.Tensor,
          generator: torch.Generator | None = None, t: torch.Tensor | None = None,
-         noise: torch.Tensor | None = None) -> torch.Tensor:
+         noise: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 14, the simplified objective: || eps - eps_theta(x_t, t) ||^2, t ~ U{0..T-1}.
 
     x0: (B, C, H, W) in [-1, 1]; t and noise are drawn from `generator` unless given (the trainer
-    draws them per image of the whole batch). Returns the mean over batch and pixels, a scalar in
-    float32 or wider (float64 models keep float64).
+    draws them per image of the whole batch); labels: (B,) classes of a conditional model (the
+    null label where dropped), None for an unconditional one. Returns the mean over batch and
+    pixels, a scalar in float32 or wider (float64 models keep float64).
     """
     if t is None:
         t = torch.randint(0, sched.timesteps, (x0.shape[0],), device=x0.device, generator=generator)
     if noise is None:
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-    eps = model(q_sample(sched, x0, t, noise), t)
+    x_t = q_sample(sched, x0, t, noise)
+    eps = model(x_t, t) if labels is None else model(x_t, t, labels)
     dtype = torch.promote_types(eps.dtype, torch.float32)
     return F.mse_loss(eps.to(dtype), noise.to(dtype))
 
@@ -145,6 +149,32 @@ def randn_like_per_image(shape: Sequence[int], generator: Generators,
         raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} images")
     return torch.stack([torch.randn(shape[1:], generator=g, device=g.device)
                         for g in generator]).to(device)
+
+
+def guided(model: Callable[..., torch.Tensor], labels: torch.Tensor | None,
+           guidance: float = 0.0, null_label: int | None = None) -> EpsModel:
+    """The eps model that the samplers call, eps(x_t, t), for the classes `labels` (B,) of a
+    conditional `model`, with classifier-free guidance w = `guidance`:
+
+        eps = eps(x_t, t, null) + (1 + w) (eps(x_t, t, labels) - eps(x_t, t, null))
+
+    (Ho & Salimans 2022, eq. 6). w = 0 is the conditional model alone, one forward pass of B
+    images; w > 0 evaluates the conditional and the unconditional (null_label) predictions in
+    one forward pass of 2B images and combines them in float32. labels None: `model` itself."""
+    if labels is None:
+        if guidance:
+            raise ValueError("guidance needs labels (a conditional model)")
+        return model
+    if not guidance:
+        return lambda x, t: model(x, t, labels)
+    if null_label is None:
+        raise ValueError("guidance needs the model's null label")
+    both = torch.cat([labels, torch.full_like(labels, null_label)])
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), both).float().chunk(2)
+        return uncond + (1.0 + guidance) * (cond - uncond)
+    return eps
 
 
 def _eps(model: EpsModel, x: torch.Tensor, t: int) -> torch.Tensor:
@@ -268,11 +298,14 @@ def dpm_solver_pp_steps(model: EpsModel, sched: Schedule, x: torch.Tensor, ts: S
 def sample(model: EpsModel, sched: Schedule, shape: Sequence[int], sampler: str = "ddpm",
            steps: int | None = None, generator: Generators = None, eta: float = 0.0,
            variance: str = "beta", clip_denoised: bool = False,
-           progress: Callable[[], None] | None = None) -> torch.Tensor:
+           progress: Callable[[], None] | None = None, labels: torch.Tensor | None = None,
+           guidance: float = 0.0, null_label: int | None = None) -> torch.Tensor:
     """Draw images x0 ~ p_theta on sched.device: (B, C, H, W) float32 clipped to [-1, 1].
 
     sampler: "ddpm" (ancestral, eq. 11), "ddim" (eq. 12) or "dpm-solver++" (deterministic,
     second order); steps: network evaluations per image, None = all T timesteps.
+    labels, guidance, null_label: a conditional model's classes (B,), drawn with classifier-free
+    guidance w (`guided`; null_label: the model's null label K).
     generator: None, one torch.Generator, or a list with one per image (batch-size independent).
     clip_denoised: clip the predicted x0 to [-1, 1] inside every step (Ho et al.'s code).
     progress: called after every denoising step.
@@ -287,6 +320,7 @@ def sample(model: EpsModel, sched: Schedule, shape: Sequence[int], sampler: str 
     ts = (log_snr_timesteps(sched, n) if sampler == "dpm-solver++" else
           timesteps_for(sched.timesteps, n))
     device = sched.device
+    model = guided(model, None if labels is None else labels.to(device), guidance, null_label)
 
     def randn() -> torch.Tensor:
         return randn_like_per_image(shape, generator, device)

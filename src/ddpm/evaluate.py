@@ -27,19 +27,21 @@ class TrainingFid:
         self.inception = inception(params.fid.dims, params.fid.weights, device)
 
     def __call__(self, model: torch.nn.Module, sched: Schedule, shape: Sequence[int],
-                 precision: str, folder: Path, desc: str) -> float:
+                 precision: str, folder: Path, desc: str, classes: Sequence[str] = ()) -> float:
         """FID of `model` (eval mode) against the real statistics. Image i comes from the sample
         stage's seed of i, through generate() with sample.batch_size and clip_denoised but
-        SAMPLER and train.fid_steps (so train's params need list no other sample.* key);
-        the PNGs pass through `folder` (created, then removed), so the score is the fid stage's
+        SAMPLER and train.fid_steps (so train's params need list no other sample.* key); a
+        conditional model (its `classes` given) draws the balanced classes without guidance.
+        The PNGs pass through `folder` (created, then removed), so the score is the fid stage's
         computation on the same files."""
         params, train = self.params, self.params.train
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         sample = dataclasses.replace(params.sample, num_images=train.fid_images, sampler=SAMPLER,
-                                     steps=train.fid_steps, eta=0.0, variance="beta")
+                                     steps=train.fid_steps, eta=0.0, variance="beta",
+                                     labels="balanced", guidance=0.0)
         generate(model, sched, shape, dataclasses.replace(params, sample=sample), precision,
-                 range(train.fid_images), folder, progress=False)
+                 range(train.fid_images), folder, progress=False, classes=classes)
         mu, sigma, _ = folder_statistics(folder, params.fid.dims, params.fid.batch_size,
                                          params.fid.weights, sched.device, desc,
                                          model=self.inception)

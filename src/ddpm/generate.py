@@ -24,6 +24,7 @@ from ddpm.diffusion import Schedule, sample, timesteps_for
 from ddpm.errors import PipelineError
 from ddpm.files import file_digest, read_regular, refuse_non_folder, write_json
 from ddpm.images import read_png, to_uint8, write_pngs
+from ddpm.labels import class_indices, image_labels, recorded_classes
 from ddpm.params import Params, plain
 from ddpm.runtime import World, autocast, compile_mode, derive_seed, device_name
 
@@ -46,9 +47,14 @@ def load_ema_model(path: str | Path, params: Params, device: torch.device
                                          " sections; retrain (dvc repro train), or restore it "
                                          "(dvc checkout / dvc pull)")
     shape = checkpoint.image_shape(state, path)
-    model = networks.build(params.model, shape)
+    checkpoint.check_conditional(config.get("model"), params.model, path)
+    classes = recorded_classes(state, path, params.model.conditional)
+    if classes:  # sample.labels names classes it has, or one line
+        class_indices(params.sample.labels, classes)
+    model = networks.build(params.model, shape, len(classes))
     checkpoint.load_weights(model, weights, config.get("model"), params.model, path)
-    return for_sampling(model.to(device), compile_mode(params.sample.compile, device)), shape
+    return (for_sampling(model.to(device), compile_mode(params.sample.compile, device)), shape,
+            classes)
 
 
 def for_sampling(model: torch.nn.Module, mode: str | None) -> torch.nn.Module:
@@ -79,14 +85,15 @@ def batches(indices: range, batch_size: int) -> list[range]:
 
 
 def sample_manifest(ema: Path, params: Params, precision: str, device: torch.device,
-                    world: World, digest: str | None = None) -> dict[str, Any]:
+                    world: World, digest: str | None = None,
+                    classes: Sequence[str] = ()) -> dict[str, Any]:
     """Everything the bytes of image i depend on, flat, by params.yaml's dotted keys.
 
     Besides the weights (by content: the file `ema`'s sha256, or `digest` where the weights are
     not one file's), seed, model.* and diffusion.*: every sample.* key, batch size and compile
     included (the batch an image is drawn in and a compiled forward can each move a pixel by one
     level), the resolved precision, the device, the number of processes (the shards decide the
-    batches) and torch's version.
+    batches) and torch's version; a conditional model's class names (sample.labels names them).
     """
     flat: dict[str, Any] = {WEIGHTS_KEY: digest or file_digest(ema, "sha256"), "seed": params.seed}
     sample_params = dict(dataclasses.asdict(params.sample),
@@ -97,13 +104,18 @@ def sample_manifest(ema: Path, params: Params, precision: str, device: torch.dev
         flat.update({f"{section}.{key}": value for key, value in values.items()})
     flat.update({"precision": precision, "processes": world.size, "torch": torch.__version__,
                  "device": device_name(device) if device.type == "cuda" else device.type})
+    if classes:
+        flat["classes"] = list(classes)
     return json.loads(json.dumps(plain(flat)))  # as the manifest will hold it
 
 
 def generate(model: torch.nn.Module, sched: Schedule, shape: Sequence[int], params: Params,
-             precision: str, indices: range, folder: Path, progress: bool = True) -> None:
+             precision: str, indices: range, folder: Path, progress: bool = True,
+             classes: Sequence[str] = ()) -> None:
     """Sample images `indices` of `shape` (C, H, W) in batches of sample.batch_size and write
-    them as {i}.png, skipping the batches whose images are all in `folder` already.
+    them as {i}.png, skipping the batches whose images are all in `folder` already. A
+    conditional model (its `classes` given) draws image i as the class sample.labels gives it,
+    with guidance sample.guidance.
 
     The bar counts images and advances per denoising step, so it moves within a batch; its
     images/s and ETA are for the whole share, and kept images count from the start.
@@ -122,11 +134,14 @@ def generate(model: torch.nn.Module, sched: Schedule, shape: Sequence[int], para
             # Each step advances the bar by a fraction of the batch, computed from the step count
             # so that fractions do not add up to 2.9999 images.
             done, size, step = bar.n, len(ids), itertools.count(1)
+            labels = image_labels(sp.labels, classes, ids) if classes else None
             with autocast(precision, device):
                 x = sample(model, sched, (size, *shape), sp.sampler, sp.steps, gens,
                            eta=sp.eta, variance=sp.variance, clip_denoised=sp.clip_denoised,
                            progress=lambda done=done, size=size, step=step: bar.update(
-                               done + size * next(step) / steps - bar.n))
+                               done + size * next(step) / steps - bar.n),
+                           labels=labels, guidance=sp.guidance if classes else 0.0,
+                           null_label=len(classes))
             if not bool(torch.isfinite(x).all()):  # to_uint8 would make them black, silently
                 raise PipelineError(
                     f"images {ids.start}-{ids.stop - 1} came out NaN or infinite ({precision}, "
@@ -211,7 +226,7 @@ def where(out: Path) -> str:
 
 def generate_folder(model: torch.nn.Module, sched: Schedule, shape: Sequence[int],
                     params: Params, precision: str, out: Path, world: World,
-                    wanted: dict[str, Any]) -> int:
+                    wanted: dict[str, Any], classes: Sequence[str] = ()) -> int:
     """All sample.num_images images into `out`, split across processes; `out` appears complete,
     without the manifest, as an uninterrupted run's. Returns how many images were kept.
 
@@ -225,7 +240,7 @@ def generate_folder(model: torch.nn.Module, sched: Schedule, shape: Sequence[int
     kept = keep_or_clean(staging, wanted, params, world, shape[1]) if world.main else 0
     world.barrier()
     generate(model, sched, shape, params, precision, shard(params.sample.num_images, world),
-             staging, progress=world.main)
+             staging, progress=world.main, classes=classes)
     world.barrier()
     if world.main:
         refuse_non_folder(out, staging)  # nor one made while the images were drawn

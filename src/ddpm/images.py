@@ -145,6 +145,26 @@ def grid(images: np.ndarray | torch.Tensor, nrow: int | None = None, pad: int = 
     return out
 
 
+def labelled_grid(rows: list[tuple[str, np.ndarray]], pad: int = 2) -> np.ndarray:
+    """One row per (name, (n, H, W, 3) uint8 images), the name written left of its row in a
+    white margin (PIL's built-in font; names cut to 16 characters)."""
+    from PIL import ImageDraw, ImageFont
+    width = max(len(images) for _, images in rows)
+    h, w, c = rows[0][1].shape[1:]
+    blank = np.full((h, w, c), 255, dtype=np.uint8)
+    tiles = np.stack([row[i] if i < len(row) else blank for _, row in rows for i in range(width)])
+    body = grid(tiles, nrow=width, pad=pad)
+    font = ImageFont.load_default()
+    names = [name[:16] for name, _ in rows]
+    margin = 4 + max(int(math.ceil(font.getlength(name))) for name in names)
+    canvas = Image.new("RGB", (margin + body.shape[1], body.shape[0]), "white")
+    canvas.paste(Image.fromarray(body).convert("RGB"), (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for r, name in enumerate(names):
+        draw.text((2, pad + r * (h + pad) + h // 2), name, fill="black", font=font, anchor="lm")
+    return np.asarray(canvas)
+
+
 def save_png(image: np.ndarray, path: str | Path) -> None:
     """One (H, W, 3) uint8 image, replacing `path` whole (a full disk leaves the old file)."""
     with atomic_file(path) as tmp:

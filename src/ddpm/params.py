@@ -88,6 +88,9 @@ class ModelParams:
     heads: Int(1, 64, "self-attention heads (each has width / heads channels)")
     dropout: Float("dropout inside every block", ge=0, lt=1)
     time_dim: Int(4, 4096, "seed only: width of the sinusoidal time embedding (ddpm: channels[0])")
+    conditional: Annotated[bool, Doc(
+        "true = conditioned on the data's class labels (CIFAR-10's ten, a folder's subfolders), "
+        "with a null label for classifier-free guidance (docs/model.md); false = the seed")]
 
     def network_kwargs(self) -> dict[str, Any]:
         """The constructor keywords of model.arch's network: the keys it reads."""
@@ -118,6 +121,9 @@ class TrainParams:
     ema_warmup: Annotated[bool, Doc("decay = min(ema_decay, (1 + step) / (10 + step)); false = "
                                     "the seed")]
     grad_clip: Float("max global gradient norm; 0 = no clipping", ge=0)
+    label_dropout: Float("model.conditional only: the probability that a training image's label "
+                         "is replaced by the null label, which guidance needs (Ho & Salimans "
+                         "2022: 0.1 or 0.2)", ge=0, le=1)
     precision: Annotated[Literal[PRECISIONS], Doc(
         "auto (CUDA: bf16, else fp16; CPU: bf16 where native, else fp32) | fp32 | fp16 | bf16")]
     gpus: Int(1, 1024, "data-parallel processes (torchrun): at most the GPUs, or on a CPU "
@@ -154,6 +160,15 @@ class SampleParams:
     clip_denoised: Annotated[bool, Doc("clip the predicted x0 to [-1, 1] in every step (Ho et "
                                        "al.'s code); false = the seed")]
     compile: Annotated[Compile, Doc("torch.compile the UNet, weights frozen: auto = on CUDA GPUs")]
+    guidance: Float("model.conditional only: classifier-free guidance w, eps = eps(null) + "
+                    "(1 + w)(eps(class) - eps(null)); 0 = the conditional model alone "
+                    "(docs/model.md)", ge=0, le=100)
+    labels: Annotated[Union[Literal["balanced"],
+                            Annotated[tuple[Annotated[str, Length(min=1)], ...], Length(1, 1000)]],
+                      Accepts("balanced or a list of 1 to 1000 class names"),
+                      Doc("model.conditional only: the class of image i: balanced (i mod K, the "
+                          "classes in their order) | a list of class names (the list's i mod "
+                          "its length)")]
 
 
 @section
@@ -201,6 +216,9 @@ def run_config(params: Params) -> dict[str, Any]:
     keys = [key for key, annotation in fields(Params)
             if key in ("seed", "data.limit") or key.split(".")[0] in ("model", "diffusion", "train")
             and schema.find(schema.unwrap(annotation)[1], Resumable) is None]
+    if not params.model.conditional:  # keys that cannot change an unconditional run's weights:
+        keys.remove("model.conditional")  # out, as before they existed (its checkpoints resume)
+        keys.remove("train.label_dropout")
     config = params.to_dict()
     out: dict[str, Any] = {}
     for key in keys:
@@ -262,6 +280,14 @@ def check_rules(p: Params) -> None:
     _require(not p.data.limit or p.data.limit >= tp.batch_size, "data.limit", p.data.limit,
              f"0 (every image) or at least train.batch_size={tp.batch_size} images (one "
              "optimizer step)")
+    sp, conditional = p.sample, p.model.conditional
+    _require(conditional or sp.guidance == 0, "sample.guidance", sp.guidance,
+             "0: model.conditional is false (guidance needs a conditional model)")
+    _require(conditional or sp.labels == "balanced", "sample.labels", sp.labels,
+             "balanced: model.conditional is false (an unconditional model draws no classes)")
+    _require(not conditional or sp.guidance == 0 or tp.label_dropout > 0, "sample.guidance",
+             sp.guidance, "0 with train.label_dropout = 0: the null label that guidance "
+             "subtracts is never trained")
 
 
 def parse_params(raw: Any) -> Params:

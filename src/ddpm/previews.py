@@ -28,16 +28,25 @@ PROGRESSION = "progression.png"
 
 
 def preview_grid(model: torch.nn.Module, sched: Schedule, shape: Sequence[int], num_images: int,
-                 steps: int, seed: int, precision: str) -> np.ndarray:
+                 steps: int, seed: int, precision: str, classes: Sequence[str] = ()
+                 ) -> np.ndarray:
     """A grid of num_images samples of `shape` (C, H, W) from fixed noise: image i's noise
-    depends on (seed, i) only."""
+    depends on (seed, i) only. A conditional model (its `classes` given) draws one labelled row
+    per class, without guidance: ceil(num_images / K) images each, image i of class i // that."""
     device = sched.device
+    per_class = -(-num_images // len(classes)) if classes else 0
+    count = per_class * len(classes) or num_images
     gens = [torch.Generator(device).manual_seed(derive_seed(seed, i, "preview"))
-            for i in range(num_images)]
+            for i in range(count)]
+    labels = torch.arange(count) // per_class if classes else None
     with autocast(precision, device):
-        x = sample(model, sched, (num_images, *shape), "ddim", steps, generator=gens,
-                   clip_denoised=True)
-    return img.grid(img.to_uint8(x))
+        x = sample(model, sched, (count, *shape), "ddim", steps, generator=gens,
+                   clip_denoised=True, labels=labels)
+    images = img.to_uint8(x)
+    if not classes:
+        return img.grid(images)
+    return img.labelled_grid([(name, np.asarray(images[c * per_class:(c + 1) * per_class]))
+                              for c, name in enumerate(classes)])
 
 
 def grid_files(folder: Path, up_to_epoch: int | None = None) -> list[tuple[int, Path]]:

@@ -172,12 +172,13 @@ FID_ROW = ("epoch", "step", "fid", "seconds")      # a row of Progress.fid_rows
 
 
 def new_state(params: Params, shape: Sequence[int], precision: str, device: torch.device,
-              world: World, dtype: torch.dtype = torch.float32) -> TrainState:
-    """A fresh network for images of `shape` (C, H, W), initialised from params.seed, its EMA
-    copy, fused Adam and the fp16 gradient scaler (a no-op in other precisions); the forward
-    wrapped for DDP and compile. dtype: of the weights, float64 only to check exactness (tests)."""
+              world: World, dtype: torch.dtype = torch.float32, classes: int = 0) -> TrainState:
+    """A fresh network for images of `shape` (C, H, W) (and `classes` labels, if
+    model.conditional), initialised from params.seed, its EMA copy, fused Adam and the fp16
+    gradient scaler (a no-op in other precisions); the forward wrapped for DDP and compile.
+    dtype: of the weights, float64 only to check exactness (tests)."""
     torch.manual_seed(derive_seed(params.seed, "init"))
-    model = networks.build(params.model, shape).to(device, dtype)
+    model = networks.build(params.model, shape, classes).to(device, dtype)
     if device.type == "cuda":  # NHWC for cuDNN's tensor-core convolutions
         model = model.to(memory_format=torch.channels_last)
     net = model
@@ -212,6 +213,7 @@ def train_step(state: TrainState, sched: diffusion.Schedule, images: torch.Tenso
     for j in range(rounds):
         part = slice(j * micro, (j + 1) * micro)
         x0 = augment(images[draws.idx[part]], draws.flip[part]).to(dtype)
+        labels = None if draws.labels is None else draws.labels[part]
         if x0.is_cuda:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         no_sync = getattr(state.net, "no_sync", None)  # DDP's, through torch.compile too
@@ -220,7 +222,7 @@ def train_step(state: TrainState, sched: diffusion.Schedule, images: torch.Tenso
         with (no_sync() if no_sync and j < rounds - 1 else contextlib.nullcontext(),
               autocast(precision, x0.device)):
             loss = diffusion.loss(state.net, sched, x0, t=draws.t[part],
-                                  noise=draws.noise[part].to(dtype)) / rounds
+                                  noise=draws.noise[part].to(dtype), labels=labels) / rounds
         state.scaler.scale(loss).backward()
         total += loss.detach()
 

@@ -54,15 +54,28 @@ class Trainer:
     """One training run on this process's device; run() resumes the last checkpoint that fits."""
 
     def __init__(self, params: Params, paths: TrainPaths, world: World, device: torch.device,
-                 images: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
-        """images: (N, C, H, W) uint8 to train on instead of paths.data's (benchmarks); dtype:
-        of the weights, float64 only to check exactness (tests)."""
+                 images: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                 labels: tuple[torch.Tensor, list[str]] | None = None):
+        """images: (N, C, H, W) uint8 to train on instead of paths.data's (benchmarks), with
+        labels: their (N,) classes and the class names, for a conditional model; dtype: of the
+        weights, float64 only to check exactness (tests)."""
         self.params, self.paths, self.world, self.device = params, paths, world, device
         self.precision = resolve_precision(params.train.precision, device)
-        origin = ""
+        conditional, origin = params.model.conditional, ""
         if images is None:
-            images = torch.from_numpy(dataset.load(paths.data, "train", params.data.limit))
-            origin = f" in {paths.data} (of {dataset.read_meta(paths.data)['source']})"
+            meta = dataset.read_meta(paths.data)
+            images, found = dataset.load(paths.data, "train", params.data.limit, labels=True)
+            images, origin = torch.from_numpy(images), f" in {paths.data} (of {meta['source']})"
+            labels = (torch.from_numpy(found), meta["classes"]) if found is not None else None
+        if conditional and labels is None:
+            raise PipelineError(f"model.conditional = true, but the training images{origin} have "
+                                "no class labels (a folder's classes are its subfolders, two or "
+                                "more): sort them into class folders or set "
+                                "model.conditional=false")
+        # A conditional model's labels, resident on the device, and class names (the null label
+        # is their count); an unconditional model's: none
+        self.labels = labels[0].to(device) if conditional else None
+        self.classes: list[str] = list(labels[1]) if conditional else []
         self.images = images.to(device)  # resident on the device
         self.shape = tuple(images.shape[1:])  # (C, H, W): the network's, the noise's, samples'
         self.steps_per_epoch = len(images) // params.train.batch_size
@@ -71,7 +84,8 @@ class Trainer:
                                 f"step of {params.train.batch_size} images (train.batch_size): "
                                 "add images, raise data.limit or lower train.batch_size")
         self.sched = diffusion.Schedule(**dataclasses.asdict(params.diffusion)).to(device)
-        self.state = new_state(params, self.shape, self.precision, device, world, dtype)
+        self.state = new_state(params, self.shape, self.precision, device, world, dtype,
+                               len(self.classes))
         self.micro, self.rounds = batches.split(params.train, world, device, batches.probe(
             self.state.model, self.sched.timesteps, self.shape, self.precision, device))
         # What the checkpoints and models/ema.pt record: all that the weights depend on.
@@ -79,6 +93,10 @@ class Trainer:
         self.config["train"]["precision"] = self.precision
         self.config["data"]["images"] = hashlib.sha256(
             images.cpu().numpy().tobytes()).hexdigest()[:16]
+        if conditional:  # and their classes
+            self.config["data"]["labels"] = hashlib.sha256(
+                self.labels.cpu().numpy().tobytes() + "\n".join(self.classes).encode()
+            ).hexdigest()[:16]
         self.folders = RunFolders(paths.checkpoints, paths.runs / run_id(self.config))
         self.memory = MemoryMonitor(device)
         self.fid = None  # loaded now: a missing file fails before training
@@ -163,7 +181,8 @@ class Trainer:
         start = window_start = time.perf_counter()
         for draws in batches.epoch_draws(self.params.seed, epoch, len(self.images),
                                          train.batch_size, self.sched.timesteps, self.shape,
-                                         self.world, self.device):
+                                         self.world, self.device, self.labels,
+                                         train.label_dropout, len(self.classes)):
             loss = self.step(draws)
             epoch_loss, window = epoch_loss + loss, window + loss
             progress.step += 1
@@ -211,13 +230,14 @@ class Trainer:
         last = epoch == train.epochs
         if train.sample_every and (epoch % train.sample_every == 0 or last):
             grid = previews.preview_grid(ema, self.sched, self.shape, train.preview_images,
-                                         train.preview_steps, self.params.seed, self.precision)
+                                         train.preview_steps, self.params.seed, self.precision,
+                                         self.classes)
             save_png(grid, self.folders.previews / f"epoch_{epoch:04d}.png")
         if self.fid is not None and (epoch % train.fid_every == 0 or last):
             start = time.perf_counter()  # FID time is logged apart from the training throughput
             value = self.fid(ema, self.sched, self.shape, self.precision,
                              self.folders.work / "fid_images",
-                             f"train: FID at epoch {epoch}, Inception")
+                             f"train: FID at epoch {epoch}, Inception", self.classes)
             seconds = time.perf_counter() - start
             progress.fid_rows.append([epoch, progress.step, value, round(seconds, 3)])
             print(f"train: epoch {epoch}: FID {value:.2f} ({train.fid_images} images, {SAMPLER}-"
@@ -233,7 +253,8 @@ class Trainer:
         last = self.folders.work / CHECKPOINT
         previous = self.folders.work / PREVIOUS if self.kept and self.kept[0] == last else None
         checkpoint.save({**self.state.state_dict(), "config": self.config,  # the shape: for
-                         "image_shape": list(self.shape)}, last, keep=previous)  # python -m ddpm
+                         "image_shape": list(self.shape), **self.class_names()},  # python -m
+                        last, keep=previous)                                        # ddpm
         self.kept = last, self.state.progress.epoch
 
     def write_outputs(self, final: bool) -> None:
@@ -266,11 +287,16 @@ class Trainer:
                          tile=self.shape[1])
         if final:
             checkpoint.save({"ema": self.state.ema.state_dict(), "config": self.config,
-                             "image_shape": list(self.shape), "epochs": progress.epoch,
-                             "steps": progress.step}, self.paths.ema)
+                             "image_shape": list(self.shape), **self.class_names(),
+                             "epochs": progress.epoch, "steps": progress.step}, self.paths.ema)
             print(f"train: {progress.epoch} epochs, {progress.step} steps, loss "
                   f"{progress.loss:.4f}, {rate:.1f} images/s, peak memory "
                   f"{self.memory.peak_mb:.0f} MiB -> {self.paths.ema}", file=sys.stderr)
+
+    def class_names(self) -> dict[str, list[str]]:
+        """What a conditional model's files record besides its weights: the class names, in
+        label order (the null label is their count); nothing for an unconditional one."""
+        return {"classes": self.classes} if self.classes else {}
 
     def where(self) -> str:
         """Where an interrupted run stopped and what a rerun resumes (ddpm.cli.on_interrupt)."""

@@ -1,7 +1,8 @@
-"""The noise-prediction networks, side by side behind one (x_t, t) -> eps interface.
+"""The noise-prediction networks, side by side behind one (x_t, t[, labels]) -> eps interface.
 
-`build(params.model)` constructs the network that model.arch names: the seed notebook's UNet
-(`seed`) or Ho et al.'s (`ddpm`). Nothing else in the package asks which one it has.
+`build(params.model, shape, classes)` constructs the network that model.arch names: the seed
+notebook's UNet (`seed`) or Ho et al.'s (`ddpm`), conditioned on `classes` labels where
+model.conditional says so. Nothing else in the package asks which one it has.
 """
 from __future__ import annotations
 
@@ -23,15 +24,20 @@ __all__ = ["ArgumentError", "NETWORKS", "build", "checked_size", "parameter_coun
 MAX_PARAMETERS = 1_000_000_000  # 20 GB of fp32 weights, gradients, Adam moments and EMA
 
 
-def build(model: ModelParams, shape: Sequence[int]) -> nn.Module:
-    """The network of params.model for images of `shape` (C, H, W; square: the data's),
-    freshly initialised (seed it before calling); under `torch.device("meta")` it allocates
-    nothing, which is how params are checked."""
+def build(model: ModelParams, shape: Sequence[int], classes: int = 0) -> nn.Module:
+    """The network of params.model for images of `shape` (C, H, W; square: the data's), with a
+    label embedding for `classes` classes (the data's) if model.conditional; freshly initialised
+    (seed it before calling). Under `torch.device("meta")` it allocates nothing, which is how
+    params are checked."""
     channels, height, width = shape
     if height != width:
         raise ArgumentError(f"image shape {tuple(shape)}: the networks take square images")
+    if model.conditional and classes < 1:
+        raise ArgumentError("conditional = true: the data has no class labels (CIFAR-10 has "
+                            "ten; a folder's are its class subfolders)")
     return NETWORKS[model.arch](**model.network_kwargs(), image_size=height,
-                                in_channels=channels)
+                                in_channels=channels,
+                                classes=classes if model.conditional else 0)
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -43,13 +49,13 @@ def state_bytes(parameters: int) -> int:
     return 20 * parameters
 
 
-def checked_size(model: ModelParams, shape: Sequence[int]) -> int:
+def checked_size(model: ModelParams, shape: Sequence[int], classes: int = 0) -> int:
     """The network of params.model for images of `shape` (C, H, W) built on the meta device
     (nothing allocated): its parameter count, or a ParamsError naming the model.* key it
     rejects at that size or the memory it would take."""
     try:
         with torch.device("meta"):
-            count = parameter_count(build(model, shape))
+            count = parameter_count(build(model, shape, classes))
     except ArgumentError as e:
         raise ParamsError(f"model.{e} (for {shape[1]} x {shape[2]} images: data.resolution)"
                           ) from None

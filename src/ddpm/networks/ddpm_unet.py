@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm.networks.arguments import check_attention, check_levels
-from ddpm.networks.embedding import timestep_embedding
+from ddpm.networks.embedding import add_label, label_embedding, timestep_embedding
 
 
 def check_arguments(channels: Sequence[int], res_blocks: int, attention_resolutions: Sequence[int],
@@ -185,7 +185,9 @@ class ResAttn(nn.Module):
 
 
 class DDPMUNet(nn.Module):
-    """eps_theta(x_t, t): (B, C, H, W) images and (B,) integer timesteps -> (B, C, H, W)."""
+    """eps_theta(x_t, t[, labels]): (B, C, H, W) images, (B,) integer timesteps and, for a
+    conditional network, (B,) class labels (K = the null label, also taken for None) ->
+    (B, C, H, W)."""
 
     def __init__(
         self,
@@ -196,6 +198,7 @@ class DDPMUNet(nn.Module):
         dropout: float,                        # dropout inside every residual block
         image_size: int,                       # input height and width (the data's)
         in_channels: int,                      # image channels in and out (the data's)
+        classes: int = 0,                      # K class labels (+ the null label K); 0: none
     ):
         super().__init__()
         check_arguments(channels, res_blocks, attention_resolutions, heads, image_size)
@@ -235,9 +238,14 @@ class DDPMUNet(nn.Module):
 
         self.norm_out = group_norm(ch)
         self.conv_out = zero_init(nn.Conv2d(ch, in_channels, 3, padding=1))
+        # Last, zero: every other weight is initialised as without it (docs/model.md). Added
+        # before the SiLU, as diffusers' UNet2DModel adds its class_embedding.
+        self.label_embed = label_embedding(classes, emb_dim)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = F.silu(self.time_embed(timestep_embedding(t, self.base).to(x_t.dtype)))  # (B, 4 base)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.time_embed(timestep_embedding(t, self.base).to(x_t.dtype))  # (B, 4 base)
+        emb = F.silu(add_label(emb, self.label_embed, labels))
         h = self.conv_in(x_t)
         skips = [h]
         for layer in self.down:

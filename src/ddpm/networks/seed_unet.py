@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm.networks.arguments import check_attention, check_levels, require
-from ddpm.networks.embedding import timestep_embedding
+from ddpm.networks.embedding import add_label, label_embedding, timestep_embedding
 
 GROUPS = 8  # GroupNorm groups in every block
 
@@ -69,7 +69,9 @@ class SeedBlock(nn.Module):
 
 
 class SeedUNet(nn.Module):
-    """eps_theta(x_t, t): (B, C, H, W) images and (B,) integer timesteps -> (B, C, H, W)."""
+    """eps_theta(x_t, t[, labels]): (B, C, H, W) images, (B,) integer timesteps and, for a
+    conditional network, (B,) class labels (K = the null label, also taken for None) ->
+    (B, C, H, W)."""
 
     def __init__(
         self,
@@ -81,6 +83,7 @@ class SeedUNet(nn.Module):
         time_dim: int,                         # width of the sinusoidal time embedding
         image_size: int,                       # input height and width (the data's)
         in_channels: int,                      # image channels in and out (the data's)
+        classes: int = 0,                      # K class labels (+ the null label K); 0: none
     ):
         super().__init__()
         check_arguments(channels, res_blocks, attention_resolutions, heads, time_dim, image_size)
@@ -108,9 +111,13 @@ class SeedUNet(nn.Module):
             self.decoder.append(stage(2 * width, width, heads if attends else None))
             ch = width
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
+        # Last, zero: every other weight is initialised as without it (docs/model.md)
+        self.label_embed = label_embedding(classes, time_dim)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         emb = timestep_embedding(t, self.time_dim).to(x_t.dtype)   # (B, time_dim), no MLP
+        emb = add_label(emb, self.label_embed, labels)             # + the class's row
         h, skips = x_t, []
         for level, blocks in enumerate(self.encoder):
             for block in blocks:
