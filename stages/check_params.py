@@ -15,9 +15,11 @@ from pathlib import Path
 
 import _src  # noqa: F401  (ddpm from this checkout)
 from ddpm.cli import run
+from ddpm.data import CLASS_NAMES
 from ddpm.errors import ParamsError
 from ddpm.files import atomic_file
 from ddpm.networks import checked_size, state_bytes
+from ddpm.labels import class_indices
 from ddpm.locations import check_location
 from ddpm.params import load_params_or_exit
 from ddpm.runtime import check_hardware
@@ -34,7 +36,11 @@ def main() -> None:
     try:
         hardware = check_hardware(params.device, params.train.precision, params.train.gpus)
         resolution = params.data.resolution
-        count = checked_size(params.model, (CHANNELS, resolution, resolution))
+        cifar10 = params.data.source == "cifar10"  # a folder's classes are known after download
+        if cifar10 and params.model.conditional:  # sample.labels names CIFAR-10's classes
+            class_indices(params.sample.labels, CLASS_NAMES)
+        count = checked_size(params.model, (CHANNELS, resolution, resolution),
+                             len(CLASS_NAMES) if cifar10 else 1)
         check(params.data)
         if params.fid.weights:  # a typo stops here, before DVC deletes data/real_stats.npz
             check_location("fid.weights", params.fid.weights, remote=False)

@@ -4,15 +4,26 @@ import dataclasses
 import time
 from pathlib import Path
 
+import numpy as np
+
 import _src  # noqa: F401  (ddpm from this checkout)
 from ddpm import cli
 from ddpm.diffusion import Schedule
 from ddpm.files import sweep_temporaries, write_json
-from ddpm.generate import generate_folder, load_ema_model, sample_manifest, where
-from ddpm.images import grid, list_pngs, read_png, save_png
+from ddpm.generate import generate_folder, load_sampling_model, sample_manifest, where
+from ddpm.images import grid, labelled_grid, list_pngs, read_png, save_png
+from ddpm.labels import Spec, counts, image_labels, rows
 from ddpm.params import load_params_or_exit
 from ddpm.runtime import (compile_mode, keep_freed_host_memory, resolve_precision,
                           start_processes)
+
+
+def class_grid(folder: Path, size: int, spec: Spec, classes: list[str], num_images: int,
+               per_row: int = 8) -> np.ndarray:
+    """One labelled row per class drawn: the first per_row images of that class."""
+    labels = image_labels(spec, classes, range(num_images)).tolist()
+    return labelled_grid([(classes[c], [read_png(folder / f"{i}.png", size) for i in ids])
+                          for c, ids in rows(labels, per_row)])
 
 
 def main() -> None:
@@ -21,7 +32,8 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
     parser.add_argument("--metrics", required=True, type=Path, help="metrics JSON to write")
     parser.add_argument("--report", required=True, type=Path, help="JSON of the run's facts")
-    parser.add_argument("--grid", required=True, type=Path, help="PNG grid of the first 64")
+    parser.add_argument("--grid", required=True, type=Path, help="PNG grid of the first 64 (a "
+                        "conditional model's: 8 of each class drawn, one labelled row each)")
     args = parser.parse_args()
     params = load_params_or_exit()
     world, device = start_processes(params.device, params.train.gpus)
@@ -29,25 +41,30 @@ def main() -> None:
         sweep_temporaries(args.out.parent, args.metrics.parent, args.grid.parent)
     keep_freed_host_memory(device)  # on CPUs: no page faults on every step's activations
     precision = resolve_precision(params.train.precision, device)
-    model, shape = load_ema_model(args.ema, params, device)
+    model, shape, classes = load_sampling_model(args.ema, params, device)
     sched = Schedule(**dataclasses.asdict(params.diffusion)).to(device)
-    wanted = sample_manifest(args.ema, params, precision, device, world)  # what kept images share
+    wanted = sample_manifest(args.ema, params, precision, device, world,  # what kept images share
+                             classes=classes)
     cli.on_interrupt(lambda: where(args.out) if world.main else None)
     start = time.perf_counter()
-    kept = generate_folder(model, sched, shape, params, precision, args.out, world, wanted)
+    kept = generate_folder(model, sched, shape, params, precision, args.out, world, wanted,
+                           classes)
     seconds = time.perf_counter() - start
     if world.main:
         cli.done(f"the {params.sample.num_images} images are in {args.out}")
-        first = [read_png(path, shape[1]) for path in list_pngs(args.out)[:64]]
-        save_png(grid(first), args.grid)
         sp = params.sample
+        save_png(class_grid(args.out, shape[1], sp.labels, classes, sp.num_images) if classes
+                 else grid([read_png(path, shape[1]) for path in list_pngs(args.out)[:64]]),
+                 args.grid)
         drawn = sp.num_images - kept  # this run's work: its seconds and images/s exclude the kept
         write_json(args.metrics, {"seconds": round(seconds, 3),
                                   "images_per_second": round(drawn / seconds, 3)})
         write_json(args.report, {
             "num_images": sp.num_images, "kept_images": kept, "sampler": sp.sampler,
             "steps": sp.steps, "precision": precision,
-            "compile": compile_mode(sp.compile, device) or "eager", "processes": world.size})
+            "compile": compile_mode(sp.compile, device) or "eager", "processes": world.size,
+            **({"guidance": sp.guidance, "labels": counts(sp.labels, classes, sp.num_images)}
+               if classes else {})})
         resumed = f", {kept} kept from an interrupted run" if kept else ""
         print(f"sample: {sp.num_images} images ({sp.sampler}, {sp.steps} steps{resumed}) in "
               f"{seconds:.1f} s -> {args.out}")

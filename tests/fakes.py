@@ -170,15 +170,18 @@ def run_data_stages(cwd: Path, out: str = "dataset", **overrides) -> subprocess.
 
 
 def record_draws(trainer) -> dict:
-    """Wrap trainer.step so that every call's data indices, flips, t, noise and the loss it
-    returned are kept, in order, in the returned dict's lists (one tensor per step)."""
-    seen = {"idx": [], "flip": [], "t": [], "noise": [], "loss": []}
+    """Wrap trainer.step so that every call's data indices, flips, t, noise, labels (conditional
+    models) and the loss it returned are kept, in order, in the returned dict's lists (one
+    tensor per step)."""
+    names = ("idx", "flip", "t", "noise", "labels", "loss")
+    seen = {key: [] for key in names if key != "labels"}  # labels: a conditional model's only
     real = trainer.step
 
     def recording(draws):
         loss = real(draws)
-        for key, value in zip(seen, (*draws, loss[None])):
-            seen[key].append(value.detach().cpu())
+        for key, value in zip(names, (*draws, loss[None])):
+            if value is not None:
+                seen.setdefault(key, []).append(value.detach().cpu())
         return loss
 
     trainer.step = recording

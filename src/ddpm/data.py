@@ -29,6 +29,8 @@ MAX_MEMBERS = 100  # entries of the archive; the official one has 9 (a folder an
 SHAPE = (3, 32, 32)  # every CIFAR-10 image: (C, H, W)
 PIXELS = 3 * 32 * 32
 NUM_CLASSES = 10
+CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+               "truck")  # batches.meta's label_names, in label order
 REDO = "extract it again from the md5-checked archive: dvc repro --force download"
 
 

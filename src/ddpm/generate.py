@@ -35,7 +35,14 @@ WEIGHTS_KEY = "ema.sha256"
 def load_ema_model(path: str | Path, params: Params, device: torch.device
                    ) -> tuple[torch.nn.Module, tuple[int, int, int]]:
     """The network of params.model with the EMA weights of models/ema.pt, ready to sample, and
-    the (C, H, W) of the images it was trained on."""
+    the (C, H, W) of the images it was trained on (load_sampling_model without the classes)."""
+    return load_sampling_model(path, params, device)[:2]
+
+
+def load_sampling_model(path: str | Path, params: Params, device: torch.device
+                        ) -> tuple[torch.nn.Module, tuple[int, int, int], list[str]]:
+    """The network of params.model with the EMA weights of models/ema.pt, ready to sample, the
+    (C, H, W) of the images it was trained on, and its class names ([]: unconditional)."""
     state = checkpoint.load(path, "EMA weights file")
     weights = checkpoint.ema_weights(state, path)  # a dict of named tensors, or one line
     if bad := checkpoint.non_finite(weights):

@@ -6,6 +6,7 @@ import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -145,10 +146,11 @@ def grid(images: np.ndarray | torch.Tensor, nrow: int | None = None, pad: int = 
     return out
 
 
-def labelled_grid(rows: list[tuple[str, np.ndarray]], pad: int = 2) -> np.ndarray:
+def labelled_grid(rows: Sequence[tuple[str, Any]], pad: int = 2) -> np.ndarray:
     """One row per (name, (n, H, W, 3) uint8 images), the name written left of its row in a
     white margin (PIL's built-in font; names cut to 16 characters)."""
     from PIL import ImageDraw, ImageFont
+    rows = [(name, np.asarray(images)) for name, images in rows]
     width = max(len(images) for _, images in rows)
     h, w, c = rows[0][1].shape[1:]
     blank = np.full((h, w, c), 255, dtype=np.uint8)
