@@ -1,13 +1,23 @@
-"""fid: FID of the generated PNGs against the cached statistics of the real ones."""
+"""fid: FID of the generated PNGs against the cached statistics of the real ones; for a
+conditional model also each class's FID against its real images (reports/fid.json)."""
 import argparse
+import sys
 from pathlib import Path
 
+import numpy as np
+
 import _src  # noqa: F401  (ddpm from this checkout)
+from ddpm.class_fid import load_class_features, per_class_fid
 from ddpm.cli import done, run
-from ddpm.fid import folder_statistics, frechet_distance, load_statistics
+from ddpm.fid import folder_features, frechet_distance, load_statistics, statistics
 from ddpm.files import write_json
+from ddpm.images import list_pngs
+from ddpm.labels import image_labels
 from ddpm.params import load_params_or_exit
 from ddpm.runtime import keep_freed_host_memory, resolve_device
+
+BIAS = ("FID of so few images a class is biased upwards (docs/fid.md): compare classes and runs "
+        "of the same sizes only")
 
 
 def main() -> None:
@@ -22,16 +32,33 @@ def main() -> None:
     device = resolve_device(params.device)
     keep_freed_host_memory(device)  # on CPUs: no page faults on every batch's activations
     mu_real, sigma_real, num_real = load_statistics(args.real_stats, fid.dims)  # fail fast
-    mu, sigma, num_generated = folder_statistics(args.images, fid.dims, fid.batch_size,
-                                                 fid.weights, device,
-                                                 f"fid: Inception features of {args.images}")
-    value = frechet_distance(mu, sigma, mu_real, sigma_real)
+    real = load_class_features(args.real_stats, fid.dims) if params.model.conditional else None
+    features = folder_features(args.images, fid.dims, fid.batch_size, fid.weights, device,
+                               f"fid: Inception features of {args.images}")
+    num_generated = len(features)
+    value = frechet_distance(*statistics(features), mu_real, sigma_real)
     done(f"FID {value:.4f} ({num_generated} generated vs {num_real} real images)")
+    report = {"num_generated": num_generated, "num_real": num_real, "dims": fid.dims}
+    if params.model.conditional:
+        report.update(class_report(args, params, features, real))
     write_json(args.metrics, {"fid": value})
-    write_json(args.report, {"num_generated": num_generated, "num_real": num_real,
-                             "dims": fid.dims})
+    write_json(args.report, report)
     print(f"fid: {value:.4f} ({num_generated} generated vs {num_real} real images, "
           f"{fid.dims} dims)")
+
+
+def class_report(args, params, features: np.ndarray, real) -> dict:
+    """reports/fid.json's per-class FIDs of a conditional model's images 0..N-1, or why none."""
+    names = [path.stem for path in list_pngs(args.images)]
+    if real is None or names != [str(i) for i in range(len(names))]:
+        why = (f"{args.real_stats} holds no class labels of the real images" if real is None
+               else f"{args.images} is not the images 0.png ... {len(names) - 1}.png")
+        print(f"fid: no per-class FIDs: {why}", file=sys.stderr)
+        return {"per_class": None, "per_class_note": why}
+    real_features, real_labels, classes = real
+    labels = image_labels(params.sample.labels, classes, range(len(names))).numpy()
+    return {"per_class": per_class_fid(features, labels, real_features, real_labels, classes),
+            "per_class_note": BIAS}
 
 
 if __name__ == "__main__":

@@ -4,26 +4,16 @@ import dataclasses
 import time
 from pathlib import Path
 
-import numpy as np
-
 import _src  # noqa: F401  (ddpm from this checkout)
 from ddpm import cli
 from ddpm.diffusion import Schedule
 from ddpm.files import sweep_temporaries, write_json
 from ddpm.generate import generate_folder, load_sampling_model, sample_manifest, where
-from ddpm.images import grid, labelled_grid, list_pngs, read_png, save_png
-from ddpm.labels import Spec, counts, image_labels, rows
+from ddpm.images import grid, list_pngs, read_png, save_png
+from ddpm.labels import class_grid, counts
 from ddpm.params import load_params_or_exit
 from ddpm.runtime import (compile_mode, keep_freed_host_memory, resolve_precision,
                           start_processes)
-
-
-def class_grid(folder: Path, size: int, spec: Spec, classes: list[str], num_images: int,
-               per_row: int = 8) -> np.ndarray:
-    """One labelled row per class drawn: the first per_row images of that class."""
-    labels = image_labels(spec, classes, range(num_images)).tolist()
-    return labelled_grid([(classes[c], [read_png(folder / f"{i}.png", size) for i in ids])
-                          for c, ids in rows(labels, per_row)])
 
 
 def main() -> None:

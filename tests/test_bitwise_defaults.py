@@ -1,12 +1,14 @@
 """The defaults stay the seed's, bitwise: the committed params (CIFAR-10, 32 px) through this
 code's stages give the same real PNGs, EMA weights, samples and FID as the code of BASELINE,
-the last commit before data.source and data.resolution existed, run here on the same machine.
+the last commit before data.source and data.resolution existed, run here on the same machine;
+and the same checkpoint files, byte for byte, as PREVIOUS, the last before model.conditional.
 
 Both run every stage script at the tiny scale of the other tests, each from its own checkout
 (`git archive` of BASELINE), in folders of their own."""
 from __future__ import annotations
 
 import copy
+import io
 import json
 import subprocess
 import sys
@@ -29,7 +31,7 @@ LATER = [("sample.py", "--ema", "ema.pt", "--out", "samples", "--metrics", "samp
 NOW = [("source.py", "--out", "source.json"),
        ("download.py", "--listing", "source.json", "--out", "dataset", "--report", "data.json"),
        ("export_real.py", "--data", "dataset", "--out", "real"),
-       ("real_stats.py", "--images", "real", "--out", "real.npz"),
+       ("real_stats.py", "--images", "real", "--data", "dataset", "--out", "real.npz"),
        ("train.py", "--data", "dataset", *TRAIN), *LATER]
 BEFORE = [("download.py", "--out", "cifar10"),
           ("export_real.py", "--cifar", "cifar10", "--out", "real"),
@@ -47,23 +49,42 @@ def run_pipeline(code: Path, work: Path, params: dict, steps: list[tuple[str, ..
     return work
 
 
+# The keys added since BASELINE and PREVIOUS, at the committed values that keep the old behaviour
+NEW_KEYS = {"data.source": "cifar10", "data.resolution": 32, "model.conditional": False,
+            "train.label_dropout": 0.1, "sample.guidance": 0.0, "sample.labels": "balanced"}
+SINCE_PREVIOUS = ("model.conditional", "train.label_dropout", "sample.guidance",
+                  "sample.labels")
+PREVIOUS = "bb6fda0"  # main before the conditional issue (#31)
+
+
+def checkout(commit: str, folder: Path) -> Path:
+    """The stages and src of `commit`, extracted into `folder` (skipped in a shallow clone)."""
+    if subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=ROOT,
+                      capture_output=True).returncode != 0:
+        pytest.skip(f"commit {commit} is not in this clone (a shallow clone?)")
+    folder.mkdir()
+    archive = subprocess.run(["git", "archive", commit, "stages", "src"], cwd=ROOT,
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def without(params: dict, keys) -> dict:
+    """params without the dotted `keys`, each first checked to hold its NEW_KEYS value."""
+    old = copy.deepcopy(params)
+    for key in keys:
+        section, name = key.split(".")
+        assert old[section].pop(name) == NEW_KEYS[key], key
+    return old
+
+
 @pytest.fixture(scope="module")
 def both(tmp_path_factory, tiny) -> tuple[Path, Path]:
     """(the baseline's work folder, this code's), each after the whole pipeline."""
-    if subprocess.run(["git", "cat-file", "-e", f"{BASELINE}^{{commit}}"], cwd=ROOT,
-                      capture_output=True).returncode != 0:
-        pytest.skip(f"commit {BASELINE} is not in this clone (a shallow clone?)")
     root = tmp_path_factory.mktemp("bitwise")
-    baseline = root / "baseline"
-    baseline.mkdir()
-    archive = subprocess.run(["git", "archive", BASELINE, "stages", "src"], cwd=ROOT,
-                             capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
+    baseline = checkout(BASELINE, root / "baseline")
     params = copy.deepcopy(tiny)
-    assert (params["data"]["source"], params["data"]["resolution"]) == ("cifar10", 32)
-    old = copy.deepcopy(params)
-    del old["data"]["source"], old["data"]["resolution"]
-    return (run_pipeline(baseline, root / "before", old, BEFORE),
+    return (run_pipeline(baseline, root / "before", without(params, NEW_KEYS), BEFORE),
             run_pipeline(ROOT, root / "now", params, NOW))
 
 
@@ -92,3 +113,33 @@ def test_the_samples_and_the_fid_are_the_baselines(both):
         assert (before / "samples" / name).read_bytes() == (now / "samples" / name).read_bytes()
     fid = [json.loads((folder / "fid.json").read_text())["fid"] for folder in both]
     assert fid[0] == fid[1]
+
+
+def untimed(state: dict) -> dict:
+    """A checkpoint's content without what measures time (seconds, images/s), which no two runs
+    share: the tensors, optimizer, scaler, config and progress otherwise, as saved."""
+    progress = dict(state["progress"], seconds=None,
+                    rows=[[step, loss] for step, loss, _ in state["progress"]["rows"]])
+    return dict(state, progress=progress)
+
+
+def test_the_checkpoints_are_the_previous_codes(tmp_path, tiny, both):
+    """model.conditional: false (and the other keys of the conditional issue at their committed
+    values) trains what the code before them trained: models/ema.pt equal to PREVIOUS's byte
+    for byte (the run config it records included), and every checkpoint equal but for its
+    timings (torch.save of equal states writes equal bytes: ddpm.checkpoint.save)."""
+    previous = checkout(PREVIOUS, tmp_path / "previous")
+    steps = [("train.py", "--data", str(both[1] / "dataset"), *TRAIN)]
+    before = run_pipeline(previous, tmp_path / "before", without(tiny, SINCE_PREVIOUS), steps)
+    now = both[1]
+    assert (before / "ema.pt").read_bytes() == (now / "ema.pt").read_bytes()
+    names = sorted(p.relative_to(before).as_posix() for p in (before / "ckpt").rglob("*.pt"))
+    assert names and names == sorted(p.relative_to(now).as_posix()
+                                     for p in (now / "ckpt").rglob("*.pt"))
+    for name in names:
+        old, new = (untimed(torch.load(folder / name, weights_only=True))
+                    for folder in (before, now))
+        buffers = [io.BytesIO(), io.BytesIO()]
+        for state, buffer in zip((old, new), buffers):
+            torch.save(state, buffer)
+        assert buffers[0].getvalue() == buffers[1].getvalue(), name

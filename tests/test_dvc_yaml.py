@@ -88,20 +88,30 @@ def listed(stage: str, params: dict) -> set[str]:
 @pytest.fixture(scope="module")
 def stage_reads(tmp_path_factory, tiny) -> tuple[dict, dict[str, set[str]]]:
     """(params, the keys each stage read): every stage run once by its dvc.yaml command, in
-    order, at a tiny scale with the FIDs during training on (their keys are read only then)."""
+    order, at a tiny scale with the FIDs during training on (their keys are read only then),
+    once unconditional and once conditional with guidance (the keys of either)."""
     params = copy.deepcopy(tiny)
     params["data"]["limit"] = 16
     params["train"].update(epochs=1, batch_size=16, batch_gpu=16, fid_every=1, fid_images=4,
                            fid_steps=1, preview_images=1, preview_steps=1)
     params["sample"].update(num_images=4, batch_size=2, steps=2)
-    work = tmp_path_factory.mktemp("stages")
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
-    commands = [part for stage in PARAM_STAGES for part in ["--", *command(stage)]][1:]
-    done = subprocess.run([sys.executable, str(ROOT / "tests/param_reads.py"), "reads.json",
-                           *commands], cwd=work, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    reads = json.loads((work / "reads.json").read_text())
-    return params, {stage: set(reads[command(stage)[0]]) for stage in PARAM_STAGES}
+    found: dict[str, set[str]] = {stage: set() for stage in PARAM_STAGES}
+    for conditional in (False, True):
+        run = copy.deepcopy(params)
+        if conditional:
+            run["model"]["conditional"] = True
+            run["sample"].update(guidance=1.0, labels=["cat", "dog"])
+        work = tmp_path_factory.mktemp("stages")
+        (work / "params.yaml").write_text(yaml.safe_dump(run))
+        commands = [part for stage in PARAM_STAGES for part in ["--", *command(stage)]][1:]
+        done = subprocess.run([sys.executable, str(ROOT / "tests/param_reads.py"), "reads.json",
+                               *commands], cwd=work, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        reads = json.loads((work / "reads.json").read_text())
+        for stage in PARAM_STAGES:
+            found[stage] |= set(reads[command(stage)[0]])
+    return params, found
 
 
 def test_every_stage_lists_its_params_check_params_the_whole_file():

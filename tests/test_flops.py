@@ -22,7 +22,8 @@ CPU = torch.device("cpu")
 
 
 def build(config: dict) -> torch.nn.Module:
-    return networks.build(ModelParams(**{"time_dim": 64, **config}), (3, 32, 32))
+    model = ModelParams(**{"time_dim": 64, "conditional": False, **config})
+    return networks.build(model, (3, 32, 32))
 
 
 @pytest.mark.parametrize("config, train, gflop", [

@@ -86,8 +86,8 @@ def theirs_and_ours(unet, net, shape, batch: int = 2) -> tuple[torch.Tensor, tor
 
 def network_of(state: dict) -> torch.nn.Module:
     """The network an EMA-file-shaped dict describes, with its weights, in eval mode."""
-    model = ModelParams(**{k: tuple(v) if isinstance(v, list) else v
-                           for k, v in state["config"]["model"].items()})
+    model = ModelParams(**{"conditional": False, **{
+        k: tuple(v) if isinstance(v, list) else v for k, v in state["config"]["model"].items()}})
     net = networks.build(model, state["image_shape"])
     net.load_state_dict(state["ema"])
     return net.eval()

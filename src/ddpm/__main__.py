@@ -23,7 +23,7 @@ from ddpm.params import SAMPLERS, VARIANCES, Params, SampleParams
 
 # The sample command's defaults where the model file implies none: the seed's sample stage
 DEFAULTS = {"num_images": 64, "batch_size": 64, "variance": "beta", "clip_denoised": False,
-            "eta": 0.0, "compile": "auto"}
+            "eta": 0.0, "compile": "auto", "guidance": 0.0, "labels": "balanced"}
 FEW_STEPS = 50  # --steps when a fast sampler is asked for without it
 
 
@@ -41,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("model", type=Path, help="models/ema.pt, a checkpoint (last.pt), an export "
                    "folder or a diffusers UNet2DModel / DDPMPipeline folder")
     s.add_argument("--out", type=Path, help="folder for 0.png ... N-1.png (replaced)")
-    s.add_argument("--grid", type=Path, help="a PNG grid of the first 64 images")
+    s.add_argument("--grid", type=Path, help="a PNG grid of the first 64 images (a conditional "
+                   "model's: one labelled row of 8 per class drawn)")
     s.add_argument("--num-images", type=int, help=f"default {DEFAULTS['num_images']}")
     s.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
                    help="ddpm (ancestral, default) | ddim | dpm-solver++")
@@ -53,6 +54,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction,
                    help="clip predicted x0 to [-1, 1] in every step (default: off, unless the "
                    "model's source says otherwise, as google/ddpm-cifar10-32's scheduler does)")
+    s.add_argument("--labels", type=class_list, help="a conditional model only: the classes "
+                   "drawn, comma-separated names (image i is the list's i mod its length), or "
+                   "balanced (default: image i is class i mod K)")
+    s.add_argument("--guidance", type=float, help="a conditional model only: classifier-free "
+                   "guidance w, eps = eps(null) + (1 + w)(eps(class) - eps(null)) (default 0: "
+                   "the conditional model alone)")
     s.add_argument("--seed", type=int, default=0, help="the root of the noise (default 0)")
     s.add_argument("--batch-size", type=int, help=f"images per forward pass (default "
                    f"{DEFAULTS['batch_size']})")
@@ -86,6 +93,11 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def class_list(text: str) -> str | list[str]:
+    """--labels: balanced, or class names separated by commas."""
+    return "balanced" if text == "balanced" else [name.strip() for name in text.split(",")]
+
+
 def weights_option(command: argparse.ArgumentParser) -> None:
     command.add_argument("--weights", choices=("ema", "model"), default="ema",
                          help="a training checkpoint's EMA weights (default) or its raw ones")
@@ -96,6 +108,7 @@ def sample_settings(args: argparse.Namespace, model) -> SampleParams:
     DEFAULTS; checked as params.yaml's are, errors naming the flag."""
     from ddpm import schema
     from ddpm.errors import ParamsError
+    from ddpm.labels import class_indices
     raw = {**DEFAULTS, **model.sample, "sampler": args.sampler,
            "steps": model.diffusion.timesteps if args.sampler == "ddpm" else FEW_STEPS}
     raw.update({key: value for key, value in vars(args).items()
@@ -107,6 +120,12 @@ def sample_settings(args: argparse.Namespace, model) -> SampleParams:
         for key in raw:
             message = message.replace(f"sample.{key}", f"--{key.replace('_', '-')}")
         raise ParamsError(message) from None
+    if not model.classes and (settings.guidance or settings.labels != "balanced"):
+        flag = "--guidance" if settings.guidance else "--labels"
+        raise ParamsError(f"{flag}: {model.path} holds an unconditional model (no classes to "
+                          "draw or guide)")
+    if model.classes:  # names it has, or one line
+        class_indices(settings.labels, model.classes, "--labels")
     if settings.steps > model.diffusion.timesteps:
         raise ParamsError(f"--steps {settings.steps}: at most the model's diffusion.timesteps = "
                           f"{model.diffusion.timesteps}")
@@ -119,6 +138,7 @@ def sample(args: argparse.Namespace) -> None:
     from ddpm.errors import ParamsError
     from ddpm.generate import for_sampling, generate_folder, sample_manifest, where
     from ddpm.images import grid, list_pngs, read_png, save_png
+    from ddpm.labels import class_grid
     from ddpm.runtime import World, compile_mode, resolve_device, resolve_precision
     if args.out is None and args.grid is None:
         raise ParamsError("nothing to write: give --out DIR, --grid PNG or both")
@@ -133,16 +153,19 @@ def sample(args: argparse.Namespace) -> None:
     sched = Schedule(**dataclasses.asdict(model.diffusion)).to(device)
     world = World()
     wanted = sample_manifest(args.model, params, precision, device, world,
-                             digest=model.digest())
+                             digest=model.digest(), classes=model.classes)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp) / "images"
         cli.on_interrupt(lambda: where(out) if args.out else None)
         start = time.perf_counter()
-        kept = generate_folder(network, sched, model.shape, params, precision, out, world, wanted)
+        kept = generate_folder(network, sched, model.shape, params, precision, out, world, wanted,
+                               model.classes)
         seconds = time.perf_counter() - start
         if args.grid:
-            save_png(grid([read_png(path, model.shape[1]) for path in list_pngs(out)[:64]]),
-                     args.grid)
+            size = model.shape[1]
+            save_png(class_grid(out, size, settings.labels, model.classes, settings.num_images)
+                     if model.classes else
+                     grid([read_png(path, size) for path in list_pngs(out)[:64]]), args.grid)
     resumed = f", {kept} kept from an interrupted run" if kept else ""
     print(f"sample: {settings.num_images} images of {model.shape[1]} x {model.shape[2]} from "
           f"{args.model} ({settings.sampler}, {settings.steps} steps, {precision}{resumed}) in "

@@ -128,12 +128,23 @@ def load(folder: str | Path, split: str, limit: int = 0, labels: bool = False
     images = _array(folder / f"{split}.npy", np.uint8, (n, *shape))
     keep = min(limit, n) if limit else n
     images = np.array(images[:keep])  # a copy in memory: the file may be replaced meanwhile
-    if not labels:
-        return images
+    return (images, load_labels(folder, split, limit)) if labels else images
+
+
+def load_labels(folder: str | Path, split: str, limit: int = 0) -> np.ndarray | None:
+    """The (N,) int64 class indices of a split's images in dataset order (limit > 0: the
+    first N), or None for an unlabelled source; the names are read_meta(folder)["classes"]."""
+    folder = Path(folder)
+    meta = read_meta(folder)
     if not meta["classes"]:
-        return images, None
+        return None
+    if split not in meta["splits"]:
+        raise PipelineError(f"{folder}: the source {meta['source']} has no {split} split "
+                            f"(it has: {', '.join(meta['splits'])})")
+    n = meta["splits"][split]["images"]
+    keep = min(limit, n) if limit else n
     found = np.array(_array(folder / f"{split}_labels.npy", np.int64, (n,))[:keep])
     if found.size and not (0 <= found.min() and found.max() < len(meta["classes"])):
         raise PipelineError(f"{folder / f'{split}_labels.npy'}: class indices outside 0.."
                             f"{len(meta['classes']) - 1}; {REDO}")
-    return images, found
+    return found

@@ -54,10 +54,11 @@ def inception(dims: int, weights: str, device: torch.device) -> torch.nn.Module:
         raise not_inception(path, e) from None
 
 
-def folder_statistics(folder: str | Path, dims: int, batch_size: int, weights: str,
-                      device: torch.device, desc: str | None = None,
-                      model: torch.nn.Module | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """mu (dims,), sigma (dims, dims) of the Inception features of a folder of square RGB PNGs; N.
+def folder_features(folder: str | Path, dims: int, batch_size: int, weights: str,
+                    device: torch.device, desc: str | None = None,
+                    model: torch.nn.Module | None = None) -> np.ndarray:
+    """(N, dims) Inception features of a folder of square RGB PNGs 0.png ... N-1.png, in index
+    order, as pytorch-fid's get_activations computes them.
 
     desc: what the progress bar says it is doing (default: "Inception features of <folder>").
     model: inception(dims, weights, device), if the caller has it already.
@@ -68,12 +69,24 @@ def folder_statistics(folder: str | Path, dims: int, batch_size: int, weights: s
     workers = min(8, os.cpu_count() or 1)
     counting = _counting_images(desc or f"Inception features of {folder}")
     from pytorch_fid import fid_score
-    from pytorch_fid.fid_score import calculate_activation_statistics
     with mock.patch.object(fid_score, "tqdm", counting):
-        mu, sigma = calculate_activation_statistics([str(f) for f in files], model,
-                                                    min(batch_size, len(files)), dims, device,
-                                                    workers)
-    return mu, sigma, len(files)
+        return fid_score.get_activations([str(f) for f in files], model,
+                                         min(batch_size, len(files)), dims, device, workers)
+
+
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """mu (dims,), sigma (dims, dims) of (N, dims) features, as pytorch-fid's
+    calculate_activation_statistics computes them from its activations."""
+    return np.mean(features, axis=0), np.cov(features, rowvar=False)
+
+
+def folder_statistics(folder: str | Path, dims: int, batch_size: int, weights: str,
+                      device: torch.device, desc: str | None = None,
+                      model: torch.nn.Module | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """mu (dims,), sigma (dims, dims) of the Inception features of a folder of square RGB PNGs;
+    N (folder_features' arguments)."""
+    features = folder_features(folder, dims, batch_size, weights, device, desc, model)
+    return (*statistics(features), len(features))
 
 
 def _counting_images(desc: str):
@@ -88,10 +101,12 @@ def _counting_images(desc: str):
     return wrap
 
 
-def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, num_images: int) -> None:
-    """pytorch-fid's .npz format (mu, sigma), plus the image count."""
+def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, num_images: int,
+                    **more: np.ndarray) -> None:
+    """pytorch-fid's .npz format (mu, sigma), plus the image count and the arrays `more` (the
+    class features of ddpm.class_fid)."""
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, mu=mu, sigma=sigma, num_images=num_images)
+        np.savez_compressed(f, mu=mu, sigma=sigma, num_images=num_images, **more)
 
 
 def load_statistics(path: str | Path, dims: int) -> tuple[np.ndarray, np.ndarray, int | None]:

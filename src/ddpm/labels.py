@@ -71,3 +71,13 @@ def rows(labels: Sequence[int], per_row: int) -> list[tuple[int, list[int]]]:
         if len(row) < per_row:
             row.append(i)
     return list(found.items())
+
+
+def class_grid(folder: Path, size: int, spec: Spec, classes: Sequence[str], num_images: int,
+               per_row: int = 8) -> np.ndarray:
+    """The grid of a folder of a conditional model's images 0..N-1: one labelled row per class
+    drawn, its first per_row images (plots/sample_grid.png)."""
+    from ddpm.images import labelled_grid, read_png
+    labels = image_labels(spec, classes, range(num_images)).tolist()
+    return labelled_grid([(classes[c], [read_png(folder / f"{i}.png", size) for i in ids])
+                          for c, ids in rows(labels, per_row)])

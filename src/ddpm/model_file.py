@@ -17,6 +17,7 @@ import torch
 
 from ddpm import checkpoint, networks, schema
 from ddpm.errors import ParamsError
+from ddpm.labels import recorded_classes
 from ddpm.params import DiffusionParams, ModelParams
 
 WEIGHTS = ("ema", "model")  # what a training checkpoint holds; EMA files hold only "ema"
@@ -31,10 +32,11 @@ class ModelFile:
     shape: tuple[int, int, int]        # (C, H, W) of the images it was trained on
     config: dict[str, Any]             # the run config the file records (provenance), or {}
     sample: dict[str, Any] = field(default_factory=dict)  # sampler settings its source implies
+    classes: list[str] = field(default_factory=list)      # a conditional model's class names
 
     def network(self, device: torch.device | str = "cpu") -> torch.nn.Module:
         """The network with these weights, on `device`, in eval mode."""
-        model = networks.build(self.model, self.shape)
+        model = networks.build(self.model, self.shape, len(self.classes))
         try:
             model.load_state_dict(self.weights)
         except RuntimeError as e:  # names or shapes of another network than its config's
@@ -82,11 +84,15 @@ def read(path: str | Path, weights: str = "ema") -> ModelFile:
     config = state.get("config") if isinstance(state.get("config"), dict) else {}
     sections = {}
     for name, cls in (("model", ModelParams), ("diffusion", DiffusionParams)):
+        raw = config.get(name)
+        if name == "model" and isinstance(raw, dict):  # unconditional files leave it out
+            raw = {"conditional": False, **raw}
         try:
-            sections[name] = schema.parse(cls, config.get(name), f"{name}.")
+            sections[name] = schema.parse(cls, raw, f"{name}.")
         except ParamsError as e:
             raise checkpoint.CheckpointError(f"{path}: its recorded config does not say how to "
                                              f"build the network ({e})") from None
     return ModelFile(path, state[weights], sections["model"], sections["diffusion"],
                      checkpoint.image_shape(state, path), config,
-                     state.get("sample") if isinstance(state.get("sample"), dict) else {})
+                     state.get("sample") if isinstance(state.get("sample"), dict) else {},
+                     recorded_classes(state, path, sections["model"].conditional))

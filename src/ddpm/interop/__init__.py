@@ -40,7 +40,7 @@ from ddpm.interop.diffusers_folder import (ATTN_NAMES, LEGACY, LEGACY_NAMES, PIP
                                            write_pipeline)
 from ddpm.interop.errors import InteropError
 from ddpm.interop.own import FORMAT, OWN_CONFIG, OWN_WEIGHTS, VERSION, read_own, write_own
-from ddpm.interop.settings import (check_size, image_shape, sample_settings, sections,
+from ddpm.interop.settings import (check_size, classes, image_shape, sample_settings, sections,
                                    tensor_shapes)
 from ddpm.interop.storage import (FLOAT_DTYPES, MAX_JSON_BYTES, PICKLED, check_target,
                                   match_names, read_json)
@@ -114,7 +114,8 @@ def export(state: dict, out: Path) -> None:
     out = Path(out)
     model, diffusion = sections(state.get("config"), "the model to export")
     shape = image_shape(state, "the model to export")
-    weights = _weights_of(state, model, shape)
+    names = classes(state, model, "the model to export")
+    weights = _weights_of(state, model, shape, len(names))
     sample = (sample_settings(state["sample"], "the model to export") if "sample" in state
               else None)
     check_target(out, EXPORT_PATHS)
@@ -122,17 +123,18 @@ def export(state: dict, out: Path) -> None:
         if diffusers_refusal(model, shape) is None:
             write_pipeline(tmp, model, diffusion, shape, weights, sample or HO_SAMPLING)
         else:
-            write_own(tmp, state, model, diffusion, shape, weights, sample)
+            write_own(tmp, state, model, diffusion, shape, weights, sample, names)
 
 
-def _weights_of(state: dict, model: ModelParams, shape: Sequence[int]) -> dict[str, torch.Tensor]:
+def _weights_of(state: dict, model: ModelParams, shape: Sequence[int], labels: int = 0
+                ) -> dict[str, torch.Tensor]:
     """state["ema"] as float32 tensors, checked against the network of `model`."""
     weights = state.get("ema")
     if not (isinstance(weights, dict)
             and all(isinstance(v, torch.Tensor) for v in weights.values())):
         raise InteropError("the model to export: no 'ema' state_dict in it")
-    check_size(model, shape, "the model to export")
-    expected = tensor_shapes(model, shape)
+    check_size(model, shape, "the model to export", labels)
+    expected = tensor_shapes(model, shape, labels)
     where = Path("the model to export")
     match_names(where, list(weights), expected, str)
     for name, tensor in weights.items():

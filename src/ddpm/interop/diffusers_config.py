@@ -102,7 +102,8 @@ def model_from_unet(config: dict, path: Path) -> tuple[ModelParams, tuple[int, i
     raw = {"arch": "ddpm", "channels": channels, "res_blocks": config["layers_per_block"],
            "attention_resolutions": [size >> level for level in levels],
            "heads": _heads(config, channels, levels, refuse), "dropout": config["dropout"],
-           "time_dim": channels[0]}  # unused by ddpm; its embedding is channels[0] wide
+           "time_dim": channels[0],  # unused by ddpm; its embedding is channels[0] wide
+           "conditional": False}
     try:
         model = schema.parse(ModelParams, raw, "model.")
     except ParamsError as e:
@@ -188,6 +189,8 @@ def diffusers_refusal(model: ModelParams, shape: Sequence[int]) -> str | None:
     (C, H, W), in one line; None where it can (export then writes a DDPMPipeline folder)."""
     if model.arch != "ddpm":
         return f"model.arch = {model.arch}: diffusers has no class of this network"
+    if model.conditional:
+        return "model.conditional = true: diffusers' DDPMPipeline draws no classes"
     with torch.device("meta"):
         net = networks.build(model, shape)
     if {m.num_groups for m in net.modules() if isinstance(m, nn.GroupNorm)} != {32}:

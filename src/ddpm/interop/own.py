@@ -9,8 +9,8 @@ from typing import Any, Sequence
 import torch
 
 from ddpm.interop.errors import InteropError
-from ddpm.interop.settings import (check_size, image_shape, plain_section, sample_settings,
-                                   sections, tensor_shapes)
+from ddpm.interop.settings import (check_size, classes, image_shape, plain_section,
+                                   sample_settings, sections, tensor_shapes)
 from ddpm.interop.storage import read_weights, write_json, write_weights
 from ddpm.params import DiffusionParams, ModelParams, plain
 from ddpm.schema import short
@@ -28,13 +28,14 @@ def read_own(folder: Path, config: dict) -> dict:
                            f"({FORMAT!r} version {VERSION})")
     model, diffusion = sections(config, str(path))
     shape = image_shape({"image_shape": config.get("image_shape", [])}, path)
-    check_size(model, shape, path)
-    expected = tensor_shapes(model, shape)
+    names = classes({"classes": config.get("classes")}, model, path)
+    check_size(model, shape, path, len(names))
+    expected = tensor_shapes(model, shape, len(names))
     state: dict[str, Any] = {
         "ema": read_weights(folder / OWN_WEIGHTS, expected),
         "config": {**(run if isinstance(run := config.get("run_config"), dict) else {}),
                    "model": plain_section(model), "diffusion": plain_section(diffusion)},
-        "image_shape": list(shape)}
+        "image_shape": list(shape), **({"classes": names} if names else {})}
     if "sample" in config:
         state["sample"] = sample_settings(config["sample"], str(path))
     state.update({key: config[key] for key in ("epochs", "steps")
@@ -43,11 +44,13 @@ def read_own(folder: Path, config: dict) -> dict:
 
 
 def write_own(tmp: Path, state: dict, model: ModelParams, diffusion: DiffusionParams,
-              shape: Sequence[int], weights: dict[str, torch.Tensor], sample: dict | None
-              ) -> None:
+              shape: Sequence[int], weights: dict[str, torch.Tensor], sample: dict | None,
+              names: Sequence[str] = ()) -> None:
     config: dict[str, Any] = {"format": FORMAT, "version": VERSION,
                               "model": plain_section(model),
                               "diffusion": plain_section(diffusion), "image_shape": list(shape)}
+    if names:  # a conditional network's class names, in label order
+        config["classes"] = list(names)
     if sample is not None:
         config["sample"] = sample
     run = state.get("config")

@@ -10,8 +10,9 @@ from typing import Any, Sequence
 import torch
 
 from ddpm import checkpoint, networks, schema
-from ddpm.errors import ParamsError
+from ddpm.errors import ParamsError, PipelineError
 from ddpm.interop.errors import InteropError
+from ddpm.labels import recorded_classes
 from ddpm.params import VARIANCES, DiffusionParams, ModelParams, plain
 from ddpm.schema import short
 
@@ -23,6 +24,8 @@ def sections(config: Any, where: str) -> tuple[ModelParams, DiffusionParams]:
     raw_model = config.get("model")
     if isinstance(raw_model, dict) and "arch" not in raw_model:  # files from before model.arch
         raw_model = {"arch": "ddpm", **raw_model}
+    if isinstance(raw_model, dict):  # unconditional networks' files leave it out
+        raw_model = {"conditional": False, **raw_model}
     try:
         model = schema.parse(ModelParams, raw_model, "model.")
     except ParamsError as e:
@@ -58,11 +61,20 @@ def sample_settings(sample: Any, where: str) -> dict:
     return {"variance": sample["variance"], "clip_denoised": sample["clip_denoised"]}
 
 
-def check_size(model: ModelParams, shape: Sequence[int], where: Path | str) -> None:
+def check_size(model: ModelParams, shape: Sequence[int], where: Path | str,
+               classes: int = 0) -> None:
     try:
-        networks.checked_size(model, shape)
+        networks.checked_size(model, shape, classes)
     except ParamsError as e:
         raise InteropError(f"{where}: {e}") from None
+
+
+def classes(state: dict, model: ModelParams, where: Path | str) -> list[str]:
+    """A conditional network's class names (ddpm.labels.recorded_classes); [] otherwise."""
+    try:
+        return recorded_classes(state, where, model.conditional)
+    except PipelineError as e:
+        raise InteropError(str(e)) from None
 
 
 def image_shape(state: dict, where: Path | str) -> tuple[int, int, int]:
@@ -72,11 +84,18 @@ def image_shape(state: dict, where: Path | str) -> tuple[int, int, int]:
         raise InteropError(str(e)) from None
 
 
-def tensor_shapes(model: ModelParams, shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(model: ModelParams, shape: Sequence[int], classes: int = 0
+                  ) -> dict[str, tuple[int, ...]]:
     """name -> shape of every tensor of the network's state_dict (built on the meta device)."""
     with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in networks.build(model, shape).state_dict().items()}
+        return {k: tuple(v.shape)
+                for k, v in networks.build(model, shape, classes).state_dict().items()}
 
 
 def plain_section(section: Any) -> dict:
-    return plain(dataclasses.asdict(section))
+    """A params section as plain values; an unconditional model's leaves model.conditional out,
+    as its run config does (ddpm.params.run_config): files say what they said before it."""
+    values = plain(dataclasses.asdict(section))
+    if isinstance(section, ModelParams) and not section.conditional:
+        del values["conditional"]
+    return values
