@@ -98,13 +98,17 @@ def test_a_bad_override_is_one_line_and_writes_nothing(tmp_path):
                                                    "data.source": "data/pets"}),
     (["+presets=[quick,fast]", "train.lr=5e-4"], {"model.channels": (32, 64, 64),
                                                    "sample.sampler": "ddim", "train.lr": 5e-4}),
+    (["+presets=[quick,conditional]"], {"model.channels": (32, 64, 64),
+                                        "model.conditional": True, "train.label_dropout": 0.1,
+                                        "sample.guidance": 0.3, "sample.labels": "balanced"}),
+    (["+presets=conditional", "sample.labels=[cat,dog]"], {"sample.labels": ("cat", "dog")}),
 ])
 def test_each_preset_composes_into_valid_params(tmp_path, overrides, expected):
     """Every preset passes check_params (schema, rules, the network on the meta device), sets
     what it says, and combines with other presets and -S values (later wins)."""
     composed(tmp_path, *overrides)
     params = load_params(tmp_path / "params.yaml")
-    checked_size(params.model, (3, params.data.resolution, params.data.resolution))
+    checked_size(params.model, (3, params.data.resolution, params.data.resolution), classes=10)
     for key, value in expected.items():
         section, _, name = key.rpartition(".")
         assert getattr(getattr(params, section) if section else params, name) == value, key

@@ -56,7 +56,7 @@ def test_every_exp_run_of_the_readme_composes_into_valid_params(command, tmp_pat
     for n, combination in enumerate(itertools.product(*choices)):
         (tmp_path / f"{n}.yaml").write_text(compose(ROOT, combination))
         checked_size((p := load_params(tmp_path / f"{n}.yaml")).model,
-                     (3, p.data.resolution, p.data.resolution))
+                     (3, p.data.resolution, p.data.resolution), classes=10)  # CIFAR-10's
 
 
 def test_every_dvc_extra_the_readme_names_exists():

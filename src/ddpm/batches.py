@@ -46,8 +46,7 @@ def draw(generator: torch.Generator, batch: int, timesteps: int, shape: Sequence
 def drop_labels(generator: torch.Generator, labels: torch.Tensor, dropout: float,
                 null: int) -> torch.Tensor:
     """Classifier-free guidance's training labels (Ho & Salimans 2022, Algorithm 1): each of
-    `labels` (B,) replaced by the null label with probability `dropout`, drawn after the step's
-    other draws (so an unconditional run draws what it drew before labels existed)."""
+    `labels` (B,) replaced by the null label with probability `dropout`, from `generator`."""
     drop = torch.rand(len(labels), device=generator.device, generator=generator) < dropout
     return torch.where(drop.to(labels.device), torch.full_like(labels, null), labels)
 
@@ -60,16 +59,20 @@ def epoch_draws(seed: int, epoch: int, num_images: int, batch: int, timesteps: i
     come from (seed, epoch) alone and are the same on every process, so a resumed epoch replays
     an uninterrupted one. The N % batch images left over by the shuffle wait for another epoch.
     labels: the (N,) classes of a conditional model's images on the device, dropped to `null`
-    at the rate label_dropout; None for an unconditional model."""
+    at the rate label_dropout from a stream of their own, so that a conditional run draws the
+    images, flips, timesteps and noise of the unconditional run of the same seed (and that run
+    what it drew before labels existed); None for an unconditional model."""
     order = torch.randperm(num_images, generator=torch.Generator().manual_seed(
         derive_seed(seed, epoch, "order"))).to(device)
     generator = torch.Generator(device).manual_seed(derive_seed(seed, epoch, "noise"))
+    dropping = (torch.Generator(device).manual_seed(derive_seed(seed, epoch, "labels"))
+                if labels is not None else None)
     share = batch // world.size
     mine = slice(world.rank * share, (world.rank + 1) * share)
     for step in range(num_images // batch):
         idx = order[step * batch:(step + 1) * batch]
         flip, t, noise = draw(generator, batch, timesteps, shape)
-        y = None if labels is None else drop_labels(generator, labels[idx], label_dropout, null)
+        y = None if labels is None else drop_labels(dropping, labels[idx], label_dropout, null)
         yield Draws(idx[mine], flip[mine], t[mine], noise[mine], None if y is None else y[mine])
 
 
