@@ -48,8 +48,9 @@ def gaussian_eps(sched: Schedule, scale: float = 1.0):
     return model
 
 
-def exact_std(sampler: str, steps: int, variance: str) -> float:
-    """The std the sampler must produce with gaussian_eps, propagated in closed form (float64).
+def exact_std(sampler: str, steps: int, variance: str, s: float = S) -> float:
+    """The std the sampler must produce with gaussian_eps (data N(MU, s^2)), propagated in closed
+    form (float64).
 
     With that predictor every step is affine in d = x_t - sqrt(ab_t) MU, whose variance
     starts at 1 (x_T ~ N(0, I)). DDPM (eq. 11): d' = (1 - beta / v_t) / sqrt(alpha) d + sigma z;
@@ -57,7 +58,7 @@ def exact_std(sampler: str, steps: int, variance: str) -> float:
     where v_t = ab S^2 + 1 - ab is the variance of x_t and ' marks the previous timestep.
     DPM-Solver++: the std of the exact probability-flow ODE's sample (exact_ode_sample).
     """
-    ab_all, ts, var = linear_alpha_bar(), timesteps_for(T, steps), 1.0
+    ab_all, ts, var, S = linear_alpha_bar(), timesteps_for(T, steps), 1.0, s
     if sampler == "dpm-solver++":  # not its chain's: the exact ODE's, which it approximates
         v_0, v_T = ab_all[0] * S**2 + 1 - ab_all[0], ab_all[-1] * S**2 + 1 - ab_all[-1]
         return math.sqrt(ab_all[0]) * S**2 / math.sqrt(v_0 * v_T)  # exact_ode_sample's gain

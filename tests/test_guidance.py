@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from ddpm.diffusion import Schedule, guided, log_snr_timesteps, sample, timesteps_for
+from test_diffusion import exact_std, linear_alpha_bar  # the closed forms for one Gaussian
 
 T = 1000
 LINEAR = dict(timesteps=T, beta_start=1e-4, beta_end=0.02, schedule="linear")
@@ -48,12 +48,6 @@ SAMPLERS = [("ddpm", 0.0), ("ddim", 0.5), ("dpm-solver++", 0.0)]  # (sampler, et
 @pytest.fixture(scope="module")
 def sched() -> Schedule:
     return Schedule(**LINEAR)
-
-
-def linear_alpha_bar() -> np.ndarray:
-    """alpha_bar_t = prod_{s<=t} (1 - beta_s), beta_t = 1e-4 + (0.02 - 1e-4) t / (T-1); float64."""
-    betas = 1e-4 + (0.02 - 1e-4) * np.arange(T) / (T - 1)
-    return np.exp(np.cumsum(np.log1p(-betas)))
 
 
 AB = torch.from_numpy(linear_alpha_bar())
@@ -125,28 +119,6 @@ class Spy:
     def __call__(self, x_t, t, labels):
         self.calls.append((x_t.clone(), t.clone(), labels.clone()))
         return model(x_t, t, labels)
-
-
-def exact_std(sampler: str, steps: int, variance: str, s: float) -> float:
-    """test_diffusion.exact_std for data N(mu, s^2): the std the chain produces from the optimal
-    predictor, propagated in closed form (float64); DPM-Solver++: the exact probability-flow
-    ODE's. Every step is affine in d = x_t - sqrt(ab_t) mu, whose variance starts at 1."""
-    ab_all, ts, var = AB.numpy(), timesteps_for(T, steps), 1.0
-    if sampler == "dpm-solver++":
-        v_0, v_T = ab_all[0] * s**2 + 1 - ab_all[0], ab_all[-1] * s**2 + 1 - ab_all[-1]
-        return math.sqrt(ab_all[0]) * s**2 / math.sqrt(v_0 * v_T)
-    for i in reversed(range(len(ts))):
-        ab = ab_all[ts[i]]
-        ab_prev = ab_all[ts[i - 1]] if i > 0 else 1.0
-        v_t, beta = ab * s**2 + 1 - ab, 1 - ab / ab_prev
-        if sampler == "ddim":
-            gain = (math.sqrt(ab_prev * ab) * s**2 + math.sqrt((1 - ab_prev) * (1 - ab))) / v_t
-            var *= gain**2
-            continue
-        var *= (1 - beta / v_t) ** 2 / (1 - beta)
-        if i > 0:
-            var += beta if variance == "beta" else beta * (1 - ab_prev) / (1 - ab)
-    return math.sqrt(var)
 
 
 def random_inputs(batch: int = 6, seed: int = 0):
