@@ -66,7 +66,7 @@ def configured(args: argparse.Namespace) -> Params:
     raw = load_params(args.params).to_dict()
     if args.preset:
         preset = yaml.safe_load((ROOT / "presets" / f"{args.preset}.yaml").read_text()) or {}
-        for section in ("model", "sample"):
+        for section in ("model", "sample", "train"):
             raw[section].update(preset.get(section) or {})
     flags = {"arch": args.arch, "channels": args.channels, "res_blocks": args.res_blocks,
              "heads": args.heads, "attention_resolutions": args.attention_resolutions}
@@ -162,6 +162,35 @@ def table(rows: list[dict], caption: str) -> str:
     return "\n".join(lines)
 
 
+def train_rows(params: Params, device: torch.device, precision: str, steps: int) -> dict:
+    """Seconds of one optimizer step (ddpm.step.train_step, as benchmarks/timing.py runs it on
+    random in-memory images), unconditional against conditional with labels dropped at
+    train.label_dropout, in `steps` round-robin rounds after a warm-up step each: what
+    conditioning costs training."""
+    import timing
+    raw = params.to_dict()
+    raw["train"].update(precision=precision, batch_gpu="auto", compile=False)
+    images = torch.randint(0, 256, (256, *SHAPE), dtype=torch.uint8, device=device)
+    cases = {}
+    for name, conditional in (("unconditional", False), ("conditional", True)):
+        run = dict(raw, model=dict(raw["model"], conditional=conditional))
+        cases[name] = timing.training_step(parse_params(run), images, device,
+                                           len(CLASSES) if conditional else 0).run
+    seconds = timing.interleaved(cases, device, rounds=steps, steps=1)
+    batch = params.train.batch_size
+    result = {"batch_size": batch, "steps": steps, "precision": precision,
+              "label_dropout": params.train.label_dropout,
+              "seconds_per_step": {k: round(v, 6) for k, v in seconds.items()},
+              "images_per_second": {k: round(batch / v, 3) for k, v in seconds.items()},
+              "conditional_vs_unconditional": round(seconds["conditional"]
+                                                    / seconds["unconditional"], 3)}
+    print(f"\ntraining, one optimizer step of {batch} images ({precision}, median of {steps} "
+          f"round-robin rounds): unconditional {seconds['unconditional']:.4f} s, conditional "
+          f"{seconds['conditional']:.4f} s ({result['conditional_vs_unconditional']:.3f}x)",
+          flush=True)
+    return result
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -182,6 +211,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--compile", dest="compile_mode",
                    help="torch.compile mode of the sample stage (default: eager)")
+    p.add_argument("--train-steps", type=int, default=0, help="also time this many optimizer "
+                   "steps of training (train.batch_size images each), unconditional against "
+                   "conditional, in round-robin rounds of one step (default 0: not timed)")
     p.add_argument("--out", type=Path, help="write the results JSON here")
     return p
 
@@ -235,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"network's images exactly: {'yes' if ok else 'NO'} (weights equal: {weights_equal}, "
           f"largest difference {check['max_abs_difference_w0']:.3g}; guided vs unconditional "
           f"{check['max_abs_difference_guided']:.3g})", flush=True)
+    training = train_rows(params, device, precision, args.train_steps) if args.train_steps else None
     result = {**record.machine(device), "argv": list(sys.argv[1:] if argv is None else argv),
               "weights": "random initialisation (derive_seed(seed, 'init')): timing only",
               "model": params.to_dict()["model"], "preset": args.preset, "seed": params.seed,
@@ -243,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
               "guidance": args.guidance, "precision": precision,
               "compile": args.compile_mode, "repeats": args.repeats, "rows": rows,
               "aim": f"guided <= {AIM:.1f}x unguided", "guided_vs_unguided": guided_ratio,
-              "aim_met": guided_ratio <= AIM, "check": check}
+              "aim_met": guided_ratio <= AIM, "check": check, "training": training}
     if args.out:
         record.write(args.out, result)
     if not ok:

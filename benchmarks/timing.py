@@ -154,13 +154,15 @@ class Step(NamedTuple):
     run: Callable[[], None]
 
 
-def training_step(params: Params, images: torch.Tensor, device: torch.device) -> Step:
+def training_step(params: Params, images: torch.Tensor, device: torch.device,
+                  classes: int = 0) -> Step:
     """params' network, optimizer and EMA (ddpm.step.new_state) and one ddpm.step.train_step of
-    random data indices and the batch's draws per call, as the trainer takes it."""
+    random data indices and the batch's draws per call, as the trainer takes it; with `classes`
+    (model.conditional), random labels dropped at train.label_dropout as the trainer drops them."""
     precision = resolve_precision(params.train.precision, device)
     sched = Schedule(**dataclasses.asdict(params.diffusion)).to(device)
     shape = tuple(images.shape[1:])
-    state = new_state(params, shape, precision, device, World())
+    state = new_state(params, shape, precision, device, World(), classes=classes)
     micro, rounds = batches.split(params.train, World(), device, batches.probe(
         state.model, sched.timesteps, shape, precision, device))
     generator, batch = torch.Generator(device).manual_seed(0), params.train.batch_size
@@ -168,6 +170,10 @@ def training_step(params: Params, images: torch.Tensor, device: torch.device) ->
     def run() -> None:
         idx = torch.randint(0, len(images), (batch,), device=device, generator=generator)
         draws = batches.Draws(idx, *batches.draw(generator, batch, sched.timesteps, shape))
+        if classes:
+            labels = torch.randint(0, classes, (batch,), device=device, generator=generator)
+            draws = draws._replace(labels=batches.drop_labels(
+                generator, labels, params.train.label_dropout, classes))
         train_step(state, sched, images, draws, micro, precision, params.train.lr,
                    params.train.grad_clip)
     return Step(state, micro, rounds, precision, run)

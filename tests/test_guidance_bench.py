@@ -27,7 +27,7 @@ def test_the_guidance_benchmark_records_its_cases_ratios_and_check(tmp_path, cap
     argv = ["--arch", "seed", "--channels", "8", "16", "16", "--res-blocks", "1", "--heads", "2",
             "--attention-resolutions", "16", "--images", "4", "--batch-size", "3",
             "--steps", "2", "--repeats", "2", "--precision", "fp32", "--device", "cpu",
-            "--threads", "1", "--out", str(out)]
+            "--threads", "1", "--train-steps", "2", "--out", str(out)]
     result = script.main(argv)
     printed = capsys.readouterr().out
     recorded = json.loads(out.read_text())
@@ -58,6 +58,13 @@ def test_the_guidance_benchmark_records_its_cases_ratios_and_check(tmp_path, cap
     assert check["max_abs_difference_w0"] == 0.0 and check["images_vary"]
     assert "Aim: guided <= 2.0x unguided" in printed and "random-initialised" in printed
     assert "| case | seconds (median) |" in printed
+    training = recorded["training"]  # one optimizer step each way, of train.batch_size images
+    seconds = training["seconds_per_step"]
+    assert set(seconds) == {"unconditional", "conditional"} and training["steps"] == 2
+    assert training["conditional_vs_unconditional"] == pytest.approx(
+        seconds["conditional"] / seconds["unconditional"], rel=2e-3, abs=1e-3)
+    assert training["images_per_second"]["conditional"] == pytest.approx(
+        training["batch_size"] / seconds["conditional"], rel=2e-3)
     assert "images exactly: yes" in printed
 
 
