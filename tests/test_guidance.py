@@ -281,6 +281,10 @@ def test_guidance_needs_a_conditional_model_and_its_null_label(sched):
     assert spy.calls == []
     unconditional = lambda x, t: torch.zeros_like(x)  # noqa: E731
     assert guided(unconditional, None) is unconditional
+    for w in (0.0, 1.0):  # one label per image, or a network would broadcast the first
+        with pytest.raises(ValueError, match="1 labels for a batch of 6 images"):
+            guided(spy, labels[:1], w, NULL)(x_t, t)
+    assert spy.calls == []
 
 
 @pytest.mark.parametrize("sampler, eta", SAMPLERS)

@@ -165,13 +165,15 @@ def guided(model: Callable[..., torch.Tensor], labels: torch.Tensor | None,
         if guidance:
             raise ValueError("guidance needs labels (a conditional model)")
         return model
-    if not guidance:
-        return lambda x, t: model(x, t, labels)
-    if null_label is None:
+    if null_label is None and guidance:
         raise ValueError("guidance needs the model's null label")
-    both = torch.cat([labels, torch.full_like(labels, null_label)])
+    both = torch.cat([labels, torch.full_like(labels, null_label)]) if guidance else labels
 
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if len(labels) != len(x):  # a network would broadcast one label over the batch
+            raise ValueError(f"{len(labels)} labels for a batch of {len(x)} images")
+        if not guidance:
+            return model(x, t, labels)
         cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), both).float().chunk(2)
         return uncond + (1.0 + guidance) * (cond - uncond)
     return eps

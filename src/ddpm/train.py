@@ -64,7 +64,8 @@ class Trainer:
         conditional, origin = params.model.conditional, ""
         if images is None:
             meta = dataset.read_meta(paths.data)
-            images, found = dataset.load(paths.data, "train", params.data.limit, labels=True)
+            loaded = dataset.load(paths.data, "train", params.data.limit, labels=conditional)
+            images, found = loaded if conditional else (loaded, None)  # labels: only if used
             images, origin = torch.from_numpy(images), f" in {paths.data} (of {meta['source']})"
             labels = (torch.from_numpy(found), meta["classes"]) if found is not None else None
         if conditional and labels is None:
