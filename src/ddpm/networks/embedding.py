@@ -32,8 +32,7 @@ def label_embedding(classes: int, dim: int) -> nn.Embedding | None:
     network's for the same seed)."""
     if classes == 0:
         return None
-    table = nn.Embedding(classes + 1, dim, _weight=torch.zeros(classes + 1, dim))
-    return table
+    return nn.Embedding(classes + 1, dim, _weight=torch.zeros(classes + 1, dim))
 
 
 def add_label(emb: torch.Tensor, table: nn.Embedding | None,
