@@ -1,5 +1,7 @@
-"""fid: FID of the generated PNGs against the cached statistics of the real ones; for a
-conditional model also each class's FID against its real images (reports/fid.json)."""
+"""fid: FID of the generated PNGs against the cached statistics of the real ones, and from the
+same Inception pass KID, precision and recall against the real features and the Inception Score
+(ddpm.scores); for a conditional model also each class's FID against its real images
+(reports/fid.json)."""
 import argparse
 import sys
 from pathlib import Path
@@ -15,6 +17,9 @@ from ddpm.images import list_pngs
 from ddpm.labels import image_labels
 from ddpm.params import load_params_or_exit
 from ddpm.runtime import keep_freed_host_memory, resolve_device
+from ddpm.scores import (KID_SUBSET_SIZE, KID_SUBSETS, NEAREST_K, NO_CLASSIFIER, SEED, SPLITS,
+                         classifier, inception_score, kid, load_features, logits_unbiased,
+                         precision_recall)
 
 BIAS = ("FID of so few images a class is biased upwards (docs/fid.md): compare classes and runs "
         "of the same sizes only")
@@ -33,18 +38,52 @@ def main() -> None:
     keep_freed_host_memory(device)  # on CPUs: no page faults on every batch's activations
     mu_real, sigma_real, num_real = load_statistics(args.real_stats, fid.dims)  # fail fast
     real = load_class_features(args.real_stats, fid.dims) if params.model.conditional else None
+    real_features = real[0] if real else load_features(args.real_stats, fid.dims)
     features = folder_features(args.images, fid.dims, fid.batch_size, fid.weights, device,
                                f"fid: Inception features of {args.images}")
+    fc = classifier(fid.weights)  # after folder_features, whose errors name fid.weights' file
     num_generated = len(features)
     value = frechet_distance(*statistics(features), mu_real, sigma_real)
     done(f"FID {value:.4f} ({num_generated} generated vs {num_real} real images)")
+    metrics = {"fid": value}
     report = {"num_generated": num_generated, "num_real": num_real, "dims": fid.dims}
+    metrics.update(companions(args, params, features, real_features, fc, device, report))
     if params.model.conditional:
         report.update(class_report(args, params, features, real))
-    write_json(args.metrics, {"fid": value})
+    write_json(args.metrics, metrics)
     write_json(args.report, report)
     print(f"fid: {value:.4f} ({num_generated} generated vs {num_real} real images, "
-          f"{fid.dims} dims)")
+          f"{fid.dims} dims)" + "".join(f", {key} {metrics[key]:.4g}" for key in metrics
+                                        if key != "fid"))
+
+
+def companions(args, params, features: np.ndarray, real: np.ndarray | None, fc, device,
+               report: dict) -> dict:
+    """metrics/fid.json's KID, precision, recall and Inception Score; the protocol, and why any is
+    missing, into `report`."""
+    found = {}
+    if real is None:
+        why = (f"{args.real_stats} holds no real features (a file from before they were kept, or "
+               "pytorch-fid's own): rerun real_stats, dvc repro real_stats")
+        print(f"fid: no KID, precision or recall: {why}", file=sys.stderr)
+        report["kid_note"] = why
+    else:
+        found["kid"], found["kid_std"] = kid(features, real)
+        found["precision"], found["recall"] = precision_recall(features, real, device=device)
+        report.update(kid_subsets=KID_SUBSETS, kid_subset_size=min(KID_SUBSET_SIZE, len(features),
+                                                                   len(real)),
+                      kid_seed=SEED, nearest_k=NEAREST_K)
+    if fc is None or params.fid.dims != fc.shape[1]:
+        why = (NO_CLASSIFIER.format(weights=repr(params.fid.weights)) if fc is None else
+               f"no Inception Score: it classifies the {fc.shape[1]}-dim pool features, and "
+               f"fid.dims is {params.fid.dims}")
+        print(f"fid: {why}", file=sys.stderr)
+        report["inception_score_note"] = why
+    else:
+        found["inception_score"], report["inception_score_std"] = inception_score(
+            logits_unbiased(features, fc))
+        report["inception_score_splits"] = SPLITS
+    return found
 
 
 def class_report(args, params, features: np.ndarray, real) -> dict:

