@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tqdm import tqdm
@@ -533,41 +534,45 @@ def test_the_oom_probe_runs_forward_and_backward_and_leaves_no_trace(tiny, datas
 def test_fid_during_training_is_the_fid_stage_on_the_same_images(tiny, dataset_dir, tmp_path,
                                                                  monkeypatch, capsys):
     """fid_every=1 over 2 epochs: one fid.tsv row per epoch; the metrics hold the last and best;
-    and each value equals what stages/fid.py computes from the very images (kept here as they
-    pass to the Inception network) against the same real statistics."""
+    and each FID and KID equals what stages/fid.py computes from the very images (kept here as
+    they pass to the Inception network) against the same real statistics and features."""
     import json
-    from ddpm.fid import folder_statistics, save_statistics
+    from ddpm.fid import folder_features, save_statistics, statistics
     from ddpm.images import write_pngs
     from fakes import cifar_images, run_stage
     real = tmp_path / "real_png"
     real.mkdir()
     write_pngs(cifar_images("train", per_batch=16)[:48].transpose(0, 2, 3, 1), real)
     fid = tiny["fid"]
-    save_statistics(tmp_path / "real_stats.npz",
-                    *folder_statistics(real, fid["dims"], fid["batch_size"], fid["weights"],
-                                       torch.device("cpu")))
-    kept, real_statistics = [], evaluate.folder_statistics
+    features = folder_features(real, fid["dims"], fid["batch_size"], fid["weights"],
+                               torch.device("cpu"))
+    save_statistics(tmp_path / "real_stats.npz", *statistics(features), len(features),
+                    features=features.astype(np.float16))  # as real_stats keeps them
+    kept, real_features = [], evaluate.folder_features
 
     def keeping(folder, *args, **kwargs):
         kept.append(tmp_path / f"kept{len(kept)}")
         shutil.copytree(folder, kept[-1])
-        return real_statistics(folder, *args, **kwargs)
+        return real_features(folder, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "folder_statistics", keeping)
+    monkeypatch.setattr(evaluate, "folder_features", keeping)
     trainer = run(tiny, tmp_path, dataset_dir, epochs=2, sample_every=0, fid_every=1,
                   fid_images=6, fid_steps=4)
     assert "train: epoch 2: FID" in capsys.readouterr().err
     rows = [r.split("\t") for r in (tmp_path / "fid.tsv").read_text().splitlines()]
-    assert rows[0] == ["epoch", "step", "fid", "seconds"]
+    assert rows[0] == ["epoch", "step", "fid", "seconds", "kid", "kid_std"]
     assert [(int(r[0]), int(r[1])) for r in rows[1:]] == [(1, 3), (2, 6)]
     assert [len(list(folder.iterdir())) for folder in kept] == [6, 6]
     metrics = json.loads((tmp_path / "train.json").read_text())
     values = [row[2] for row in trainer.state.progress.fid_rows]
     assert metrics["fid_last"] == values[-1] and metrics["fid_best"] == min(values)
     assert metrics["fid_best_epoch"] == 1 + values.index(min(values))
+    kids = [row[4] for row in trainer.state.progress.fid_rows]
+    assert metrics["kid_last"] == kids[-1] and [float(r[4]) for r in rows[1:]] == pytest.approx(
+        kids, rel=1e-5)  # the TSV's 6 significant digits
     report = json.loads((tmp_path / "train_report.json").read_text())
     assert 0 < report["fid_seconds"] and metrics["seconds"] > 0
-    for folder, value in zip(kept, values):
+    for folder, value, kid in zip(kept, values, kids):
         done = run_stage("fid.py", tmp_path, "--images", str(folder), "--real-stats",
                          str(tmp_path / "real_stats.npz"), "--metrics", str(folder) + ".json",
                          "--report", str(folder) + ".report.json",
@@ -575,8 +580,9 @@ def test_fid_during_training_is_the_fid_stage_on_the_same_images(tiny, dataset_d
                          fid__batch_size=fid["batch_size"])
         assert done.returncode == 0, done.stderr
         # equal up to float32 rounding in Inception: the stage runs with its own thread count
-        assert json.loads(Path(str(folder) + ".json").read_text())["fid"] == pytest.approx(
-            value, rel=1e-6)
+        stage = json.loads(Path(str(folder) + ".json").read_text())
+        assert stage["fid"] == pytest.approx(value, rel=1e-6)
+        assert stage["kid"] == pytest.approx(kid, rel=1e-5)
 
 
 def test_fid_during_training_needs_the_real_statistics(tiny, dataset_dir, tmp_path):

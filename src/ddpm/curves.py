@@ -2,7 +2,8 @@
 show in `dvc plots show` without a network (its page loads vega from a CDN) and in any viewer.
 
 plots/curves/loss.png   the loss log, raw and smoothed, against the optimizer step
-plots/curves/fid.png    the FIDs during training against the epoch; absent while there are none
+plots/curves/fid.png    the FIDs (and KIDs) during training against the epoch; absent while there
+                        are none
 """
 from __future__ import annotations
 
@@ -56,20 +57,34 @@ def loss_figure(rows: Sequence[Sequence[float]]) -> Figure:
 
 
 def fid_figure(rows: Sequence[Sequence[float]]) -> Figure:
-    """rows: plots/train/fid.tsv's (epoch, step, FID, seconds); the lowest FID is marked."""
+    """rows: plots/train/fid.tsv's (epoch, step, FID, seconds[, KID, KID's std]); the lowest FID
+    is marked, and the KIDs, where known, drawn on a right-hand axis with their std as bars."""
     fig = Figure(figsize=SIZE, dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     epochs = [row[0] for row in rows]
     fid = [row[2] for row in rows]
-    ax.plot(epochs, fid, marker="o", color="tab:orange", label="FID of the EMA weights")
+    lines = ax.plot(epochs, fid, marker="o", color="tab:orange", label="FID of the EMA weights")
     best = int(np.argmin(fid))
-    ax.scatter([epochs[best]], [fid[best]], s=120, facecolors="none", edgecolors="black",
-               zorder=3, label=f"lowest: {fid[best]:.2f} at epoch {epochs[best]:g}")
+    lines.append(ax.scatter([epochs[best]], [fid[best]], s=120, facecolors="none",
+                            edgecolors="black", zorder=3,
+                            label=f"lowest FID: {fid[best]:.2f} at epoch {epochs[best]:g}"))
     ax.set(xlabel="epoch", ylabel="FID (train.fid_images images)",
-           title="FID during training")
+           title="FID and KID during training" if _kids(rows) else "FID during training")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    if kids := _kids(rows):
+        right = ax.twinx()
+        x, kid, std = zip(*kids)
+        lines.append(right.errorbar(x, kid, yerr=std, marker="s", markersize=4, capsize=3,
+                                    color="tab:green", label="KID (right; bars: std over its "
+                                                             "subsets)"))
+        right.set_ylabel("KID")
+    ax.legend(handles=lines, loc="upper right")
     return fig
+
+
+def _kids(rows: Sequence[Sequence[float]]) -> list[tuple[float, float, float]]:
+    """(epoch, KID, std) of the rows that have a KID."""
+    return [(row[0], row[4], row[5]) for row in rows if len(row) >= 6 and math.isfinite(row[4])]
 
 
 def save(fig: Figure, path: Path) -> None:

@@ -32,7 +32,7 @@ from ddpm.runtime import (MemoryMonitor, World, compile_mode, derive_seed, devic
 from ddpm.step import Progress, learning_rate, new_state, train_step
 
 LOSS_HEADER = ["step", "loss", "images_per_second"]
-FID_HEADER = ["epoch", "step", "fid", "seconds"]
+FID_HEADER = ["epoch", "step", "fid", "seconds", "kid", "kid_std"]  # kid: nan where unknown
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class TrainPaths:
     loss: Path         # plots/train/loss.tsv
     samples: Path      # plots/samples/: preview grids for dvc plots
     real_stats: Path   # data/real_stats.npz: the FID reference (read when train.fid_every > 0)
-    fid: Path          # plots/train/fid.tsv: epoch, step, FID, seconds
+    fid: Path          # plots/train/fid.tsv: epoch, step, FID, seconds, KID, KID's std
     curves: Path       # plots/curves/: the loss and FID curves as PNGs
 
 
@@ -236,14 +236,15 @@ class Trainer:
             save_png(grid, self.folders.previews / f"epoch_{epoch:04d}.png")
         if self.fid is not None and (epoch % train.fid_every == 0 or last):
             start = time.perf_counter()  # FID time is logged apart from the training throughput
-            value = self.fid(ema, self.sched, self.shape, self.precision,
-                             self.folders.work / "fid_images",
-                             f"train: FID at epoch {epoch}, Inception", self.classes)
+            value, kid, kid_std = self.fid(ema, self.sched, self.shape, self.precision,
+                                           self.folders.work / "fid_images",
+                                           f"train: FID at epoch {epoch}, Inception", self.classes)
             seconds = time.perf_counter() - start
-            progress.fid_rows.append([epoch, progress.step, value, round(seconds, 3)])
-            print(f"train: epoch {epoch}: FID {value:.2f} ({train.fid_images} images, {SAMPLER}-"
-                  f"{train.fid_steps}, vs {self.paths.real_stats}) in {seconds:.0f} s",
-                  file=sys.stderr, flush=True)
+            kid, kid_std = (math.nan, math.nan) if kid is None else (kid, kid_std)
+            progress.fid_rows.append([epoch, progress.step, value, round(seconds, 3), kid, kid_std])
+            print(f"train: epoch {epoch}: FID {value:.2f}, KID {kid:.4f} ({train.fid_images} "
+                  f"images, {SAMPLER}-{train.fid_steps}, vs {self.paths.real_stats}) in "
+                  f"{seconds:.0f} s", file=sys.stderr, flush=True)
         if epoch % train.checkpoint_every == 0 or last:
             self.save_checkpoint()
         self.write_outputs(final=False)
@@ -265,13 +266,16 @@ class Trainer:
         rate = progress.step * batch / max(progress.seconds, 1e-9)
         self.memory.sample()
         write_tsv(self.paths.loss, LOSS_HEADER, progress.rows)
-        write_tsv(self.paths.fid, FID_HEADER, progress.fid_rows)  # the header while fid_every is 0
-        curves.write(self.paths.curves, progress.rows, progress.fid_rows)
+        fid_rows = [row + [math.nan] * (len(FID_HEADER) - len(row))  # rows of runs from before
+                    for row in progress.fid_rows]                        # KID have no KID
+        write_tsv(self.paths.fid, FID_HEADER, fid_rows)  # the header while fid_every is 0
+        curves.write(self.paths.curves, progress.rows, fid_rows)
         fid = {}
-        if progress.fid_rows:
-            best = min(progress.fid_rows, key=lambda row: row[2])
-            fid = {"fid_last": progress.fid_rows[-1][2], "fid_best": best[2],
-                   "fid_best_epoch": best[0]}
+        if fid_rows:
+            best = min(fid_rows, key=lambda row: row[2])
+            fid = {"fid_last": fid_rows[-1][2], "fid_best": best[2], "fid_best_epoch": best[0]}
+            if math.isfinite(fid_rows[-1][4]):
+                fid["kid_last"] = fid_rows[-1][4]
         write_json(self.paths.metrics, {
             "loss": progress.loss, "epochs": progress.epoch, "seconds": round(progress.seconds, 3),
             "images_per_second": round(rate, 3), "peak_memory_mb": round(self.memory.peak_mb, 1),

@@ -61,11 +61,16 @@ def test_sigkill_at_any_moment_then_repro_gives_the_uninterrupted_weights(new_re
     assert [row[0] for row in fid] == ["epoch", "1", "2", "3", "4", "5"]
     assert [r.split("\t")[:3]
             for r in (repo / "plots/train/fid.tsv").read_text().splitlines()] == fid
+    kid = [r.split("\t")[4] for r in (reference / "plots/train/fid.tsv").read_text().splitlines()]
+    assert [r.split("\t")[4]
+            for r in (repo / "plots/train/fid.tsv").read_text().splitlines()] == kid
     metrics = json.loads((repo / "metrics/train.json").read_text())
     assert metrics["fid_last"] == pytest.approx(float(fid[-1][2]), rel=1e-5)
-    dvc(repo, "plots", "show")  # the fid_during_training plot carries the rows
+    assert metrics["kid_last"] == pytest.approx(float(kid[-1]), rel=1e-5)
+    dvc(repo, "plots", "show")  # the fid_ and kid_during_training plots carry the rows
     html = (repo / "dvc_plots/index.html").read_text()
     assert "FID of the EMA weights during training" in html and fid[1][2] in html
+    assert "KID of the EMA weights during training" in html and kid[1] in html
     assert "up to date" in dvc(repo, "status", "train").stdout
 
 
