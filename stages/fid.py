@@ -59,26 +59,37 @@ def main() -> None:
 
 def companions(args, params, features: np.ndarray, real: np.ndarray | None, fc, device,
                report: dict) -> dict:
-    """metrics/fid.json's KID, precision, recall and Inception Score; the protocol, and why any is
-    missing, into `report`."""
-    found = {}
+    """metrics/fid.json's KID, precision, recall and Inception Score; the protocol into `report`,
+    and for each number left out one line that says why (stderr and `report`)."""
+    found, n = {}, len(features)
+
+    def left_out(key: str, what: str, why: str) -> None:
+        print(f"fid: no {what}: {why}", file=sys.stderr)
+        report[f"{key}_note"] = why
+
     if real is None:
-        why = (f"{args.real_stats} holds no real features (a file from before they were kept, or "
-               "pytorch-fid's own): rerun real_stats, dvc repro real_stats")
-        print(f"fid: no KID, precision or recall: {why}", file=sys.stderr)
-        report["kid_note"] = why
+        left_out("kid", "KID, precision or recall", f"{args.real_stats} holds no real features "
+                 "(a file from before they were kept, or pytorch-fid's own): rerun real_stats, "
+                 "dvc repro real_stats")
     else:
         found["kid"], found["kid_std"] = kid(features, real)
-        found["precision"], found["recall"] = precision_recall(features, real, device=device)
-        report.update(kid_subsets=KID_SUBSETS, kid_subset_size=min(KID_SUBSET_SIZE, len(features),
-                                                                   len(real)),
-                      kid_seed=SEED, nearest_k=NEAREST_K)
-    if fc is None or params.fid.dims != fc.shape[1]:
-        why = (NO_CLASSIFIER.format(weights=repr(params.fid.weights)) if fc is None else
-               f"no Inception Score: it classifies the {fc.shape[1]}-dim pool features, and "
-               f"fid.dims is {params.fid.dims}")
-        print(f"fid: {why}", file=sys.stderr)
-        report["inception_score_note"] = why
+        report.update(kid_subsets=KID_SUBSETS, kid_subset_size=min(KID_SUBSET_SIZE, n, len(real)),
+                      kid_seed=SEED)
+        if min(n, len(real)) > NEAREST_K:
+            found["precision"], found["recall"] = precision_recall(features, real, device=device)
+            report["nearest_k"] = NEAREST_K
+        else:
+            left_out("precision", "precision or recall", f"{NEAREST_K} nearest neighbours need "
+                     f"more than {NEAREST_K} images a side, not {n} and {len(real)}")
+    if fc is None:
+        left_out("inception_score", "Inception Score",
+                 NO_CLASSIFIER.format(weights=repr(params.fid.weights)))
+    elif params.fid.dims != fc.shape[1]:
+        left_out("inception_score", "Inception Score", f"it classifies the {fc.shape[1]}-dim "
+                 f"pool features, and fid.dims is {params.fid.dims}")
+    elif n < SPLITS:
+        left_out("inception_score", "Inception Score", f"{SPLITS} splits need {SPLITS} images, "
+                 f"not {n}")
     else:
         found["inception_score"], report["inception_score_std"] = inception_score(
             logits_unbiased(features, fc))

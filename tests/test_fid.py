@@ -182,8 +182,8 @@ def test_real_stats_and_fid_stages_match_the_in_process_fid(our_stats, subproces
     assert set(metrics) == {"fid", "kid", "kid_std", "precision", "recall"}
     assert report == {"num_generated": NUM_IMAGES, "num_real": NUM_IMAGES, "dims": DIMS,
                       "kid_subsets": 100, "kid_subset_size": NUM_IMAGES, "kid_seed": 2020,
-                      "nearest_k": 3, "inception_score_note": "no Inception Score: it classifies "
-                      "the 2048-dim pool features, and fid.dims is 64"}
+                      "nearest_k": 3, "inception_score_note": "it classifies the 2048-dim pool "
+                      "features, and fid.dims is 64"}
     expected = frechet_distance(*our_stats["fake"][:2], *our_stats["real"][:2])
     assert metrics["fid"] == pytest.approx(expected, rel=1e-5)
 

@@ -262,3 +262,27 @@ def test_without_real_features_or_a_classifier_the_stage_says_why(stage_run, inc
     assert "holds no real features" in lines[0] and "dvc repro real_stats" in lines[0]
     assert "carries no classifier" in lines[1] and "converted.pth" in lines[1]
     assert report["kid_note"] in lines[0] and report["inception_score_note"] in lines[1]
+
+
+def test_too_few_images_for_a_number_leave_it_out_in_one_line(stage_run, inception_weights,
+                                                               tmp_path):
+    """Three generated images: FID and KID (two a side suffice), but no precision and recall
+    (k = 3 neighbours), said in one line; the stage does not fail."""
+    work, real, fake = stage_run
+    features = folder_features(real, 64, 50, str(inception_weights), torch.device("cpu"))
+    save_statistics(tmp_path / "stats.npz", *statistics(features), len(features),
+                    features=features.astype(np.float16))
+    few = tmp_path / "few"
+    few.mkdir()
+    for i in range(3):
+        (few / f"{i}.png").write_bytes((fake / f"{i}.png").read_bytes())
+    result = run_stage("fid.py", tmp_path, "--images", str(few), "--real-stats", "stats.npz",
+                       "--metrics", "fid.json", "--report", "report.json", device="cpu",
+                       fid__dims=64, fid__weights=str(inception_weights))
+    assert result.returncode == 0, result.stderr
+    assert set(json.loads((tmp_path / "fid.json").read_text())) == {"fid", "kid", "kid_std"}
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["kid_subset_size"] == 3
+    assert report["precision_note"] == ("3 nearest neighbours need more than 3 images a side, "
+                                        "not 3 and 20")
+    assert f"fid: no precision or recall: {report['precision_note']}" in result.stderr

