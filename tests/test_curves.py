@@ -68,6 +68,23 @@ def test_the_fid_png_exists_only_while_there_are_fids(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png"]
 
 
+def test_kids_go_on_a_right_hand_axis_with_their_std(tmp_path):
+    """Rows with KID (fid.tsv's columns 5 and 6): a second axis with the KIDs as error bars;
+    a row without one (nan: no real features, or a run from before KID) is left out of it."""
+    nan = float("nan")
+    rows = [[7, 434, 366.8, 65.0, 0.31, 0.01], [14, 868, 301.2, 66.0, nan, nan],
+            [21, 1302, 310.5, 64.0, 0.27, 0.02]]
+    fig = curves.fid_figure(rows)
+    assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "KID"
+    bars = fig.axes[1].containers[0]
+    np.testing.assert_array_equal(bars.lines[0].get_xdata(), [7, 21])
+    np.testing.assert_array_equal(bars.lines[0].get_ydata(), [0.31, 0.27])
+    low, high = bars.lines[2][0].get_segments()[1][:, 1]  # the second bar: 0.27 +- 0.02
+    assert (low, high) == pytest.approx((0.25, 0.29))
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()][2].startswith("KID")
+    assert len(curves.fid_figure([row[:4] for row in rows]).axes) == 1  # rows of before
+
+
 def test_a_failed_write_keeps_the_previous_png_whole(tmp_path, monkeypatch):
     curves.write(tmp_path, loss_rows(5), [])
     before = (tmp_path / "loss.png").read_bytes()

@@ -585,6 +585,19 @@ def test_fid_during_training_is_the_fid_stage_on_the_same_images(tiny, dataset_d
         assert stage["kid"] == pytest.approx(kid, rel=1e-5)
 
 
+def test_fid_rows_of_a_run_from_before_kid_are_written_without_one(tiny, dataset_dir, tmp_path):
+    """A run resumed from a checkpoint of before KID holds rows of 4 values: fid.tsv pads them
+    with nan, and metrics/train.json has no kid_last."""
+    import json
+    trainer = run(tiny, tmp_path, dataset_dir, epochs=1, sample_every=0)
+    trainer.state.progress.fid_rows = [[1, 3, 300.5, 5.0]]
+    trainer.write_outputs(final=False)
+    assert (tmp_path / "fid.tsv").read_text().splitlines()[1].split("\t") == [
+        "1", "3", "300.5", "5", "nan", "nan"]
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    assert metrics["fid_last"] == 300.5 and "kid_last" not in metrics
+
+
 def test_fid_during_training_needs_the_real_statistics(tiny, dataset_dir, tmp_path):
     from ddpm.fid import PipelineError
     with pytest.raises(PipelineError, match="real_stats.npz"):
