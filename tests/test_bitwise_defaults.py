@@ -1,7 +1,8 @@
 """The defaults stay the seed's, bitwise: the committed params (CIFAR-10, 32 px) through this
 code's stages give the same real PNGs, EMA weights, samples and FID as the code of BASELINE,
 the last commit before data.source and data.resolution existed, run here on the same machine;
-and the same checkpoint files, byte for byte, as PREVIOUS, the last before model.conditional.
+and the same checkpoint files, byte for byte, and FID as PREVIOUS, the last commit before the
+evaluation issue (#32; the conditional issue's bb6fda0 was checked the same way).
 
 Both run every stage script at the tiny scale of the other tests, each from its own checkout
 (`git archive` of BASELINE), in folders of their own."""
@@ -52,9 +53,8 @@ def run_pipeline(code: Path, work: Path, params: dict, steps: list[tuple[str, ..
 # The keys added since BASELINE and PREVIOUS, at the committed values that keep the old behaviour
 NEW_KEYS = {"data.source": "cifar10", "data.resolution": 32, "model.conditional": False,
             "train.label_dropout": 0.1, "sample.guidance": 0.0, "sample.labels": "balanced"}
-SINCE_PREVIOUS = ("model.conditional", "train.label_dropout", "sample.guidance",
-                  "sample.labels")
-PREVIOUS = "bb6fda0"  # main before the conditional issue (#31)
+SINCE_PREVIOUS = ()  # the evaluation issue added no key
+PREVIOUS = "0d451cd"  # main before the evaluation issue (#32)
 
 
 def checkout(commit: str, folder: Path) -> Path:
@@ -124,12 +124,14 @@ def untimed(state: dict) -> dict:
 
 
 def test_the_checkpoints_are_the_previous_codes(tmp_path, tiny, both):
-    """model.conditional: false (and the other keys of the conditional issue at their committed
-    values) trains what the code before them trained: models/ema.pt equal to PREVIOUS's byte
-    for byte (the run config it records included), and every checkpoint equal but for its
-    timings (torch.save of equal states writes equal bytes: ddpm.checkpoint.save)."""
+    """The committed params train what the code before this issue trained: models/ema.pt equal
+    to PREVIOUS's byte for byte (the run config it records included), and every checkpoint
+    equal but for its timings (torch.save of equal states writes equal bytes:
+    ddpm.checkpoint.save); its fid stage gives the same FID of the same samples."""
     previous = checkout(PREVIOUS, tmp_path / "previous")
-    steps = [("train.py", "--data", str(both[1] / "dataset"), *TRAIN)]
+    steps = [("train.py", "--data", str(both[1] / "dataset"), *TRAIN),
+             ("fid.py", "--images", str(both[1] / "samples"), "--real-stats",
+              str(both[1] / "real.npz"), "--metrics", "fid.json", "--report", "fid_report.json")]
     before = run_pipeline(previous, tmp_path / "before", without(tiny, SINCE_PREVIOUS), steps)
     now = both[1]
     assert (before / "ema.pt").read_bytes() == (now / "ema.pt").read_bytes()
@@ -143,3 +145,5 @@ def test_the_checkpoints_are_the_previous_codes(tmp_path, tiny, both):
         for state, buffer in zip((old, new), buffers):
             torch.save(state, buffer)
         assert buffers[0].getvalue() == buffers[1].getvalue(), name
+    fid = [json.loads((folder / "fid.json").read_text()) for folder in (before, now)]
+    assert set(fid[0]) == {"fid"} and fid[0]["fid"] == fid[1]["fid"]
