@@ -127,8 +127,13 @@ def string_epoch(state):
     return "its progress.epoch is 2, not a count of epochs"
 
 
+def fid_row_of_five(state):
+    state["progress"]["fid_rows"] = [[1, 3, 300.0, 5.0, 0.1]]  # neither before KID (4) nor now (6)
+    return "its progress.fid_rows is not a list of rows of 4 or 6 numbers"
+
+
 BAD = [no_step, epoch_minus_5, epoch_beyond, step_not_of_epoch, nan_model, inf_ema, no_optimizer,
-       wrong_size, missing_tensor, wrong_moment, nan_moment, string_epoch]
+       wrong_size, missing_tensor, wrong_moment, nan_moment, string_epoch, fid_row_of_five]
 
 
 @pytest.mark.parametrize("spoil", BAD, ids=lambda f: f.__name__)

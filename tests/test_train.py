@@ -762,4 +762,6 @@ def test_two_processes_wait_out_a_training_fid_longer_than_the_collective_timeou
     assert rank0["steps"] == rank1["steps"] == 3
     assert_same_weights(rank0["ema"], rank1["ema"])
     rows = (tmp_path / "fid.tsv").read_text().splitlines()
-    assert rows[0] == "epoch\tstep\tfid\tseconds" and float(rows[1].split("\t")[3]) >= 15
+    assert rows[0] == "epoch\tstep\tfid\tseconds\tkid\tkid_std"
+    assert float(rows[1].split("\t")[3]) >= 15
+    assert rows[1].split("\t")[4:] == ["nan", "nan"]  # statistics without features: no KID

@@ -31,7 +31,7 @@ class Progress:
     seconds: float = 0.0   # time spent in training steps, over all sessions
     loss: float = float("nan")
     rows: list[list[float]] = field(default_factory=list)  # loss.tsv: step, loss, images/s
-    fid_rows: list[list[float]] = field(default_factory=list)  # fid.tsv: epoch, step, FID, s
+    fid_rows: list[list[float]] = field(default_factory=list)  # fid.tsv's rows: FID_ROW
 
 
 @dataclass
@@ -158,17 +158,20 @@ def _progress_refusal(progress: dict, steps_per_epoch: int | None) -> str | None
         return f"its progress.seconds is {str(seconds)[:20]}, not a duration"
     if not (_real(loss) and (math.isfinite(loss) or epoch == 0)):
         return f"its progress.loss is {str(loss)[:20]}, not a finite loss"
-    for key, width in (("rows", len(LOSS_ROW)), ("fid_rows", len(FID_ROW))):
+    for key, widths in (("rows", (len(LOSS_ROW),)), ("fid_rows", (FID_ROW_BEFORE_KID,
+                                                                   len(FID_ROW)))):
         rows = progress[key]
         if not isinstance(rows, list) or not all(
-                isinstance(row, list) and len(row) == width and all(map(_real, row))
+                isinstance(row, list) and len(row) in widths and all(map(_real, row))
                 for row in rows):
-            return f"its progress.{key} is not a list of rows of {width} numbers"
+            return (f"its progress.{key} is not a list of rows of "
+                    f"{' or '.join(map(str, widths))} numbers")
     return None
 
 
 LOSS_ROW = ("step", "loss", "images_per_second")  # a row of Progress.rows
-FID_ROW = ("epoch", "step", "fid", "seconds")      # a row of Progress.fid_rows
+FID_ROW = ("epoch", "step", "fid", "seconds", "kid", "kid_std")  # a row of Progress.fid_rows
+FID_ROW_BEFORE_KID = 4  # the first four: checkpoints of before KID resume (no KID: nan)
 
 
 def new_state(params: Params, shape: Sequence[int], precision: str, device: torch.device,

@@ -29,10 +29,10 @@ from ddpm.params import Params, run_config
 from ddpm.runs import CHECKPOINT, PREVIOUS, RunFolders, run_id
 from ddpm.runtime import (MemoryMonitor, World, compile_mode, derive_seed, device_name,
                           resolve_precision)
-from ddpm.step import Progress, learning_rate, new_state, train_step
+from ddpm.step import FID_ROW, Progress, learning_rate, new_state, train_step
 
 LOSS_HEADER = ["step", "loss", "images_per_second"]
-FID_HEADER = ["epoch", "step", "fid", "seconds", "kid", "kid_std"]  # kid: nan where unknown
+FID_HEADER = list(FID_ROW)  # kid, kid_std: nan where unknown
 
 
 @dataclass(frozen=True)
