@@ -74,23 +74,33 @@ def kid(generated: np.ndarray, real: np.ndarray, subsets: int = KID_SUBSETS,
     return float(np.mean(mmds)), float(np.std(mmds))
 
 
-def _distances(a: torch.Tensor, b: torch.Tensor, batch: int) -> torch.Tensor:
-    """torch.cdist(a, b) in column blocks of `batch`, on the CPU (as torch-fidelity: the same
-    blocks give the same rounding)."""
-    return torch.cat([torch.cdist(a, part).cpu() for part in b.split(batch)], dim=1)
+def _blocks(a: torch.Tensor, b: torch.Tensor, batch: int):
+    """torch.cdist(a, b) one block of `batch` columns at a time, on the CPU: the blocks
+    torch-fidelity computes (so the same rounding), never all of them at once."""
+    for part in b.split(batch):
+        yield torch.cdist(a, part).cpu()
 
 
 def _radii(features: torch.Tensor, k: int, batch: int) -> torch.Tensor:
-    """Each point's distance to its k-th nearest other point (the k+1-th counting itself)."""
-    return torch.cat([_distances(part, features, batch).kthvalue(k + 1).values
-                      for part in features.split(batch)])
+    """Each point's distance to its k-th nearest other point (the k+1-th counting itself): the
+    k+1-th smallest of the k+1 smallest of each column block, which is the row's."""
+    radii = []
+    for part in features.split(batch):
+        smallest = torch.cat([block.topk(min(k + 1, block.shape[1]), dim=1, largest=False).values
+                              for block in _blocks(part, features, batch)], dim=1)
+        radii.append(smallest.kthvalue(k + 1, dim=1).values)
+    return torch.cat(radii)
 
 
 def _inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor,
             batch: int) -> float:
     """The fraction of points within radii[j] of some centre j."""
-    hits = [(_distances(part, centres, batch) <= radii).any(dim=1).float()
-            for part in points.split(batch)]
+    hits = []
+    for part in points.split(batch):
+        inside = torch.zeros(len(part), dtype=torch.bool)
+        for block, r in zip(_blocks(part, centres, batch), radii.split(batch)):
+            inside |= (block <= r).any(dim=1)
+        hits.append(inside.float())
     return torch.cat(hits).mean().item()
 
 
@@ -99,8 +109,9 @@ def precision_recall(generated: np.ndarray | torch.Tensor, real: np.ndarray | to
                      batch: int = BATCH) -> tuple[float, float]:
     """(precision, recall) of Kynkaanniemi et al. with k nearest neighbours, as torch-fidelity's
     calculate_precision_recall_part on float32 features (its extractor's dtype; pytorch-fid's
-    float64 activations hold float32 values): distances in blocks of `batch` rows, so memory is
-    bounded by batch x max(N) floats (2 GB for 50,000 images)."""
+    float64 activations hold float32 values): the distances of the same blocks of `batch` x
+    `batch`, but only one block held at a time (torch-fidelity keeps a row of blocks, batch x N
+    floats, 2 GB at 50,000 images), so the same values in less memory."""
     gen, ref = (torch.as_tensor(f, dtype=torch.float32, device=device) for f in (generated, real))
     if min(len(gen), len(ref)) <= k:
         raise ValueError(f"precision and recall with k = {k} need more than {k} images a side, "
