@@ -132,3 +132,57 @@ def test_the_sampler_table_is_the_recorded_one():
     assert (f"DDPM-1000 scored {ddpm['fid']:.2f} in {ddpm['sample_seconds']:,.0f} s; DDIM-50 "
             f"{ddim50['fid']:.2f} in {ddim50['sample_seconds']:.0f} s and DDIM-100 "
             f"{ddim100['fid']:.2f}") in readme
+
+
+def test_the_metrics_figures_quoted_are_the_recorded_ones():
+    """docs/fid.md's and the README's KID, precision and recall tables quote
+    benchmarks/results/seed_metrics.json (benchmarks/seed_metrics.py), row by row."""
+    run = json.loads((ROOT / "benchmarks/results/seed_metrics.json").read_text())
+    doc = (ROOT / "docs/fid.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    minus = lambda text: text.replace("-", "−")  # noqa: E731  (the tables' minus sign)
+    seed, test = run["seed_vs_train"]["stored_float16"], run["sanity"]["test_vs_train"]
+
+    def scores(row: dict, fid: str = "{:.2f}", kid: str = "{:.4f}") -> str:
+        return (f"{fid.format(row['fid'])} | {minus(kid.format(row['kid']))} ± "
+                f"{kid.format(row['kid_std'])} | {row['precision']:.3f} | {row['recall']:.3f} |")
+
+    assert f"| the seed's published samples | 5,000 | {scores(seed)}" in doc
+    assert f"| real test images | 1,017 | {scores(test, kid='{:.5f}')}" in doc
+    assert (f"| the seed's samples | 5,000 | **{seed['fid']:.2f}** | **{seed['kid']:.4f}** ± "
+            f"{seed['kid_std']:.4f} | {seed['precision']:.3f} | {seed['recall']:.3f} |") in readme
+    assert (f"| real test images: the floor at these sizes | 1,017 | "
+            f"{scores(test, kid='{:.5f}')}") in readme
+    sizes = {(row["what"].split()[0], row["n"]): row for row in run["sizes"]}
+    for n in (500, 1000):
+        real, samples = sizes["real", n], sizes["seed", n]
+        real_kid = minus(f"{real['kid_mean']:.5f}")
+        assert (f"| {n:,} | {real['fid_mean']:.2f} ± {real['fid_std']:.2f} | "
+                f"{real_kid} ± {real['kid_std_over_draws']:.5f} | "
+                f"{samples['fid_mean']:.2f} ± {samples['fid_std']:.2f} | "
+                f"{samples['kid_mean']:.4f} ± {samples['kid_std_over_draws']:.4f} |") in doc
+    assert f"| 5,000 | | | {sizes['seed', 5000]['fid_mean']:.2f} | " \
+           f"{sizes['seed', 5000]['kid_mean']:.4f} |" in doc
+    fidelity = run["torch_fidelity"]
+    for what, row in (("the fid stage's features (pytorch-fid's preprocessing)", "ours"),
+                      ("torch-fidelity 0.4's extractor, the same weights",
+                       "torch_fidelity_extractor")):
+        r = fidelity[row]
+        assert (f"| {what} | {r['fid']:.2f} | {r['kid']:.4f} | {r['precision']:.3f} | "
+                f"{r['recall']:.3f} |") in doc
+    difference = fidelity["feature_relative_difference"]
+    assert f"{difference['test']:.0%} (test images) to {difference['seed']:.0%} (samples)" in doc
+    effect = run["float16_effect"]
+    assert (f"moves the\nFID by {effect['fid']:.5f}, the KID by {effect['kid']:.7f}"
+            in doc and effect["precision"] == effect["recall"] == 0)
+
+
+def test_the_metrics_cost_table_is_the_recorded_one():
+    """docs/fid.md's cost table is benchmarks/results/scores_cost.json, row by row."""
+    run = json.loads((ROOT / "benchmarks/results/scores_cost.json").read_text())
+    doc = (ROOT / "docs/fid.md").read_text()
+    for row in run["rows"]:
+        seconds = row["seconds"]
+        assert (f"| {row['generated']:,} x {row['real']:,} | {seconds['kid']:.1f} s | "
+                f"{seconds['precision_recall']:.1f} s | {seconds['inception_score']:.2f} s | "
+                f"{row['peak_rss_mib']:,} MiB |") in doc
