@@ -40,7 +40,7 @@ def measure(n_gen: int, n_real: int) -> dict:
                            lambda: inception_score(logits_unbiased(generated, fc)))):
         start = time.perf_counter()
         compute()
-        seconds[name] = round(time.perf_counter() - start, 2)
+        seconds[name] = round(time.perf_counter() - start, 4)
     return {"generated": n_gen, "real": n_real, "seconds": seconds,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 

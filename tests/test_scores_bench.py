@@ -56,6 +56,7 @@ def test_scores_cost_records_the_rows_it_prints(tmp_path):
     assert MACHINE <= result.keys()
     assert [(row["generated"], row["real"]) for row in result["rows"]] == [(20, 30), (40, 30)]
     for row in result["rows"]:
-        assert all(seconds > 0 for seconds in row["seconds"].values())
+        assert set(row["seconds"]) == {"kid", "precision_recall", "inception_score"}
+        assert all(seconds > 0 for seconds in row["seconds"].values())  # 4 decimals: 0.1 ms
         kid = row["seconds"]["kid"]
         assert f"{row['generated']:>6} x {row['real']:>6}: KID {kid:7.2f} s" in out

