@@ -15,7 +15,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests"), str(Path(__file__).parent)]
 
-from ddpm import batches, networks  # noqa: E402
+from ddpm import batches, losses, networks  # noqa: E402
 from ddpm.diffusion import Schedule  # noqa: E402
 from ddpm.params import Params, parse_params  # noqa: E402
 from ddpm.runtime import World, autocast, cpu_has_native_bf16, resolve_precision  # noqa: E402
@@ -161,6 +161,7 @@ def training_step(params: Params, images: torch.Tensor, device: torch.device,
     (model.conditional), random labels dropped at train.label_dropout as the trainer drops them."""
     precision = resolve_precision(params.train.precision, device)
     sched = Schedule(**dataclasses.asdict(params.diffusion)).to(device)
+    loss = losses.build(sched, params.train.snr_gamma)
     shape = tuple(images.shape[1:])
     state = new_state(params, shape, precision, device, World(), classes=classes)
     micro, rounds = batches.split(params.train, World(), device, batches.probe(
@@ -174,7 +175,7 @@ def training_step(params: Params, images: torch.Tensor, device: torch.device,
             labels = torch.randint(0, classes, (batch,), device=device, generator=generator)
             draws = draws._replace(labels=batches.drop_labels(
                 generator, labels, params.train.label_dropout, classes))
-        train_step(state, sched, images, draws, micro, precision, params.train.lr,
+        train_step(state, loss, images, draws, micro, precision, params.train.lr,
                    params.train.grad_clip)
     return Step(state, micro, rounds, precision, run)
 

@@ -2,7 +2,8 @@
 code's stages give the same real PNGs, EMA weights, samples and FID as the code of BASELINE,
 the last commit before data.source and data.resolution existed, run here on the same machine;
 and the same checkpoint files, byte for byte, and FID as PREVIOUS, the last commit before the
-evaluation issue (#32; the conditional issue's bb6fda0 was checked the same way).
+objectives issue (#33; the conditional issue's bb6fda0 and the evaluation issue's 0d451cd were
+checked the same way).
 
 Both run every stage script at the tiny scale of the other tests, each from its own checkout
 (`git archive` of BASELINE), in folders of their own."""
@@ -52,9 +53,10 @@ def run_pipeline(code: Path, work: Path, params: dict, steps: list[tuple[str, ..
 
 # The keys added since BASELINE and PREVIOUS, at the committed values that keep the old behaviour
 NEW_KEYS = {"data.source": "cifar10", "data.resolution": 32, "model.conditional": False,
-            "train.label_dropout": 0.1, "sample.guidance": 0.0, "sample.labels": "balanced"}
-SINCE_PREVIOUS = ()  # the evaluation issue added no key
-PREVIOUS = "0d451cd"  # main before the evaluation issue (#32)
+            "train.label_dropout": 0.1, "sample.guidance": 0.0, "sample.labels": "balanced",
+            "diffusion.prediction": "eps", "train.snr_gamma": 0.0}
+SINCE_PREVIOUS = ("diffusion.prediction", "train.snr_gamma")  # the objectives issue's
+PREVIOUS = "03447b7"  # main before the objectives issue (#33)
 
 
 def checkout(commit: str, folder: Path) -> Path:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from fakes import cifar_images, train_paths
 
-from ddpm import batches, diffusion
+from ddpm import batches, diffusion, losses
 from ddpm.batches import Draws
 from ddpm.params import parse_params
 from ddpm.runtime import World
@@ -59,7 +59,8 @@ def at_the_optimizer_step(tiny, batch, precision: str, dtype: torch.dtype, grad_
 
     state.optimizer.step = recording
     images, draws = batch
-    train_step(state, sched, images, draws, MICRO, precision, params.train.lr, grad_clip)
+    train_step(state, losses.Loss(sched), images, draws, MICRO, precision, params.train.lr,
+               grad_clip)
     assert len(seen) == 1, "the optimizer did not step exactly once"
     return seen[0], scale
 

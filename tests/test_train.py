@@ -15,7 +15,7 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from ddpm import batches, checkpoint, evaluate, train
+from ddpm import batches, checkpoint, evaluate, losses, train
 from ddpm.errors import PipelineError
 from ddpm.ema import EMA
 from ddpm.params import parse_params
@@ -255,14 +255,14 @@ def test_a_corrupt_checkpoint_is_named_and_training_starts_fresh(tiny, dataset_d
 
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, dataset_dir, tmp_path,
                                                                     monkeypatch):
-    real_loss, calls = train.diffusion.loss, []
+    real_loss, calls = losses.Loss.__call__, []
 
     def loss_that_diverges(*args, **kwargs):
         calls.append(1)
         value = real_loss(*args, **kwargs)
         return value * float("nan") if len(calls) > 2 * 3 * 2 else value  # in epoch 3
 
-    monkeypatch.setattr(train.diffusion, "loss", loss_that_diverges)
+    monkeypatch.setattr(losses.Loss, "__call__", loss_that_diverges)
     with pytest.raises(PipelineError, match="non-finite|nan"):
         run(tiny, tmp_path, dataset_dir, epochs=4, sample_every=0)
     unfinished, = (tmp_path / "runs").glob("*/last.pt")  # kept where the next run resumes it

@@ -4,7 +4,8 @@ Equation numbers refer to Ho et al. 2020 ("DDPM", arXiv:2006.11239) and Song et 
 ("DDIM", arXiv:2010.02502); DPM-Solver++ is Lu et al. 2022 (arXiv:2211.01095). The model is
 passed in, never owned: any callable eps = model(x_t, t), or eps = model(x_t, t, labels) for a
 conditional one, which `guided` turns into the former (classifier-free guidance, Ho & Salimans
-2022, arXiv:2207.12598).
+2022, arXiv:2207.12598). A network that predicts v or x0 instead (Schedule.prediction) is turned
+into an eps model by `as_eps`, the one place its output is converted.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Callable, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ddpm import prediction as predictions
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
@@ -38,18 +41,21 @@ class Schedule:
 
     Computed in float64 (kept as `alpha_bar64` on the CPU for the samplers' coefficients) and
     stored as float32 tensors that follow `.to(device)`; index them with t in [0, T).
+    prediction: what the network outputs (ddpm.prediction.PREDICTIONS: eps, v or x0).
     """
 
-    def __init__(self, timesteps: int, beta_start: float, beta_end: float, schedule: str):
+    def __init__(self, timesteps: int, beta_start: float, beta_end: float, schedule: str,
+                 prediction: str = "eps"):
         if schedule == "linear":
             betas = linear_betas(timesteps, beta_start, beta_end)
         elif schedule == "cosine":
             betas = cosine_betas(timesteps)
         else:
             raise ValueError(f"diffusion.schedule = {schedule!r}: expected linear or cosine")
-        self.timesteps = timesteps
+        predictions.get(prediction)  # a ValueError naming the choices
+        self.timesteps, self.prediction = timesteps, prediction
         self.config = dict(timesteps=timesteps, beta_start=beta_start, beta_end=beta_end,
-                           schedule=schedule)
+                           schedule=schedule, prediction=prediction)
         alpha_bar = np.cumprod(1.0 - betas)
         self.alpha_bar64 = torch.from_numpy(alpha_bar)                           # (T,) float64
         self.betas = torch.from_numpy(betas).float()                             # beta_t
@@ -99,6 +105,19 @@ def loss(model: EpsModel, sched: Schedule, x0: torch.Tensor,
     eps = model(x_t, t) if labels is None else model(x_t, t, labels)
     dtype = torch.promote_types(eps.dtype, torch.float32)
     return F.mse_loss(eps.to(dtype), noise.to(dtype))
+
+
+def as_eps(model: EpsModel, sched: Schedule) -> EpsModel:
+    """The eps model of a network that predicts sched.prediction: its output y at (x_t, t)
+    converted to eps (ddpm.prediction) in float32; an eps network is returned as it is."""
+    if sched.prediction == "eps":
+        return model
+    to_eps = predictions.get(sched.prediction).to_eps
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = _expand(sched.sqrt_alpha_bar, t), _expand(sched.sqrt_one_minus_alpha_bar, t)
+        return to_eps(model(x, t).float(), x.float(), alpha, sigma)
+    return eps
 
 
 def timesteps_for(timesteps: int, steps: int) -> list[int]:
@@ -303,6 +322,7 @@ def sample(model: EpsModel, sched: Schedule, shape: Sequence[int], sampler: str 
            progress: Callable[[], None] | None = None, labels: torch.Tensor | None = None,
            guidance: float = 0.0, null_label: int | None = None) -> torch.Tensor:
     """Draw images x0 ~ p_theta on sched.device: (B, C, H, W) float32 clipped to [-1, 1].
+    model: a network that predicts sched.prediction (eps, v or x0), with labels if conditional.
 
     sampler: "ddpm" (ancestral, eq. 11), "ddim" (eq. 12) or "dpm-solver++" (deterministic,
     second order); steps: network evaluations per image, None = all T timesteps.
@@ -322,7 +342,8 @@ def sample(model: EpsModel, sched: Schedule, shape: Sequence[int], sampler: str 
     ts = (log_snr_timesteps(sched, n) if sampler == "dpm-solver++" else
           timesteps_for(sched.timesteps, n))
     device = sched.device
-    model = guided(model, None if labels is None else labels.to(device), guidance, null_label)
+    model = as_eps(guided(model, None if labels is None else labels.to(device), guidance,
+                          null_label), sched)
 
     def randn() -> torch.Tensor:
         return randn_like_per_image(shape, generator, device)

@@ -18,7 +18,7 @@ import torch
 from ddpm import checkpoint, networks, schema
 from ddpm.errors import ParamsError
 from ddpm.labels import recorded_classes
-from ddpm.params import DiffusionParams, ModelParams
+from ddpm.params import DiffusionParams, ModelParams, recorded_diffusion
 
 WEIGHTS = ("ema", "model")  # what a training checkpoint holds; EMA files hold only "ema"
 
@@ -87,6 +87,8 @@ def read(path: str | Path, weights: str = "ema") -> ModelFile:
         raw = config.get(name)
         if name == "model" and isinstance(raw, dict):  # unconditional files leave it out
             raw = {"conditional": False, **raw}
+        if name == "diffusion":  # and eps models their prediction
+            raw = recorded_diffusion(raw)
         try:
             sections[name] = schema.parse(cls, raw, f"{name}.")
         except ParamsError as e:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 
 
 from ddpm import locations, schema
+from ddpm.prediction import PREDICTIONS
 from ddpm.errors import ParamsError
 from ddpm.plain_yaml import read_yaml  # noqa: F401  (also ddpm.params.read_yaml)
 from ddpm.schema import (Accepts, Doc, Float, Int, Length, Pattern, Resumable, SpeedOnly,
@@ -104,6 +105,10 @@ class DiffusionParams:
     beta_end: Float("beta_T of the linear schedule, at least beta_start", gt=0, lt=1)
     schedule: Annotated[Literal["linear", "cosine"], Doc(
         "linear | cosine (Nichol & Dhariwal 2021; ignores beta_start and beta_end)")]
+    prediction: Annotated[Literal[tuple(PREDICTIONS)], Doc(
+        "what the network outputs and is trained on: eps (the noise, the seed) | v (alpha eps - "
+        "sigma x0, Salimans & Ho 2022) | x0 (the image); every sampler converts it "
+        "(docs/model.md, Objectives)")]
 
 
 @section
@@ -121,6 +126,8 @@ class TrainParams:
     ema_warmup: Annotated[bool, Doc("decay = min(ema_decay, (1 + step) / (10 + step)); false = "
                                     "the seed")]
     grad_clip: Float("max global gradient norm; 0 = no clipping", ge=0)
+    snr_gamma: Float("min-SNR-gamma loss weighting (Hang et al. 2023: 5), in the form of "
+                     "diffusion.prediction's error; 0 = uniform weights (the seed)", ge=0, le=1000)
     label_dropout: Float("model.conditional only: the probability that a training image's label "
                          "is replaced by the null label, which guidance needs (Ho & Salimans "
                          "2022: 0.1 or 0.2)", ge=0, le=1)
@@ -209,6 +216,17 @@ def plain(value: Any) -> Any:
     return value
 
 
+# The seed's objective: a run with these values records no such keys (as before they existed)
+OBJECTIVE_DEFAULTS = {"diffusion.prediction": "eps", "train.snr_gamma": 0.0}
+
+
+def recorded_diffusion(raw: Any) -> Any:
+    """The diffusion.* a model file records: a file without diffusion.prediction, written before
+    the key existed or by a run of the seed's objective (run_config), is an eps model."""
+    return {"prediction": OBJECTIVE_DEFAULTS["diffusion.prediction"], **raw} if isinstance(
+        raw, dict) else raw
+
+
 def run_config(params: Params) -> dict[str, Any]:
     """Everything the weights of a training run depend on, as plain values: seed, data.limit,
     model.*, diffusion.* and train.* but its Resumable keys (length, hardware, side outputs).
@@ -219,6 +237,10 @@ def run_config(params: Params) -> dict[str, Any]:
     if not params.model.conditional:  # keys that cannot change an unconditional run's weights:
         keys.remove("model.conditional")  # out, as before they existed (its checkpoints resume)
         keys.remove("train.label_dropout")
+    for key, seed_value in OBJECTIVE_DEFAULTS.items():  # the seed's objective: out, likewise
+        section, _, name = key.partition(".")
+        if getattr(getattr(params, section), name) == seed_value:
+            keys.remove(key)
     config = params.to_dict()
     out: dict[str, Any] = {}
     for key in keys:

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ddpm import checkpoint, diffusion, networks
+from ddpm import checkpoint, networks
 from ddpm.batches import Draws, augment
 from ddpm.ema import EMA
+from ddpm.losses import Loss
 from ddpm.params import Params
 from ddpm.runtime import World, autocast, compile_mode, derive_seed
 
@@ -201,11 +202,12 @@ def learning_rate(lr: float, warmup_steps: int, step: int) -> float:
     return lr * min(step / warmup_steps, 1.0) if warmup_steps else lr
 
 
-def train_step(state: TrainState, sched: diffusion.Schedule, images: torch.Tensor, draws: Draws,
-               micro: int, precision: str, lr: float, grad_clip: float) -> torch.Tensor:
+def train_step(state: TrainState, loss_fn: Loss, images: torch.Tensor, draws: Draws, micro: int,
+               precision: str, lr: float, grad_clip: float) -> torch.Tensor:
     """One Adam step and one EMA update from this process's share of the batch, in micro-batches
-    of `micro` images. images: the (N, C, H, W) uint8 data set on the device. Returns the
-    share's mean loss, a 0-dim tensor left on the device (reading it would synchronise)."""
+    of `micro` images. loss_fn: the objective (ddpm.losses); images: the (N, C, H, W) uint8 data
+    set on the device. Returns the share's mean loss, a 0-dim tensor left on the device (reading
+    it would synchronise)."""
     model, dtype = state.model, next(state.model.parameters()).dtype
     rounds = len(draws.idx) // micro
     total = torch.zeros((), device=images.device)
@@ -224,8 +226,8 @@ def train_step(state: TrainState, sched: diffusion.Schedule, images: torch.Tenso
             torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are used
         with (no_sync() if no_sync and j < rounds - 1 else contextlib.nullcontext(),
               autocast(precision, x0.device)):
-            loss = diffusion.loss(state.net, sched, x0, t=draws.t[part],
-                                  noise=draws.noise[part].to(dtype), labels=labels) / rounds
+            loss = loss_fn(state.net, x0, draws.t[part], draws.noise[part].to(dtype),
+                           labels) / rounds
         state.scaler.scale(loss).backward()
         total += loss.detach()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ddpm import batches, checkpoint, curves, dataset, diffusion, networks, previews
+from ddpm import batches, checkpoint, curves, dataset, diffusion, losses, networks, previews
 from ddpm.errors import PipelineError
 from ddpm.evaluate import SAMPLER, TrainingFid
 from ddpm.files import refuse_non_folder, sweep_temporaries, write_json, write_tsv
@@ -85,6 +85,7 @@ class Trainer:
                                 f"step of {params.train.batch_size} images (train.batch_size): "
                                 "add images, raise data.limit or lower train.batch_size")
         self.sched = diffusion.Schedule(**dataclasses.asdict(params.diffusion)).to(device)
+        self.loss = losses.build(self.sched, params.train.snr_gamma)
         self.state = new_state(params, self.shape, self.precision, device, world, dtype,
                                len(self.classes))
         self.micro, self.rounds = batches.split(params.train, world, device, batches.probe(
@@ -109,7 +110,7 @@ class Trainer:
         """One optimizer step of this process's share of a batch (ddpm.step.train_step)."""
         train = self.params.train
         lr = learning_rate(train.lr, train.warmup_steps, self.state.progress.step)
-        return train_step(self.state, self.sched, self.images, draws, self.micro, self.precision,
+        return train_step(self.state, self.loss, self.images, draws, self.micro, self.precision,
                           lr, train.grad_clip)
 
     def run(self) -> Progress:

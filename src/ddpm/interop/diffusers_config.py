@@ -16,6 +16,7 @@ from ddpm.errors import ParamsError
 from ddpm.interop.errors import InteropError
 from ddpm.interop.settings import as_ours, check_size, parse_diffusion, plain_section
 from ddpm.params import DiffusionParams, ModelParams
+from ddpm.prediction import PREDICTIONS
 from ddpm.schema import short
 
 DIFFUSERS_VERSION = "0.42.1"  # the release whose config keys and defaults these files follow
@@ -53,8 +54,8 @@ SCHEDULER_DEFAULTS: dict[str, Any] = {
     "clip_sample": True, "prediction_type": "epsilon", "thresholding": False,
     "dynamic_thresholding_ratio": 0.995, "clip_sample_range": 1.0, "sample_max_value": 1.0,
     "timestep_spacing": "leading", "steps_offset": 0, "rescale_betas_zero_snr": False}
-SCHEDULER_FIXED = {"trained_betas": None, "prediction_type": "epsilon", "thresholding": False,
-                   "rescale_betas_zero_snr": False}
+SCHEDULER_FIXED = {"trained_betas": None, "thresholding": False, "rescale_betas_zero_snr": False}
+PREDICTION_TYPES = {p.diffusers: name for name, p in PREDICTIONS.items()}  # -> diffusion.prediction
 BETA_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}  # theirs -> diffusion.schedule
 VARIANCE_TYPES = {"fixed_large": "beta", "fixed_small": "beta_tilde"}  # theirs -> sample.variance
 HO_SAMPLING = {"variance": "beta", "clip_denoised": True}  # Ho et al.'s CIFAR-10 sampler
@@ -170,12 +171,15 @@ def diffusion_from_scheduler(config: dict, path: Path) -> tuple[dict, dict]:
     if variance is None:
         raise refuse("variance_type", f"{' | '.join(VARIANCE_TYPES)} (sample.variance "
                                       f"{' | '.join(VARIANCE_TYPES.values())})")
+    if (prediction := _lookup(PREDICTION_TYPES, config["prediction_type"])) is None:
+        raise refuse("prediction_type", f"{' | '.join(PREDICTION_TYPES)} (diffusion.prediction "
+                                        f"{' | '.join(PREDICTION_TYPES.values())})")
     if type(config["clip_sample"]) is not bool or config["clip_sample"] and (
             config["clip_sample_range"] != 1):
         raise refuse("clip_sample_range" if config["clip_sample"] is True else "clip_sample",
                      "clip_sample false, or true with clip_sample_range 1 (x0 in [-1, 1])")
     raw = {"timesteps": config["num_train_timesteps"], "beta_start": config["beta_start"],
-           "beta_end": config["beta_end"], "schedule": schedule}
+           "beta_end": config["beta_end"], "schedule": schedule, "prediction": prediction}
     return (plain_section(parse_diffusion(raw, path, FROM_SCHEDULER)),
             {"variance": variance, "clip_denoised": config["clip_sample"]})
 
@@ -233,4 +237,5 @@ def scheduler_config(diffusion: DiffusionParams, sample: dict) -> dict:
             **SCHEDULER_DEFAULTS, "num_train_timesteps": diffusion.timesteps,
             "beta_start": diffusion.beta_start, "beta_end": diffusion.beta_end,
             "beta_schedule": schedule, "variance_type": variance,
-            "clip_sample": sample["clip_denoised"]}
+            "clip_sample": sample["clip_denoised"],
+            "prediction_type": PREDICTIONS[diffusion.prediction].diffusers}

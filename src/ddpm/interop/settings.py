@@ -13,7 +13,7 @@ from ddpm import checkpoint, networks, schema
 from ddpm.errors import ParamsError, PipelineError
 from ddpm.interop.errors import InteropError
 from ddpm.labels import recorded_classes
-from ddpm.params import VARIANCES, DiffusionParams, ModelParams, plain
+from ddpm.params import VARIANCES, DiffusionParams, ModelParams, plain, recorded_diffusion
 from ddpm.schema import short
 
 
@@ -38,7 +38,7 @@ def parse_diffusion(raw: Any, where: Path | str, names: dict[str, str] | None = 
     """diffusion.* from plain values, checked as params.yaml's are (the rule across keys too);
     names: the other format's key of each setting, for the errors."""
     try:
-        diffusion = schema.parse(DiffusionParams, raw, "diffusion.")
+        diffusion = schema.parse(DiffusionParams, recorded_diffusion(raw), "diffusion.")
     except ParamsError as e:
         raise InteropError(f"{where}: {as_ours(e, names) if names else e}") from None
     if diffusion.beta_end < diffusion.beta_start:
