@@ -48,6 +48,25 @@ def gaussian_eps(sched: Schedule, scale: float = 1.0):
     return model
 
 
+def gaussian_model(sched: Schedule, prediction: str):
+    """The optimal predictor of `prediction` for x0 ~ N(MU, S^2 I), each in its closed form:
+    eps as gaussian_eps, x0 = E[x0 | x_t] = MU + sqrt(ab) S^2 (x_t - sqrt(ab) MU) / v_t, and
+    v = E[alpha eps - sigma x0 | x_t] = sqrt(ab) E[eps | x_t] - sqrt(1 - ab) E[x0 | x_t]
+    (Salimans & Ho 2022), v_t = ab S^2 + 1 - ab the variance of x_t."""
+    eps_model = gaussian_eps(sched)
+
+    def x0_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = sched.alpha_bar64[t][:, None, None, None]
+        return (MU + ab.sqrt() * S**2 * (x_t.double() - ab.sqrt() * MU) / (ab * S**2 + 1 - ab)
+                ).float()
+
+    def v_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = sched.alpha_bar64[t][:, None, None, None]
+        return (ab.sqrt() * eps_model(x_t, t).double() - (1 - ab).sqrt() * x0_model(x_t, t)
+                ).float()
+    return {"eps": eps_model, "x0": x0_model, "v": v_model}[prediction]
+
+
 def exact_std(sampler: str, steps: int, variance: str, s: float = S) -> float:
     """The std the sampler must produce with gaussian_eps (data N(MU, s^2)), propagated in closed
     form (float64).
@@ -238,12 +257,15 @@ SAMPLER_CASES = [  # (sampler, steps, variance, tolerance)
 ]
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 @pytest.mark.parametrize("sampler, steps, variance, data_tol", SAMPLER_CASES)
-def test_sampler_recovers_gaussian_data(sched, sampler, steps, variance, data_tol):
-    """Driven by the optimal predictor for N(MU, S^2), the sampler returns that Gaussian: mean
-    within MEAN_TOL of MU, std within data_tol of S and within 5 standard errors of the chain's
-    closed-form std."""
-    x = sample(gaussian_eps(sched), sched, SHAPE, sampler, steps,
+def test_sampler_recovers_gaussian_data(sampler, steps, variance, data_tol, prediction):
+    """Driven by the optimal predictor for N(MU, S^2), of the noise, of v or of x0 (the
+    schedule's diffusion.prediction), the sampler returns that Gaussian: mean within MEAN_TOL
+    of MU, std within data_tol of S and within 5 standard errors of the chain's closed-form
+    std."""
+    sched = Schedule(**LINEAR, prediction=prediction)
+    x = sample(gaussian_model(sched, prediction), sched, SHAPE, sampler, steps,
                torch.Generator().manual_seed(0), variance=variance)
     assert x.shape == SHAPE and x.dtype == torch.float32
     assert abs(x.mean().item() - MU) < MEAN_TOL
@@ -293,6 +315,16 @@ def test_sampler_check_fails_with_a_wrong_predictor(sched, sampler):
     x = sample(gaussian_eps(sched, scale=0.5), sched, SHAPE, sampler, 100,
                torch.Generator().manual_seed(0))
     assert x.std().item() / S - 1 > 1.0
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++"])
+def test_a_prediction_read_as_another_fails_the_check(sampler, prediction):
+    """...and fails when a v or x0 model's output is taken for eps (the schedule says eps): the
+    conversion is what makes the samplers recover the Gaussian above."""
+    x = sample(gaussian_model(Schedule(**LINEAR, prediction=prediction), prediction),
+               Schedule(**LINEAR), SHAPE, sampler, 100, torch.Generator().manual_seed(0))
+    assert abs(x.std().item() / S - 1) > 0.5 or abs(x.mean().item() - MU) > 0.1
 
 
 @pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.5), ("dpm-solver++", 0.0)])

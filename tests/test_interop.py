@@ -6,6 +6,7 @@ read, or model that cannot be held, is one line naming the file, the key and the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import json
 import os
@@ -18,12 +19,13 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from ddpm import interop, networks
-from ddpm.diffusion import Schedule
+from ddpm.diffusion import Schedule, ddpm_steps, denoise
 from ddpm.generate import load_ema_model
 from ddpm.interop import InteropError, export, import_diffusers, read_exported
 from ddpm.networks import DDPMUNet
 from ddpm.networks.ddpm_unet import Downsample
-from ddpm.params import DiffusionParams, ModelParams, parse_params, run_config
+from ddpm.params import (DiffusionParams, ModelParams, parse_params, recorded_diffusion,
+                         run_config)
 from fakes import ROOT
 
 TOLERANCE = 1e-5
@@ -154,7 +156,7 @@ def test_the_papers_network_from_diffusers_gives_the_same_eps_here(google, base_
                                   "heads")} == {
         "arch": "ddpm", "channels": list(preset.model.channels), "res_blocks": 2,
         "attention_resolutions": [16], "heads": 1}
-    assert state["config"]["diffusion"] == base_params["diffusion"]
+    assert recorded_diffusion(state["config"]["diffusion"]) == base_params["diffusion"]
     assert state["sample"] == {"variance": "beta", "clip_denoised": True}
     assert state["image_shape"] == [3, 32, 32]
     net = network_of(state)
@@ -282,6 +284,36 @@ def test_an_export_is_a_ddpm_pipeline_that_diffusers_loads(base_params, tmp_path
                                rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("prediction, theirs", [("v", "v_prediction"), ("x0", "sample")])
+def test_a_v_or_x0_model_exports_its_prediction_type_and_diffusers_converts_it_as_we_do(
+        base_params, tmp_path, prediction, theirs):
+    """diffusion.prediction travels as diffusers' prediction_type and back; for the same network
+    output, diffusers' DDPMScheduler.step (its own conversion) and ours (diffusion.denoise)
+    recover the same x0, and DDPM steps to the same mean at t = 0 (no noise there)."""
+    diffusers = needs_diffusers()
+    params = params_with(base_params, SMALL_MODEL, prediction=prediction)
+    state = ema_state(params)
+    export(state, tmp_path / "out")
+    pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "out")
+    assert pipe.scheduler.config.prediction_type == theirs
+    back = read_exported(tmp_path / "out")
+    assert back["config"]["diffusion"]["prediction"] == prediction
+    sched, net = Schedule(**dataclasses.asdict(params.diffusion)), network_of(state)
+    pipe.scheduler.config.clip_sample = False
+    x_t, _ = inputs((3, 16, 16))
+    for t in (0, 10, 500, 999):
+        t_batch = torch.full((2,), t)
+        with torch.no_grad():
+            y = net(x_t, t_batch)
+            eps, x0 = denoise(net, sched, x_t, t, sched.alpha_bar64[t].item())
+        out = pipe.scheduler.step(y, t, x_t)
+        torch.testing.assert_close(out.pred_original_sample, x0, rtol=1e-5, atol=1e-5)
+        if t == 0:  # our DDPM sampler's last step (eq. 11, no noise added)
+            with torch.no_grad():
+                mean = ddpm_steps(net, sched, x_t, [0], randn=None)
+            torch.testing.assert_close(out.prev_sample, mean, rtol=1e-5, atol=1e-5)
+
+
 def vars_of(diffusion: DiffusionParams) -> dict:
     return {k: getattr(diffusion, k) for k in ("timesteps", "beta_start", "beta_end", "schedule")}
 
@@ -385,8 +417,9 @@ def edit_json(path: Path, **changes) -> None:
      "beta_schedule = 'scaled_linear': linear | squaredcos_cap_v2"),
     ("scheduler/scheduler_config.json", {"variance_type": "learned_range"},
      "variance_type = 'learned_range': fixed_large | fixed_small"),
-    ("scheduler/scheduler_config.json", {"prediction_type": "v_prediction"},
-     "prediction_type = 'v_prediction': this pipeline's diffusion has \"epsilon\" only"),
+    ("scheduler/scheduler_config.json", {"prediction_type": "flow_prediction"},
+     "prediction_type = 'flow_prediction': epsilon | v_prediction | sample (diffusion.prediction "
+     "eps | v | x0)"),
     ("scheduler/scheduler_config.json", {"trained_betas": [0.1, 0.2]},
      "trained_betas = [0.1, 0.2]: this pipeline's diffusion has null only"),
     ("scheduler/scheduler_config.json", {"num_train_timesteps": 0},

@@ -4,8 +4,8 @@ Equation numbers refer to Ho et al. 2020 ("DDPM", arXiv:2006.11239) and Song et 
 ("DDIM", arXiv:2010.02502); DPM-Solver++ is Lu et al. 2022 (arXiv:2211.01095). The model is
 passed in, never owned: any callable eps = model(x_t, t), or eps = model(x_t, t, labels) for a
 conditional one, which `guided` turns into the former (classifier-free guidance, Ho & Salimans
-2022, arXiv:2207.12598). A network that predicts v or x0 instead (Schedule.prediction) is turned
-into an eps model by `as_eps`, the one place its output is converted.
+2022, arXiv:2207.12598). A network may predict v or x0 instead of eps (Schedule.prediction):
+`denoise` is the one place its output becomes the eps and x0 that the samplers' steps use.
 """
 from __future__ import annotations
 
@@ -107,19 +107,6 @@ def loss(model: EpsModel, sched: Schedule, x0: torch.Tensor,
     return F.mse_loss(eps.to(dtype), noise.to(dtype))
 
 
-def as_eps(model: EpsModel, sched: Schedule) -> EpsModel:
-    """The eps model of a network that predicts sched.prediction: its output y at (x_t, t)
-    converted to eps (ddpm.prediction) in float32; an eps network is returned as it is."""
-    if sched.prediction == "eps":
-        return model
-    to_eps = predictions.get(sched.prediction).to_eps
-
-    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        alpha, sigma = _expand(sched.sqrt_alpha_bar, t), _expand(sched.sqrt_one_minus_alpha_bar, t)
-        return to_eps(model(x, t).float(), x.float(), alpha, sigma)
-    return eps
-
-
 def timesteps_for(timesteps: int, steps: int) -> list[int]:
     """`steps` timesteps evenly spaced over [0, T - 1], both ends included, ascending."""
     if not 1 <= steps <= timesteps:
@@ -199,6 +186,7 @@ def guided(model: Callable[..., torch.Tensor], labels: torch.Tensor | None,
 
 
 def _eps(model: EpsModel, x: torch.Tensor, t: int) -> torch.Tensor:
+    """The network's output at (x_t, t) for every image of x, in float32 (eps for an eps model)."""
     t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
     return model(x, t_batch).float()
 
@@ -206,6 +194,20 @@ def _eps(model: EpsModel, x: torch.Tensor, t: int) -> torch.Tensor:
 def predict_x0(x: torch.Tensor, eps: torch.Tensor, ab_t: float) -> torch.Tensor:
     """Eq. 4 solved for x0: (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
     return (x - math.sqrt(1.0 - ab_t) * eps) / math.sqrt(ab_t)
+
+
+def denoise(model: EpsModel, sched: Schedule, x: torch.Tensor, t: int, ab_t: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's prediction at (x_t, t), ab_t = alpha_bar_t, as both the noise eps and the
+    image x0, each computed directly from what the network predicts (sched.prediction: eps, v
+    or x0; ddpm.prediction), so that neither is a difference of nearly equal terms: an eps
+    model's x0 is eq. 4 solved for x0 (predict_x0), an x0 model's x0 its output."""
+    y, alpha, sigma = _eps(model, x, t), math.sqrt(ab_t), math.sqrt(1.0 - ab_t)
+    if sched.prediction == "eps":  # the seed's arithmetic, exactly
+        return y, predict_x0(x, y, ab_t)
+    parameterisation = predictions.get(sched.prediction)
+    return (parameterisation.to_eps(y, x, alpha, sigma),
+            parameterisation.to_x0(y, x, alpha, sigma))
 
 
 def ddpm_steps(model: EpsModel, sched: Schedule, x: torch.Tensor, ts: Sequence[int],
@@ -226,12 +228,12 @@ def ddpm_steps(model: EpsModel, sched: Schedule, x: torch.Tensor, ts: Sequence[i
         ab_prev = ab[ts[i - 1]] if i > 0 else 1.0
         alpha = ab_t / ab_prev
         beta = 1.0 - alpha
-        # 1. predict the noise in x_t
-        eps = _eps(model, x, ts[i])
+        # 1. predict the noise in x_t (and x0)
+        eps, x0 = denoise(model, sched, x, ts[i], ab_t)
         if clip_denoised:
             # 2'. eq. 7: mu = sqrt(ab_prev) beta / (1 - ab_t) x0
             #                 + sqrt(alpha) (1 - ab_prev) / (1 - ab_t) x_t
-            x0 = predict_x0(x, eps, ab_t).clamp(-1.0, 1.0)
+            x0 = x0.clamp(-1.0, 1.0)
             x = (math.sqrt(ab_prev) * beta / (1.0 - ab_t)) * x0 + (
                 math.sqrt(alpha) * (1.0 - ab_prev) / (1.0 - ab_t)) * x
         else:
@@ -258,9 +260,8 @@ def ddim_steps(model: EpsModel, sched: Schedule, x: torch.Tensor, ts: Sequence[i
     for i in reversed(range(len(ts))):
         ab_t = ab[ts[i]]
         ab_prev = ab[ts[i - 1]] if i > 0 else 1.0
-        # 1. predict the noise, then x0 ("predicted x0" of eq. 12)
-        eps = _eps(model, x, ts[i])
-        x0 = predict_x0(x, eps, ab_t)
+        # 1. predict the noise and x0 ("predicted x0" of eq. 12)
+        eps, x0 = denoise(model, sched, x, ts[i], ab_t)
         if clip_denoised:
             x0 = x0.clamp(-1.0, 1.0)
             eps = (x - math.sqrt(ab_t) * x0) / math.sqrt(1.0 - ab_t)
@@ -296,8 +297,8 @@ def dpm_solver_pp_steps(model: EpsModel, sched: Schedule, x: torch.Tensor, ts: S
     for i in reversed(range(len(ts))):
         ab_t = ab[ts[i]]
         ab_prev = ab[ts[i - 1]] if i > 0 else 1.0
-        # 1. the data prediction x0_theta(x_t, t) = (x_t - sigma_t eps_theta(x_t, t)) / alpha_t
-        x0 = predict_x0(x, _eps(model, x, ts[i]), ab_t)
+        # 1. the data prediction x0_theta(x_t, t) (of an eps model: (x_t - sigma_t eps) / alpha_t)
+        x0 = denoise(model, sched, x, ts[i], ab_t)[1]
         if clip_denoised:
             x0 = x0.clamp(-1.0, 1.0)
         # 2. h = lambda_prev - lambda_t > 0: the step in half log-SNR (Algorithm 2's h_i)
@@ -342,8 +343,7 @@ def sample(model: EpsModel, sched: Schedule, shape: Sequence[int], sampler: str 
     ts = (log_snr_timesteps(sched, n) if sampler == "dpm-solver++" else
           timesteps_for(sched.timesteps, n))
     device = sched.device
-    model = as_eps(guided(model, None if labels is None else labels.to(device), guidance,
-                          null_label), sched)
+    model = guided(model, None if labels is None else labels.to(device), guidance, null_label)
 
     def randn() -> torch.Tensor:
         return randn_like_per_image(shape, generator, device)

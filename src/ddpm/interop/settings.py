@@ -13,7 +13,8 @@ from ddpm import checkpoint, networks, schema
 from ddpm.errors import ParamsError, PipelineError
 from ddpm.interop.errors import InteropError
 from ddpm.labels import recorded_classes
-from ddpm.params import VARIANCES, DiffusionParams, ModelParams, plain, recorded_diffusion
+from ddpm.params import (OBJECTIVE_DEFAULTS, VARIANCES, DiffusionParams, ModelParams, plain,
+                         recorded_diffusion)
 from ddpm.schema import short
 
 
@@ -93,9 +94,13 @@ def tensor_shapes(model: ModelParams, shape: Sequence[int], classes: int = 0
 
 
 def plain_section(section: Any) -> dict:
-    """A params section as plain values; an unconditional model's leaves model.conditional out,
-    as its run config does (ddpm.params.run_config): files say what they said before it."""
+    """A params section as plain values; an unconditional model's leaves model.conditional out
+    and an eps model's diffusion.prediction, as its run config does (ddpm.params.run_config):
+    files say what they said before those keys existed."""
     values = plain(dataclasses.asdict(section))
     if isinstance(section, ModelParams) and not section.conditional:
         del values["conditional"]
+    if isinstance(section, DiffusionParams) and (
+            section.prediction == OBJECTIVE_DEFAULTS["diffusion.prediction"]):
+        del values["prediction"]
     return values
