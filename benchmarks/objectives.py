@@ -53,7 +53,6 @@ RUNS: dict[str, dict[str, Any]] = {
     "v, min-SNR-5": {"diffusion.prediction": "v", "train.snr_gamma": 5.0},
     "x0": {"diffusion.prediction": "x0"},
     "x0, min-SNR-5": {"diffusion.prediction": "x0", "train.snr_gamma": 5.0},
-    "eps, width 64/128/128": {"model.channels": [64, 128, 128]},
     "v, min-SNR-5, width 64/128/128": {"model.channels": [64, 128, 128],
                                        "diffusion.prediction": "v", "train.snr_gamma": 5.0},
 }
