@@ -117,7 +117,7 @@ def train_for(params: Params, images: torch.Tensor, seconds: float,
     return {"state": state, "sched": sched, "precision": precision,
             "steps": state.progress.step, "epochs": round(state.progress.step / per_epoch, 2),
             "train_seconds": round(spent, 1), "loss_last_50_steps": float(np.mean(recent)),
-            "objective": repr(loss_fn)}
+            "objective": loss_fn.label}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:

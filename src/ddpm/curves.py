@@ -37,8 +37,9 @@ def loss_span(rows: int) -> float:
     return max(1.0, SPAN * rows)
 
 
-def loss_figure(rows: Sequence[Sequence[float]]) -> Figure:
-    """rows: plots/train/loss.tsv's (step, loss, images/s). Log scale while every loss is > 0."""
+def loss_figure(rows: Sequence[Sequence[float]], objective: str = "eps-prediction MSE") -> Figure:
+    """rows: plots/train/loss.tsv's (step, loss, images/s); objective: what the loss is (the
+    y label; ddpm.losses.Loss.label). Log scale while every loss is > 0."""
     fig = Figure(figsize=SIZE, dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     steps = [row[0] for row in rows]
@@ -50,7 +51,7 @@ def loss_figure(rows: Sequence[Sequence[float]]) -> Figure:
             label=f"smoothed (exponential moving average, span {span:.0f} rows)")
     if loss and all(math.isfinite(x) and x > 0 for x in loss):
         ax.set_yscale("log")
-    ax.set(xlabel="optimizer step", ylabel="eps-prediction MSE", title="Training loss")
+    ax.set(xlabel="optimizer step", ylabel=objective, title="Training loss")
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="upper right")
     return fig
@@ -94,9 +95,9 @@ def save(fig: Figure, path: Path) -> None:
 
 
 def write(folder: Path, loss_rows: Sequence[Sequence[float]],
-          fid_rows: Sequence[Sequence[float]]) -> None:
+          fid_rows: Sequence[Sequence[float]], objective: str = "eps-prediction MSE") -> None:
     """folder/loss.png, and folder/fid.png when there are FIDs (else none: a stale one goes)."""
-    save(loss_figure(loss_rows), folder / LOSS_PNG)
+    save(loss_figure(loss_rows, objective), folder / LOSS_PNG)
     if fid_rows:
         save(fid_figure(fid_rows), folder / FID_PNG)
     else:

@@ -60,9 +60,15 @@ class Loss:
         error = (y.to(dtype) - target.to(dtype)).square().mean(dim=tuple(range(1, y.dim())))
         return (self.weights[t].to(dtype) * error).mean()
 
+    @property
+    def label(self) -> str:
+        """What the loss is, in a few words (the loss curve's axis): "eps-prediction MSE" for
+        the seed's, "v-prediction MSE, min-SNR-5 weights" for another."""
+        weights = f", min-SNR-{self.snr_gamma:g} weights" if self.snr_gamma else ""
+        return f"{self.sched.prediction}-prediction MSE{weights}"
+
     def __repr__(self) -> str:
-        weights = f"min-SNR-{self.snr_gamma:g}" if self.snr_gamma else "uniform"
-        return f"{self.sched.prediction}-prediction MSE, {weights} weights"
+        return f"Loss({self.label})"
 
 
 def build(sched: Schedule, snr_gamma: float) -> Loss:

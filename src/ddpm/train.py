@@ -270,7 +270,7 @@ class Trainer:
         fid_rows = [row + [math.nan] * (len(FID_HEADER) - len(row))  # rows of runs from before
                     for row in progress.fid_rows]                        # KID have no KID
         write_tsv(self.paths.fid, FID_HEADER, fid_rows)  # the header while fid_every is 0
-        curves.write(self.paths.curves, progress.rows, fid_rows)
+        curves.write(self.paths.curves, progress.rows, fid_rows, self.loss.label)
         fid = {}
         if fid_rows:
             best = min(fid_rows, key=lambda row: row[2])

@@ -1,6 +1,8 @@
 """Interrupt and resume the way users do, with `dvc exp run`: a kill -9 or a Ctrl-C, then the same
 command again, in a repository whose dvc.lock already records an earlier run (so `dvc exp run`
-puts that run's models/checkpoints back before the stage starts)."""
+puts that run's models/checkpoints back before the stage starts). The experiment trains another
+objective than the committed run's (v-prediction, min-SNR-5 weights), end to end through sample
+and fid."""
 from __future__ import annotations
 
 import json
@@ -16,7 +18,8 @@ from dvc_repo import dvc, dvc_killed_when, unfinished_epoch
 pytestmark = pytest.mark.e2e
 
 EPOCHS = 10  # seven epochs of training after the Ctrl-C point (epoch 3), even on an idle machine
-EXPERIMENT = ["exp", "run", "-S", "train.lr=1e-4", "-S", f"train.epochs={EPOCHS}",
+EXPERIMENT = ["exp", "run", "-S", "diffusion.prediction=v", "-S", "train.snr_gamma=5",
+              "-S", "train.lr=1e-4", "-S", f"train.epochs={EPOCHS}",
               "-S", "train.checkpoint_every=1", "-S", "train.sample_every=2"]
 
 
@@ -55,7 +58,10 @@ def test_kill_and_ctrl_c_during_exp_run_then_the_same_command_finishes_the_same_
     rows = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     experiments = [e["revs"][0]["data"] for row in rows for e in (row.get("experiments") or [])]
     finished = [d for d in experiments
-                if d["params"]["params.yaml"]["data"]["train"]["lr"] == 1e-4]
+                if d["params"]["params.yaml"]["data"]["diffusion"]["prediction"] == "v"]
     assert finished, rows
+    assert finished[0]["params"]["params.yaml"]["data"]["train"]["snr_gamma"] == 5
+    assert got["config"]["diffusion"]["prediction"] == "v"
+    assert got["config"]["train"]["snr_gamma"] == 5
     assert finished[0]["metrics"]["metrics/train.json"]["data"]["epochs"] == EPOCHS
     assert "fid" in finished[0]["metrics"]["metrics/fid.json"]["data"]
