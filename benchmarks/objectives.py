@@ -58,13 +58,15 @@ RUNS: dict[str, dict[str, Any]] = {
 }
 
 
-def quick_params(settings: dict[str, Any], weights: str) -> Params:
-    """params.yaml's defaults, the quick preset over them, then `settings` (dotted keys)."""
+def quick_params(settings: dict[str, Any], weights: str, limit: int = 0) -> Params:
+    """params.yaml's defaults, the quick preset over them, then `settings` (dotted keys); limit:
+    data.limit instead of the preset's (0: the preset's)."""
     raw = read_yaml(ROOT / "params.defaults.yaml")
     preset = read_yaml(ROOT / "presets" / "quick.yaml")
     for section, values in preset.items():
         raw[section].update(values)
-    for key, value in {**settings, "fid.weights": weights}.items():
+    more = {"fid.weights": weights, **({"data.limit": limit} if limit else {})}
+    for key, value in {**settings, **more}.items():
         section, name = key.split(".")
         raw[section][name] = value
     return parse_params(raw)
@@ -124,7 +126,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device("cpu" if args.cpu else "auto")
     torch.set_num_threads(args.threads)
     runs = {name: RUNS[name] for name in args.runs.split(";")} if args.runs else RUNS
-    base = quick_params({}, args.weights)
+    base = quick_params({}, args.weights, args.data_limit)
     with tempfile.TemporaryDirectory() as tmp:
         data.extract_cifar10(Path(args.cifar), Path(tmp))
         real = data.load_cifar10(tmp, "train", base.data.limit)
@@ -132,7 +134,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     images = torch.from_numpy(real).to(device)
     rows = []
     for name, settings in runs.items():
-        params = quick_params(settings, args.weights)
+        params = quick_params(settings, args.weights, args.data_limit)
         params = dataclasses.replace(params, train=dataclasses.replace(
             params.train, fid_images=args.images or params.train.fid_images))
         trained = train_for(params, images, args.seconds, device)
@@ -177,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--runs", default="", help="names of RUNS separated by ';' (all: '')")
     parser.add_argument("--images", type=int, default=0, help="images scored per run "
                         "(0 = the quick preset's train.fid_images)")
+    parser.add_argument("--data-limit", type=int, default=0, help="training and real images "
+                        "(0 = the quick preset's data.limit; fewer: a smoke run)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "ddpm-cifar10",
                         help="where the real images' statistics are kept")
     parser.add_argument("--threads", type=int, default=2)

@@ -284,7 +284,7 @@ def test_outputs_hold_the_metrics_report_loss_log_and_previews(tiny, dataset_dir
         images / (seconds - 5e-4) + 1e-3)
     report = json.loads((tmp_path / "train_report.json").read_text())
     parameters = sum(p.numel() for p in trainer.state.model.parameters())
-    assert report == {"arch": "seed", "parameters": parameters,
+    assert report == {"arch": "seed", "objective": "eps-prediction MSE", "parameters": parameters,
                       "steps": 2 * trainer.steps_per_epoch,
                       "batch_size": 16, "batch_gpu": 8, "rounds": 2, "processes": 1,
                       "precision": resolve_precision(tiny["train"]["precision"], CPU),

@@ -282,7 +282,7 @@ class Trainer:
             "images_per_second": round(rate, 3), "peak_memory_mb": round(self.memory.peak_mb, 1),
             **fid})
         write_json(self.paths.report, {
-            "arch": self.params.model.arch,
+            "arch": self.params.model.arch, "objective": self.loss.label,
             "parameters": networks.parameter_count(self.state.model), "steps": progress.step,
             "batch_size": batch, "batch_gpu": self.micro, "rounds": self.rounds,
             "processes": self.world.size, "precision": self.precision,
