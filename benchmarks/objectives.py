@@ -165,8 +165,8 @@ def print_table(result: dict[str, Any]) -> None:
     print("| run | parameters | steps | epochs | FID | KID |\n| --- | ---: | ---: | ---: | ---: "
           "| ---: |")
     for r in result["runs"]:
-        print(f"| {r['run']} | {r['parameters']:,} | {r['steps']} | {r['epochs']} | "
-              f"{r['fid']:.1f} | {r['kid']:.4f} |")
+        print(f"| {r['run']} | {r['parameters']:,} | {r['steps']:,} | {r['epochs']:.1f} | "
+              f"{r['fid']:.1f} | {r['kid']:.3f} ± {r['kid_std']:.3f} |")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

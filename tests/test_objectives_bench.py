@@ -29,5 +29,5 @@ def test_two_objectives_train_for_the_same_seconds_and_are_scored(tmp_path, cifa
     assert eps["parameters"] == v["parameters"] == 563_555  # the quick preset's network
     for run in (eps, v):
         assert run["train_seconds"] >= 2 and run["steps"] >= 1 and run["fid"] > 0
-        assert f"| {run['run']} | 563,555 | {run['steps']} |" in done.stdout
+        assert f"| {run['run']} | 563,555 | {run['steps']:,} |" in done.stdout
     assert len(list((tmp_path / "cache").iterdir())) == 1  # the real statistics, computed once

@@ -186,3 +186,17 @@ def test_the_metrics_cost_table_is_the_recorded_one():
         assert (f"| {row['generated']:,} x {row['real']:,} | {seconds['kid']:.1f} s | "
                 f"{seconds['precision_recall']:.1f} s | {seconds['inception_score']:.2f} s | "
                 f"{row['peak_rss_mib']:,} MiB |") in doc
+
+
+def test_the_objectives_table_is_the_recorded_one():
+    """docs/benchmarks.md's table of objectives at equal wall time is
+    benchmarks/results/objectives.json (benchmarks/objectives.py), row by row, with its budget."""
+    run = json.loads((ROOT / "benchmarks/results/objectives.json").read_text())
+    doc = (ROOT / "docs/benchmarks.md").read_text()
+    section = doc.split("## Objectives at equal wall time", 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in section.splitlines() if line.startswith("| ")][2:]
+    assert rows == [[r["run"], f"{r['parameters']:,}", f"{r['steps']:,}", f"{r['epochs']:.1f}",
+                     f"{r['fid']:.1f}", f"{r['kid']:.3f} ± {r['kid_std']:.3f}"]
+                    for r in run["runs"]]
+    assert f"{run['seconds']:.0f} seconds of training steps each" in section.replace("\n", " ")
