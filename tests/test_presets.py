@@ -84,8 +84,8 @@ def test_a_bad_override_is_one_line_and_writes_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["+presets=quick"], {"data.limit": 2000, "model.channels": (32, 64, 64), "train.epochs": 60,
-                          "train.fid_every": 20, "train.fid_images": 250,
+    (["+presets=quick"], {"data.limit": 2000, "model.channels": (32, 64, 64), "train.epochs": 57,
+                          "train.fid_every": 19, "train.fid_images": 250,
                           "diffusion.prediction": "x0", "train.snr_gamma": 5.0,
                           "sample.sampler": "ddim", "sample.steps": 50,
                           "data.url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"}),
