@@ -94,18 +94,16 @@ def test_quick_run_times_each_stage_and_records_the_metrics_the_run_left(tmp_pat
 
 
 def test_the_quick_run_figures_quoted_are_the_recorded_ones():
-    """docs/quick_run.md and the README quote benchmarks/results/quick_run.json, not numbers
-    typed by hand: its wall time, throughput, final loss and FIDs."""
+    """docs/quick_run.md quotes benchmarks/results/quick_run.json (the quick preset of before the
+    objectives issue, 2026-11-30), not numbers typed by hand: its wall time, throughput, final
+    loss and FIDs."""
     run = json.loads((ROOT / "benchmarks/results/quick_run.json").read_text())
     doc = (ROOT / "docs/quick_run.md").read_text().replace("\n", " ")
-    readme = (ROOT / "README.md").read_text().replace("\n", " ")
     train, fid = run["metrics"]["train"], run["metrics"]["fid"]["fid"]
     assert f"{run['wall_seconds']:,.0f} s in all" in doc
     assert f"{train['images_per_second']:.1f} images/s, final loss {train['loss']:.3f}" in doc
     assert f"**{fid:.2f}**" in doc and f"fid stage's {fid:.3f}" in doc
     assert f"{run['fid_during_training'][0]['fid']:.1f} at epoch 7" in doc
-    assert f"FID {fid:.1f} for its 500 samples" in readme
-    assert f"{run['wall_seconds'] / 60:.0f} minutes" in readme
 
 
 def test_the_sampler_table_is_the_recorded_one():
@@ -200,3 +198,33 @@ def test_the_objectives_table_is_the_recorded_one():
                      f"{r['fid']:.1f}", f"{r['kid']:.3f} ± {r['kid_std']:.3f}"]
                     for r in run["runs"]]
     assert f"{run['seconds']:.0f} seconds of training steps each" in section.replace("\n", " ")
+
+
+QUICK_PRESETS = {"before": "quick_run_eps.json", "after": "quick_run_x0_snr5.json"}
+
+
+def quick_preset_row(run: dict) -> list[str]:
+    """A row of docs/benchmarks.md's before-and-after table, from quick_run.py's record."""
+    train, fid = run["metrics"]["train"], run["metrics"]["fid"]
+    training_fids = run["fid_during_training"]
+    return [f"{run['wall_seconds'] / 60:.1f}", f"{run['stage_seconds']['train']:,.0f}",
+            f"{train['seconds']:,.0f}", str(len(training_fids)),
+            f"{fid['fid']:.1f}", f"{fid['kid']:.3f}"]
+
+
+def test_the_quick_preset_before_and_after_is_the_recorded_one():
+    """docs/benchmarks.md's side-by-side of the quick preset before and after the objectives
+    issue, and the README's quick-run figures, are the two quick_run.py records."""
+    runs = {name: json.loads((ROOT / "benchmarks/results" / file).read_text())
+            for name, file in QUICK_PRESETS.items()}
+    doc = (ROOT / "docs/benchmarks.md").read_text()
+    section = doc.split("## The quick preset, before and after", 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in section.splitlines() if line.startswith("| ")][2:]
+    assert [row[1:] for row in rows] == [quick_preset_row(runs[name]) for name in QUICK_PRESETS]
+    for name, run in runs.items():
+        assert run["params"]["diffusion"]["prediction"] == ("eps" if name == "before" else "x0")
+    after = runs["after"]
+    readme = (ROOT / "README.md").read_text().replace("\n", " ")
+    assert f"FID {after['metrics']['fid']['fid']:.1f} for its 500 samples" in readme
+    assert f"{after['wall_seconds'] / 60:.0f} minutes" in readme

@@ -21,6 +21,8 @@ def run(*args: str) -> str:
     return done.stdout
 
 
+# ~1 min; what it computes is checked in CI by tests/test_scores.py against torch-fidelity
+@pytest.mark.slow
 def test_seed_metrics_on_twelve_images_of_each_set(tmp_path, inception_weights):
     """--limit 12: every section, with the test's Inception weights (torch-fidelity's extractor
     loads them too); precision and recall of a set against itself are 1; the features kept."""
