@@ -16,9 +16,9 @@ from typing import Annotated, Any, Literal, Union
 
 
 from ddpm import locations, schema
-from ddpm.prediction import PREDICTIONS
 from ddpm.errors import ParamsError
 from ddpm.plain_yaml import read_yaml  # noqa: F401  (also ddpm.params.read_yaml)
+from ddpm.prediction import PREDICTIONS
 from ddpm.schema import (Accepts, Doc, Float, Int, Length, Pattern, Resumable, SpeedOnly,
                          accepted, short)
 
