@@ -198,6 +198,11 @@ def test_the_objectives_table_is_the_recorded_one():
                      f"{r['fid']:.1f}", f"{r['kid']:.3f} ± {r['kid_std']:.3f}"]
                     for r in run["runs"]]
     assert f"{run['seconds']:.0f} seconds of training steps each" in section.replace("\n", " ")
+    fids = {r["run"]: r["fid"] for r in run["runs"]}
+    readme = (ROOT / "README.md").read_text().replace("\n", " ")
+    assert (f"eps-prediction scored {fids['eps']:.1f}, v with min-SNR-5 weights "
+            f"{fids['v, min-SNR-5']:.1f}, x0 with min-SNR-5 {fids['x0, min-SNR-5']:.1f}") in readme
+    assert f"({run['seconds']:.0f} s of training each" in readme
 
 
 QUICK_PRESETS = {"before": "quick_run_eps.json", "after": "quick_run_x0_snr5.json"}
