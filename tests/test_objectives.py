@@ -221,3 +221,29 @@ def test_a_model_file_says_what_its_network_predicts(tmp_path, objective, record
                 "epochs": 1, "steps": 1}, path)
     assert ("prediction" in torch.load(path)["config"]["diffusion"]) == bool(objective)
     assert model_file.read(path).diffusion.prediction == recorded
+
+
+@pytest.mark.parametrize("name", ["v", "x0"])
+def test_guidance_on_raw_predictions_is_guidance_on_eps(name):
+    """Classifier-free guidance combines the network's raw outputs (weights 1 + w and -w, which
+    sum to one) and denoise converts after: the same images as combining the eps of the
+    conditional and unconditional outputs, each converted first (an eps model of the same
+    network), up to float32 rounding."""
+    sched, eps_sched = Schedule(**LINEAR, prediction=name), Schedule(**LINEAR)
+    to_eps = prediction.get(name).to_eps
+
+    def net(x, t, labels):  # a conditional "network": its output depends on x, t and the label
+        return torch.tanh(x * (1 + labels[:, None, None, None] / 3) + t[:, None, None, None] / T)
+
+    def as_eps(x, t, labels):
+        a = sched.sqrt_alpha_bar[t][:, None, None, None]
+        s = sched.sqrt_one_minus_alpha_bar[t][:, None, None, None]
+        return to_eps(net(x, t, labels), x, a, s)
+
+    labels = torch.tensor([0, 1, 2, 0])
+    for sampler in ("ddpm", "ddim", "dpm-solver++"):
+        got, expected = (diffusion.sample(model, s, (4, 1, 4, 4), sampler, 20,
+                                          torch.Generator().manual_seed(0), labels=labels,
+                                          guidance=2.0, null_label=3)
+                         for model, s in ((net, sched), (as_eps, eps_sched)))
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-4, msg=sampler)
