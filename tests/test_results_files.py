@@ -108,8 +108,7 @@ def test_the_quick_run_figures_quoted_are_the_recorded_ones():
 
 def test_the_sampler_table_is_the_recorded_one():
     """docs/benchmarks.md's sampler table, row by row, and its ODE errors are those of
-    benchmarks/results/samplers.json (sampler, network evaluations, FID, seconds, images/s), and
-    so are the README's."""
+    benchmarks/results/samplers.json (sampler, network evaluations, FID, seconds, images/s)."""
     run = json.loads((ROOT / "benchmarks/results/samplers.json").read_text())
     doc = (ROOT / "docs/benchmarks.md").read_text()
     section = doc.split("## Samplers", 1)[1].split("\n## ", 1)[0]
@@ -124,12 +123,6 @@ def test_the_sampler_table_is_the_recorded_one():
     ode = run["ode_error"]["rows"]
     assert [row[:1] + row[2:] for row in odes] == [
         [row, f"{e['rms_levels']:.2f}", str(e["max_levels"])] for row, e in ode.items()]
-    readme = (ROOT / "README.md").read_text().replace("\n", " ")
-    rows = {r["row"]: r for r in run["rows"]}
-    ddpm, ddim50, ddim100 = rows["ddpm-1000"], rows["ddim-50"], rows["ddim-100"]
-    assert (f"DDPM-1000 scored {ddpm['fid']:.2f} in {ddpm['sample_seconds']:,.0f} s; DDIM-50 "
-            f"{ddim50['fid']:.2f} in {ddim50['sample_seconds']:.0f} s and DDIM-100 "
-            f"{ddim100['fid']:.2f}") in readme
 
 
 def test_the_metrics_figures_quoted_are_the_recorded_ones():
@@ -198,11 +191,6 @@ def test_the_objectives_table_is_the_recorded_one():
                      f"{r['fid']:.1f}", f"{r['kid']:.3f} ± {r['kid_std']:.3f}"]
                     for r in run["runs"]]
     assert f"{run['seconds']:.0f} seconds of training steps each" in section.replace("\n", " ")
-    fids = {r["run"]: r["fid"] for r in run["runs"]}
-    readme = (ROOT / "README.md").read_text().replace("\n", " ")
-    assert (f"eps-prediction scored {fids['eps']:.1f}, v with min-SNR-5 weights "
-            f"{fids['v, min-SNR-5']:.1f}, x0 with min-SNR-5 {fids['x0, min-SNR-5']:.1f}") in readme
-    assert f"({run['seconds']:.0f} s of training each" in readme
 
 
 QUICK_PRESETS = {"before": "quick_run_eps.json", "after": "quick_run_x0_snr5.json"}
