@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent / "src"), str(Path(__file__).parent)]
 
@@ -41,7 +42,8 @@ from ddpm.diffusion import Schedule  # noqa: E402
 from ddpm.evaluate import TrainingFid  # noqa: E402
 from ddpm.fid import folder_features, save_statistics, statistics  # noqa: E402
 from ddpm.images import write_pngs  # noqa: E402
-from ddpm.params import OBJECTIVE_DEFAULTS, Params, parse_params, read_yaml  # noqa: E402
+from ddpm.params import OBJECTIVE_DEFAULTS, Params, parse_params  # noqa: E402
+from ddpm.presets import compose  # noqa: E402
 from ddpm.runtime import World, resolve_device, resolve_precision  # noqa: E402
 from ddpm.step import learning_rate, new_state, train_step  # noqa: E402
 
@@ -60,18 +62,13 @@ RUNS: dict[str, dict[str, Any]] = {
 
 
 def quick_params(settings: dict[str, Any], weights: str, limit: int = 0) -> Params:
-    """params.yaml's defaults, the quick preset over them, the seed's objective (whatever the
-    preset's), then `settings` (dotted keys); limit: data.limit instead of the preset's (0: the
-    preset's)."""
-    raw = read_yaml(ROOT / "params.defaults.yaml")
-    preset = read_yaml(ROOT / "presets" / "quick.yaml")
-    for section, values in preset.items():
-        raw[section].update(values)
+    """params.yaml as `dvc exp run -S +presets=quick` composes it (ddpm.presets), with the seed's
+    objective (whatever the preset's), then `settings` (dotted keys); limit: data.limit instead
+    of the preset's (0: the preset's)."""
     more = {"fid.weights": weights, **({"data.limit": limit} if limit else {})}
-    for key, value in {**OBJECTIVE_DEFAULTS, **settings, **more}.items():
-        section, name = key.split(".")
-        raw[section][name] = value
-    return parse_params(raw)
+    overrides = [f"{key}={json.dumps(value)}" for key, value in
+                 {**OBJECTIVE_DEFAULTS, **settings, **more}.items()]
+    return parse_params(yaml.safe_load(compose(ROOT, ["+presets=quick", *overrides])))
 
 
 def real_stats(images: np.ndarray, params: Params, device: torch.device, cache: Path) -> Path:
